@@ -1,0 +1,87 @@
+//! Command-line interface: argument parsing and one file per subcommand.
+//!
+//! This is the only place that prints to stdout and the only place (with
+//! main.rs) that uses anyhow. Each subcommand returns its exit code; the codes
+//! are part of the interface and documented in `--help` and the README.
+
+mod schema;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::{self, LogFormat};
+
+/// Exit code: success (and, for `plan --detailed-exitcode`, no changes).
+pub const EXIT_OK: u8 = 0;
+/// Exit code: fatal error (bad config, cannot start) or invalid input.
+pub const EXIT_FATAL: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "converge",
+    version,
+    about = "Reconcile machines, QEMU VMs and service roles to YAML desired state",
+    long_about = "converge reads desired state (YAML documents of kind Machine, VirtualMachine \
+and Service) from a directory, usually a Git checkout, and converges each object to it: \
+build, upload, activate, health-check, roll back on failure, retry with backoff.\n\n\
+Start with `converge validate --dir DIR` to check a directory.",
+    after_help = "Examples:\n  converge validate --dir examples/quickstart\n  converge schema --out schemas\n\nExit codes: 0 success; 1 invalid input or fatal error."
+)]
+pub struct Cli {
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "CONVERGE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Validate(validate::Args),
+    Schema(schema::Args),
+}
+
+/// Output format of read commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// The desired-state directory argument shared by commands.
+#[derive(Debug, clap::Args)]
+pub struct DirArg {
+    /// The desired-state directory (YAML files, searched recursively).
+    #[arg(long, short = 'd', default_value = ".", env = "CONVERGE_DIR")]
+    pub dir: PathBuf,
+}
+
+/// Parses arguments, runs the command and maps errors to exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, "info");
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FATAL)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Validate(args) => validate::run(args),
+        Command::Schema(args) => schema::run(args),
+    }
+}

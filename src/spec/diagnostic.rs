@@ -1,0 +1,187 @@
+//! Diagnostics: what is wrong with the desired state, and where.
+//!
+//! A diagnostic names a file, a line and a column, quotes the line, and says
+//! what to do. Loading collects every diagnostic of a directory in one run
+//! rather than stopping at the first, so a user fixes a bad commit in one go.
+//! Rendering is plain text (like rustc) or JSON; this module never prints.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::at::Loc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// Another place a diagnostic refers to (the first of two duplicates, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Related {
+    pub file: PathBuf,
+    pub line: u32,
+    pub column: u32,
+    pub message: String,
+}
+
+/// One problem in the desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// Relative to the desired-state directory.
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is about the whole file.
+    pub line: u32,
+    pub column: u32,
+    pub message: String,
+    /// The source line quoted under the message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_line: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub related: Vec<Related>,
+}
+
+impl Diagnostic {
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+/// Where a document sits in its file; turns document-relative locations
+/// into file positions and quotes source lines.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub file: Arc<Path>,
+    text: Arc<str>,
+    /// Lines of the file before the document's first line.
+    line_offset: u32,
+}
+
+impl Origin {
+    pub(crate) fn new(file: Arc<Path>, text: Arc<str>, line_offset: u32) -> Origin {
+        Origin {
+            file,
+            text,
+            line_offset,
+        }
+    }
+
+    /// The file position of a document-relative location.
+    pub fn position(&self, loc: Loc) -> (u32, u32) {
+        if loc.is_known() {
+            (loc.line.saturating_add(self.line_offset), loc.column)
+        } else {
+            (self.line_offset.saturating_add(1), 1)
+        }
+    }
+
+    /// `file:line:column` of a location, for messages that point elsewhere.
+    pub fn describe(&self, loc: Loc) -> String {
+        let (line, column) = self.position(loc);
+        format!("{}:{line}:{column}", self.file.display())
+    }
+
+    pub fn diagnostic(
+        &self,
+        severity: Severity,
+        loc: Loc,
+        message: impl Into<String>,
+    ) -> Diagnostic {
+        let (line, column) = self.position(loc);
+        Diagnostic {
+            severity,
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+            source_line: quote_line(&self.text, line),
+            related: Vec::new(),
+        }
+    }
+
+    pub fn error(&self, loc: Loc, message: impl Into<String>) -> Diagnostic {
+        self.diagnostic(Severity::Error, loc, message)
+    }
+
+    pub fn warning(&self, loc: Loc, message: impl Into<String>) -> Diagnostic {
+        self.diagnostic(Severity::Warning, loc, message)
+    }
+
+    pub fn related(&self, loc: Loc, message: impl Into<String>) -> Related {
+        let (line, column) = self.position(loc);
+        Related {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+impl Diagnostic {
+    pub fn with_related(mut self, related: Related) -> Diagnostic {
+        self.related.push(related);
+        self
+    }
+}
+
+/// The 1-based `line` of `text`, shortened for display.
+pub(crate) fn quote_line(text: &str, line: u32) -> Option<String> {
+    let index = usize::try_from(line).ok()?.checked_sub(1)?;
+    let raw = text.lines().nth(index)?;
+    let mut quoted: String = raw.chars().take(160).collect();
+    if raw.chars().count() > 160 {
+        quoted.push('…');
+    }
+    Some(quoted)
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let label = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        writeln!(f, "{label}: {}", self.message)?;
+        if self.line == 0 {
+            writeln!(f, "  --> {}", self.file.display())?;
+        } else {
+            writeln!(
+                f,
+                "  --> {}:{}:{}",
+                self.file.display(),
+                self.line,
+                self.column
+            )?;
+        }
+        if let Some(source) = &self.source_line {
+            let number = self.line.to_string();
+            let pad = " ".repeat(number.len());
+            writeln!(f, " {pad} |")?;
+            writeln!(f, " {number} | {source}")?;
+            let caret_at = usize::try_from(self.column.saturating_sub(1)).unwrap_or(0);
+            let indent: String = source
+                .chars()
+                .take(caret_at)
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            writeln!(f, " {pad} | {indent}^")?;
+        }
+        for related in &self.related {
+            writeln!(
+                f,
+                "  = note: {} at {}:{}:{}",
+                related.message,
+                related.file.display(),
+                related.line,
+                related.column
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Roles resolution: services and their roles, turned into one roles document
+//! per machine.
+//!
+//! A machine's roles document lists each service instance it takes part in,
+//! the roles it plays there with their merged settings (instance < role <
+//! per-machine), the roles each waits for (`after`), and who plays which role
+//! in that instance (a VPN peer needs to know its controller). The document is
+//! canonical JSON (sorted keys, no whitespace), so its blake3 hash is stable:
+//! same input, same hash; a change that does not touch a machine's services
+//! leaves its hash alone. Pure: no IO.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::model::{ServiceSpec, Settings};
+use super::names::Name;
+
+/// The resolved roles of one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRoles {
+    /// Canonical JSON of the roles document.
+    pub document: Arc<[u8]>,
+    /// blake3 of `document`, hex.
+    pub hash: String,
+    /// Machines that must be Ready before this one is converged (from `after`).
+    pub after: BTreeSet<Name>,
+}
+
+#[derive(Serialize)]
+struct RolesDocument<'a> {
+    machine: &'a str,
+    services: BTreeMap<&'a str, ServiceEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct ServiceEntry<'a> {
+    module: &'a str,
+    roles: BTreeMap<&'a str, RoleEntry<'a>>,
+    members: &'a BTreeMap<Name, BTreeSet<Name>>,
+}
+
+#[derive(Serialize)]
+struct RoleEntry<'a> {
+    settings: Value,
+    after: Vec<&'a str>,
+}
+
+/// Which machines each role of one service selects.
+pub type Members = BTreeMap<Name, BTreeSet<Name>>;
+
+/// The machines a role selects: named ones plus those carrying any of its
+/// tags (`all` selects every machine).
+pub fn select<'a>(
+    machines: &[&Name],
+    tags_of: impl Fn(&Name) -> Option<&'a BTreeSet<Name>>,
+    named: impl Iterator<Item = &'a Name>,
+    tags: impl Iterator<Item = &'a Name> + Clone,
+) -> BTreeSet<Name> {
+    let mut out: BTreeSet<Name> = named.cloned().collect();
+    for machine in machines {
+        let selected = tags
+            .clone()
+            .any(|tag| tag.as_str() == "all" || tags_of(machine).is_some_and(|t| t.contains(tag)));
+        if selected {
+            out.insert((*machine).clone());
+        }
+    }
+    out
+}
+
+/// Resolves every machine's roles document.
+///
+/// `members[service][role]` must hold the machines each role selects (as
+/// computed by [`select`] during validation); machines not in any role get an
+/// empty document.
+pub fn resolve(
+    machines: &[&Name],
+    services: &BTreeMap<Name, (&ServiceSpec, Members)>,
+) -> BTreeMap<Name, MachineRoles> {
+    let mut out = BTreeMap::new();
+    for machine in machines {
+        let mut doc = RolesDocument {
+            machine: machine.as_str(),
+            services: BTreeMap::new(),
+        };
+        let mut after = BTreeSet::new();
+        for (service_name, (spec, members)) in services {
+            let mut roles = BTreeMap::new();
+            for (role_name, role) in &spec.roles {
+                let plays = members
+                    .get(&role_name.value)
+                    .is_some_and(|m| m.contains(*machine));
+                if !plays {
+                    continue;
+                }
+                let mut settings = Value::Object(spec.settings.clone());
+                merge(&mut settings, &role.settings);
+                if let Some(own) = role.per_machine.get(*machine) {
+                    merge(&mut settings, own);
+                }
+                let mut role_after: Vec<&str> =
+                    role.after.iter().map(|a| a.value.as_str()).collect();
+                role_after.sort_unstable();
+                role_after.dedup();
+                for earlier in &role.after {
+                    if let Some(earlier_members) = members.get(&earlier.value) {
+                        after.extend(earlier_members.iter().filter(|m| m != machine).cloned());
+                    }
+                }
+                roles.insert(
+                    role_name.value.as_str(),
+                    RoleEntry {
+                        settings,
+                        after: role_after,
+                    },
+                );
+            }
+            if !roles.is_empty() {
+                doc.services.insert(
+                    service_name.as_str(),
+                    ServiceEntry {
+                        module: spec.module.value.as_str(),
+                        roles,
+                        members,
+                    },
+                );
+            }
+        }
+        // serde_json's map is ordered (no preserve_order feature), so this is canonical.
+        let document: Arc<[u8]> = match serde_json::to_vec(&doc) {
+            Ok(bytes) => Arc::from(bytes),
+            // Serializing plain maps and strings cannot fail; keep an empty
+            // document rather than panic if it ever did.
+            Err(_) => Arc::from(b"{}".as_slice()),
+        };
+        let hash = blake3::hash(&document).to_hex().to_string();
+        out.insert(
+            (*machine).clone(),
+            MachineRoles {
+                document,
+                hash,
+                after,
+            },
+        );
+    }
+    out
+}
+
+/// Merges `over` into `base`: mappings merge key by key, recursively; any
+/// other value in `over` replaces the one in `base`.
+pub fn merge(base: &mut Value, over: &Settings) {
+    if !base.is_object() {
+        *base = Value::Object(Settings::new());
+    }
+    let Value::Object(base_map) = base else {
+        return;
+    };
+    for (key, value) in over {
+        match (base_map.get_mut(key), value) {
+            (Some(existing @ Value::Object(_)), Value::Object(over_map)) => {
+                merge(existing, over_map)
+            }
+            _ => {
+                base_map.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(v: Value) -> Settings {
+        match v {
+            Value::Object(m) => m,
+            _ => Settings::new(),
+        }
+    }
+
+    #[test]
+    fn merge_is_deep_for_mappings_and_replaces_everything_else() {
+        let mut base = json!({"a": {"x": 1, "y": 2}, "list": [1, 2], "keep": true});
+        merge(
+            &mut base,
+            &settings(json!({"a": {"y": 3, "z": 4}, "list": [9]})),
+        );
+        assert_eq!(
+            base,
+            json!({"a": {"x": 1, "y": 3, "z": 4}, "list": [9], "keep": true})
+        );
+    }
+}
