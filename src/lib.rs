@@ -5,6 +5,7 @@
 //! modules and the rules between them.
 
 pub mod cli;
+pub mod plan;
 pub mod source;
 pub mod spec;
 pub mod telemetry;

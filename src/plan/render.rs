@@ -1,0 +1,108 @@
+//! Text rendering of a plan, in Terraform's shape: drift first ("changed
+//! outside converge"), then one block per change, then the summary line.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use super::{ChangeKind, Plan, Step};
+
+fn value(v: &Option<Value>) -> String {
+    match v {
+        None => "(none)".to_owned(),
+        Some(Value::String(s)) => format!("{s:?}"),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn step(s: &Step) -> String {
+    match s {
+        Step::Build => "build".to_owned(),
+        Step::Install => "install a new generation".to_owned(),
+        Step::Activate { mode } => format!("activate ({mode})"),
+        Step::HealthCheck { count } => {
+            format!("{count} health check{}", if *count == 1 { "" } else { "s" })
+        }
+        Step::Reactivate => "re-activate the applied generation".to_owned(),
+        Step::CreateDisk { disk } => format!("create disk {disk}"),
+        Step::GrowDisk { disk } => format!("grow disk {disk}"),
+        Step::StartVm => "start".to_owned(),
+        Step::StopVm => "stop".to_owned(),
+        Step::RestartVm => "restart".to_owned(),
+        Step::DeleteVm => "delete disks".to_owned(),
+        Step::Forget => "forget".to_owned(),
+    }
+}
+
+/// The plan as text, ending with the summary line.
+pub fn render_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    if !plan.unobserved.is_empty() {
+        let _ = writeln!(
+            out,
+            "Warning: these objects could not be observed; planned from records only:"
+        );
+        for (key, why) in &plan.unobserved {
+            let _ = writeln!(out, "  ? {key}: {why}");
+        }
+        let _ = writeln!(out);
+    }
+    if !plan.drift.is_empty() {
+        let _ = writeln!(out, "Note: objects changed outside converge");
+        for d in &plan.drift {
+            let _ = writeln!(
+                out,
+                "  ~ {}: {} is {} (converge applied {}); drift policy: {}",
+                d.key, d.field, d.observed, d.applied, d.action
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if plan.changes.is_empty() {
+        let _ = writeln!(out, "No changes. Every object matches its spec.");
+        return out;
+    }
+    let _ = writeln!(out, "converge will perform these actions:");
+    for change in &plan.changes {
+        let verb = match change.kind {
+            ChangeKind::Create => "will be created",
+            ChangeKind::Update => "will be updated in place",
+            ChangeKind::Replace => "must be replaced",
+            ChangeKind::Destroy => "will be destroyed",
+            ChangeKind::Forget => "will be forgotten",
+            ChangeKind::Correct => "will be corrected (drift)",
+        };
+        let _ = writeln!(out);
+        let _ = writeln!(out, "  {} {} {verb}", change.kind.symbol(), change.key);
+        if let Some(note) = &change.note {
+            let _ = writeln!(out, "      # {note}");
+        }
+        for f in &change.fields {
+            let marker = if f.forces_replacement {
+                "  # forces replacement"
+            } else if f.forces_restart {
+                "  # forces restart"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "      ~ {}: {} -> {}{marker}",
+                f.path,
+                value(&f.before),
+                value(&f.after)
+            );
+        }
+        if !change.steps.is_empty() {
+            let steps: Vec<String> = change.steps.iter().map(step).collect();
+            let _ = writeln!(out, "      steps: {}", steps.join(", "));
+        }
+    }
+    let (add, change, destroy) = plan.summary();
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Plan: {add} to add, {change} to change, {destroy} to destroy."
+    );
+    out
+}
