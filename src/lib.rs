@@ -5,7 +5,10 @@
 //! modules and the rules between them.
 
 pub mod cli;
+pub mod controller;
+pub mod driver;
 pub mod plan;
 pub mod source;
 pub mod spec;
+pub mod store;
 pub mod telemetry;

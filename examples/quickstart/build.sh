@@ -4,7 +4,9 @@
 #   CONVERGE_ROLES    path of its roles document (JSON)
 #   CONVERGE_OUT      an empty directory to fill: the artifact
 # The artifact must contain an executable `activate`, run on the target as
-# `activate MODE` (switch | boot | test | dry-activate).
+# `activate MODE` (switch | boot | test | dry-activate) in the artifact's
+# directory, with CONVERGE_STATE_DIR (the target's state directory),
+# CONVERGE_GENERATION and CONVERGE_ROLES set.
 set -eu
 mkdir -p "$CONVERGE_OUT/site"
 {
@@ -15,10 +17,10 @@ mkdir -p "$CONVERGE_OUT/site"
 } > "$CONVERGE_OUT/site/index.html"
 cat > "$CONVERGE_OUT/activate" <<'ACTIVATE'
 #!/bin/sh
-# Runs inside the generation directory on the target.
+# Runs in the artifact's directory on the target.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-state=$(dirname "$(dirname "$here")")
+here=$(pwd)
+state=$CONVERGE_STATE_DIR
 case "$1" in
   dry-activate) echo "would serve $here/site"; exit 0 ;;
   boot) exit 0 ;;

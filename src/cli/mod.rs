@@ -4,7 +4,10 @@
 //! main.rs) that uses anyhow. Each subcommand returns its exit code; the codes
 //! are part of the interface and documented in `--help` and the README.
 
+mod client;
+mod reconcile;
 mod schema;
+mod table;
 mod validate;
 
 use std::path::PathBuf;
@@ -48,6 +51,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Validate(validate::Args),
+    Reconcile(reconcile::Args),
     Schema(schema::Args),
 }
 
@@ -66,6 +70,51 @@ pub struct DirArg {
     pub dir: PathBuf,
 }
 
+/// The controller's state directory argument shared by commands.
+#[derive(Debug, clap::Args)]
+pub struct StateArg {
+    /// The controller's state directory: its store, build cache and API socket.
+    #[arg(long, short = 's', default_value_os_t = default_state_dir(), env = "CONVERGE_STATE")]
+    pub state: PathBuf,
+}
+
+/// `/var/lib/converge/controller` for root, `~/.local/state/converge` otherwise.
+fn default_state_dir() -> PathBuf {
+    let is_root = std::env::var_os("USER").is_some_and(|u| u == "root")
+        || std::env::var_os("HOME").is_some_and(|h| h == "/root");
+    if is_root {
+        return PathBuf::from("/var/lib/converge/controller");
+    }
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(dir) => PathBuf::from(dir).join("converge"),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/state/converge"))
+            .unwrap_or_else(|| PathBuf::from(".converge")),
+    }
+}
+
+/// Creates the state directory, private to its owner.
+pub(crate) fn create_state_dir(state: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state)
+        .map_err(|e| anyhow::anyhow!("create state directory {}: {e}", state.display()))?;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| anyhow::anyhow!("make state directory {} private: {e}", state.display()))?;
+    Ok(())
+}
+
+/// The async runtime of commands that need one.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))
+}
+
 /// Parses arguments, runs the command and maps errors to exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -82,6 +131,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Validate(args) => validate::run(args),
+        Command::Reconcile(args) => reconcile::run(args),
         Command::Schema(args) => schema::run(args),
     }
 }

@@ -174,7 +174,8 @@ fn split_documents(text: &str) -> Vec<(u32, String)> {
 fn has_content(doc: &str) -> bool {
     doc.lines().any(|l| {
         let t = l.trim();
-        !t.is_empty() && !t.starts_with('#')
+        // A directive (`%YAML 1.2`) belongs to the `---` after it, not to a document.
+        !t.is_empty() && !t.starts_with('#') && !l.starts_with('%')
     })
 }
 
@@ -277,12 +278,35 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
             .unwrap_or(&message)
             .to_owned();
         message.push_str(": each key may appear once in a mapping");
-    } else if message.contains("budget") || message.contains("Budget") {
+    } else if message.contains("budget")
+        || message.contains("Budget")
+        || message.contains("exceeded")
+    {
         message = format!(
             "document is too large, too deeply nested or expands too many aliases ({message}): simplify it"
         );
+    } else if let Some(expected) = message.strip_prefix("invalid ").and_then(scalar_expectation) {
+        message = format!("expected {expected} here");
+    } else if message == "expected sequence start" {
+        message = "expected a list here, like `[a, b]`".to_owned();
+    } else if message == "expected mapping start" {
+        message = "expected a mapping here, like `key: value`".to_owned();
     }
     message
+}
+
+/// What a scalar of a Rust type (as the parser names it) must look like.
+fn scalar_expectation(ty: &str) -> Option<&'static str> {
+    Some(match ty {
+        "u8" => "a whole number from 0 to 255",
+        "u16" => "a whole number from 0 to 65535",
+        "u32" => "a whole number from 0 to 4294967295",
+        "u64" | "u128" | "usize" => "a whole number, 0 or more",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "bool" => "`true` or `false`",
+        _ => return None,
+    })
 }
 
 fn strip_location_suffix(message: &str) -> &str {

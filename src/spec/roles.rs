@@ -27,6 +27,8 @@ pub struct MachineRoles {
     pub hash: String,
     /// Machines that must be Ready before this one is converged (from `after`).
     pub after: BTreeSet<Name>,
+    /// The service instances this machine takes part in.
+    pub services: BTreeSet<Name>,
 }
 
 #[derive(Serialize)]
@@ -87,6 +89,7 @@ pub fn resolve(
             services: BTreeMap::new(),
         };
         let mut after = BTreeSet::new();
+        let mut in_services = BTreeSet::new();
         for (service_name, (spec, members)) in services {
             let mut roles = BTreeMap::new();
             for (role_name, role) in &spec.roles {
@@ -119,6 +122,7 @@ pub fn resolve(
                 );
             }
             if !roles.is_empty() {
+                in_services.insert(service_name.clone());
                 doc.services.insert(
                     service_name.as_str(),
                     ServiceEntry {
@@ -129,8 +133,9 @@ pub fn resolve(
                 );
             }
         }
-        // serde_json's map is ordered (no preserve_order feature), so this is canonical.
-        let document: Arc<[u8]> = match serde_json::to_vec(&doc) {
+        // Through a Value: serde_json's map is sorted (no preserve_order
+        // feature), so every object's keys come out in order: canonical.
+        let document: Arc<[u8]> = match serde_json::to_value(&doc).and_then(|v| serde_json::to_vec(&v)) {
             Ok(bytes) => Arc::from(bytes),
             // Serializing plain maps and strings cannot fail; keep an empty
             // document rather than panic if it ever did.
@@ -143,6 +148,7 @@ pub fn resolve(
                 document,
                 hash,
                 after,
+                services: in_services,
             },
         );
     }

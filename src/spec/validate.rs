@@ -248,7 +248,7 @@ fn check_machine(
         )),
         (None, None) => diags.push(origin.error(
             doc.metadata.name.loc,
-            "machine has no target: set `target: {host: …}` for an SSH host or `target: {local: true}` for the controller's own host",
+            "target has neither `host` nor `local: true`: set `host: …` for an SSH host or `local: true` for the controller's own host",
         )),
         _ => {}
     }
@@ -279,7 +279,7 @@ fn check_machine(
         )),
         (None, None) => diags.push(origin.error(
             doc.metadata.name.loc,
-            "machine has no build: set `build: {command: [\"./build.sh\"]}` or `build: {nix: {flake: \".#name\"}}`",
+            "build has neither `command` nor `nix`: set `command: [\"./build.sh\"]` or `nix: {flake: \".#name\"}`",
         )),
         _ => {}
     }

@@ -1,0 +1,158 @@
+//! `converge reconcile`: converge every object once and exit, or ask a
+//! running daemon to reconcile one object now.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
+use crate::controller::applier::Config as ApplierConfig;
+use crate::controller::context::{Config, Context};
+use crate::controller::lifecycle;
+use crate::controller::once::{self, OnceOptions};
+use crate::driver::host::HostDriver;
+use crate::source::Source;
+use crate::spec::{HumanDuration, ObjectKey};
+use crate::store::Store;
+
+/// Exit code: some objects failed (or were rolled back).
+pub const EXIT_FAILED: u8 = 3;
+/// Exit code: the run did not finish within --timeout.
+pub const EXIT_TIMED_OUT: u8 = 4;
+
+/// Converge objects to their spec.
+///
+/// With --once: load the directory, converge every object (build, install,
+/// activate, health-check, roll back on failure, retry transient failures
+/// with backoff), print a summary and exit. An invalid directory applies
+/// nothing and exits 1.
+///
+/// With a KEY (and no --once): ask the running daemon to reconcile that
+/// object now.
+///
+/// Exit codes: 0 every object Ready; 1 fatal (invalid directory, store
+/// locked by a daemon, cannot start); 3 some objects failed or were rolled
+/// back; 4 timed out.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile machine/web1 --state /var/lib/converge/controller")]
+pub struct Args {
+    /// Converge everything once and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// With a running daemon: the object to reconcile now (machine/NAME, vm/NAME, service/NAME).
+    #[arg(conflicts_with = "once")]
+    pub key: Option<ObjectKey>,
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Bound on the whole run (e.g. 10m); past it, steps are aborted and the exit code is 4.
+    #[arg(long)]
+    pub timeout: Option<HumanDuration>,
+    /// Tries per object in this run; transient failures are retried with backoff in between.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: u32,
+    /// Objects reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Builds run at once.
+    #[arg(long, default_value_t = 2)]
+    pub builds: usize,
+    /// First retry delay after a transient failure (doubling up to 15m).
+    #[arg(long, default_value = "2s")]
+    pub retry_delay: HumanDuration,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    if let Some(key) = &args.key {
+        return super::client::request_reconcile(&args.state.state, key);
+    }
+    if !args.once {
+        anyhow::bail!("give --once to converge everything once, or an object key to ask the daemon (see --help)");
+    }
+    let mut source = Source::new(&args.dir.dir);
+    let (assembled, _stats, snapshot) = lifecycle::load(&mut source)
+        .with_context(|| format!("load {}", args.dir.dir.display()))?;
+    let Some(snapshot) = snapshot else {
+        let mut out = std::io::stdout().lock();
+        for d in &assembled.diagnostics {
+            writeln!(out, "{d}")?;
+        }
+        writeln!(out, "invalid desired state: nothing was applied")?;
+        return Ok(EXIT_FATAL);
+    };
+    for warning in assembled.warnings() {
+        tracing::warn!("{}", warning.to_string().trim_end());
+    }
+    let state = &args.state.state;
+    super::create_state_dir(state)?;
+    let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
+    let config = Config {
+        concurrency: args.concurrency,
+        builds: args.builds,
+        ..Config::default()
+    };
+    let driver = HostDriver::new(lifecycle::build_cache_dir(state));
+    let ctx = Arc::new(Context::new(store, driver, config, lifecycle::build_cache_dir(state), snapshot));
+    let mut applier = ApplierConfig {
+        concurrency: args.concurrency,
+        ..ApplierConfig::default()
+    };
+    applier.backoff.min_delay = args.retry_delay.get();
+    let options = OnceOptions {
+        attempts: args.attempts,
+        timeout: args.timeout.map(HumanDuration::get),
+        applier,
+    };
+    let runtime = super::runtime()?;
+    let report = runtime.block_on(once::run(ctx.clone(), options));
+    if let Err(e) = ctx.store.flush() {
+        tracing::error!(error = %e, "failed to flush the store");
+    }
+
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut out, &report)?;
+            writeln!(out)?;
+        }
+        Output::Text => {
+            let rows: Vec<Vec<String>> = report
+                .rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.key.to_string(),
+                        if r.ready { "True".into() } else { "False".into() },
+                        r.reason.clone(),
+                        r.generation.clone().unwrap_or_else(|| "-".into()),
+                        r.attempts.to_string(),
+                        r.message.clone(),
+                    ]
+                })
+                .collect();
+            super::table::write(&mut out, &["OBJECT", "READY", "REASON", "GENERATION", "ATTEMPTS", "MESSAGE"], &rows)?;
+            for key in &report.forgotten {
+                writeln!(out, "forgotten: {key} (removed from the YAML; nothing uninstalled)")?;
+            }
+            let ready = report.rows.iter().filter(|r| r.ready).count();
+            let failed = report.rows.len() - ready;
+            let how = if report.timed_out { "; timed out" } else { "" };
+            writeln!(out, "revision {}: {ready} ready, {failed} not ready{how}", report.revision)?;
+        }
+    }
+    Ok(if report.timed_out {
+        EXIT_TIMED_OUT
+    } else if report.all_ready() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
+
+/// How long a command waits for the daemon's answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);

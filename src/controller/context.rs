@@ -1,0 +1,96 @@
+//! What every reconcile shares: the store, the drivers, the current desired
+//! state snapshot, the limits for heavy work, and the timeouts.
+//!
+//! The snapshot is swapped whole when a valid desired state is loaded; a
+//! reconcile takes an `Arc` of it at its start and works on that, so one
+//! reconcile never sees half of two revisions.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::driver::git::Revision;
+use crate::spec::DesiredState;
+use crate::store::Store;
+
+/// A valid desired state and where it came from.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub desired: DesiredState,
+    pub revision: Revision,
+    /// The desired-state directory (builds run there).
+    pub root: PathBuf,
+}
+
+/// Timeouts and limits of the loop.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Reconciles running at once.
+    pub concurrency: usize,
+    /// Builds running at once (heavy work).
+    pub builds: usize,
+    pub observe_timeout: Duration,
+    pub install_timeout: Duration,
+    pub switch_timeout: Duration,
+    /// How soon a machine waiting for its `after` dependencies looks again.
+    pub dependency_poll: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            concurrency: 16,
+            builds: 2,
+            observe_timeout: Duration::from_secs(30),
+            install_timeout: Duration::from_secs(600),
+            switch_timeout: Duration::from_secs(30),
+            dependency_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Shared by all reconciles.
+#[derive(Debug)]
+pub struct Context<D> {
+    pub store: Store,
+    pub driver: D,
+    pub config: Config,
+    /// Where build artifacts are cached.
+    pub build_cache: PathBuf,
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub builds: Semaphore,
+}
+
+impl<D> Context<D> {
+    pub fn new(store: Store, driver: D, config: Config, build_cache: PathBuf, snapshot: Snapshot) -> Context<D> {
+        let builds = Semaphore::new(config.builds.max(1));
+        Context {
+            store,
+            driver,
+            config,
+            build_cache,
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            builds,
+        }
+    }
+
+    /// The desired state in force now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.snapshot.read() {
+            Ok(guard) => guard.clone(),
+            // A panic while holding the lock cannot leave a half-written Arc.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts a new valid desired state in force.
+    pub fn replace_snapshot(&self, snapshot: Snapshot) {
+        let new = Arc::new(snapshot);
+        match self.snapshot.write() {
+            Ok(mut guard) => *guard = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Starting the loop, and what happens around it: loading the desired state
+//! into a snapshot, recovering attempts a crash cut short, forgetting objects
+//! removed from the YAML, and waking machines whose dependencies became Ready.
+//!
+//! Shared by `reconcile --once` and the daemon, so both behave the same.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::applier::{self, Config as ApplierConfig, Finished, Phase, Request, RunSummary};
+use super::context::{Context, Snapshot};
+use super::reconcile::{ReconcileError, reconcile};
+use crate::driver::capability::MachineDriver;
+use crate::driver::git;
+use crate::source::{LoadStats, Source};
+use crate::spec::{Assembled, DesiredState, Kind, ObjectKey};
+use crate::store::records::{ConditionKind, now_ms};
+
+/// Loads the directory; a valid result becomes a snapshot.
+pub fn load(source: &mut Source) -> Result<(Assembled, LoadStats, Option<Snapshot>), crate::source::SourceError> {
+    let (mut assembled, stats) = source.load()?;
+    let snapshot = assembled.desired.take().map(|desired| Snapshot {
+        desired,
+        revision: git::revision(source.root()),
+        root: source.root().to_path_buf(),
+    });
+    Ok((assembled, stats, snapshot))
+}
+
+/// Every object key of a desired state, machines first.
+pub fn keys(desired: &DesiredState) -> Vec<ObjectKey> {
+    desired.spec_hashes().into_keys().collect()
+}
+
+/// Records attempts left in progress by a crash as interrupted, and returns
+/// their keys: they are observed again and requeued at once.
+pub fn recover_interrupted<D>(ctx: &Context<D>) -> Vec<ObjectKey> {
+    let keys = match ctx.store.interrupted() {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to list interrupted attempts");
+            return Vec::new();
+        }
+    };
+    for key in &keys {
+        let Ok(Some(mut status)) = ctx.store.status(key) else {
+            continue;
+        };
+        let Some(in_progress) = status.in_progress.take() else {
+            continue;
+        };
+        let record = in_progress.interrupted(key.clone(), now_ms());
+        tracing::warn!(object = %key, attempt = record.id, "attempt was interrupted by a restart; observing again");
+        if let Err(e) = ctx.store.finish_attempt(&record, &status) {
+            tracing::error!(object = %key, error = %e, "failed to record interrupted attempt");
+        }
+    }
+    keys
+}
+
+/// Forgets objects that are in the store but not in the desired state. A
+/// desired state that came up empty while the store knows objects forgets
+/// nothing: an emptied directory is far more often a mistake than an intent.
+pub fn forget_removed<D>(ctx: &Context<D>, desired: &DesiredState) -> Vec<ObjectKey> {
+    let wanted: BTreeSet<ObjectKey> = keys(desired).into_iter().collect();
+    let known = ctx.store.keys().unwrap_or_default();
+    let removed: Vec<ObjectKey> = known.into_iter().filter(|k| !wanted.contains(k)).collect();
+    if removed.is_empty() {
+        return removed;
+    }
+    if desired.is_empty() {
+        tracing::warn!(
+            known = removed.len(),
+            "the desired-state directory has no objects; forgetting nothing (an empty directory is never applied as 'remove everything')"
+        );
+        return Vec::new();
+    }
+    for key in &removed {
+        match key.kind {
+            Kind::VirtualMachine => tracing::info!(object = %key, "removed from the desired state; forgotten (its VM process and disks are left as they are)"),
+            _ => tracing::info!(object = %key, "removed from the desired state; forgotten, nothing on it is uninstalled"),
+        }
+        if let Err(e) = ctx.store.forget(key) {
+            tracing::error!(object = %key, error = %e, "failed to forget");
+        }
+    }
+    removed
+}
+
+/// Machines that wait (role `after`) for `ready` and are not Ready themselves.
+pub fn dependents_of<D>(ctx: &Context<D>, ready: &ObjectKey) -> Vec<ObjectKey> {
+    if ready.kind != Kind::Machine {
+        return Vec::new();
+    }
+    let snapshot = ctx.snapshot();
+    snapshot
+        .desired
+        .roles
+        .iter()
+        .filter(|(_, roles)| roles.after.contains(&ready.name))
+        .map(|(name, _)| ObjectKey::machine(name.clone()))
+        .filter(|key| !ctx.store.status(key).ok().flatten().is_some_and(|s| s.is_ready()))
+        .collect()
+}
+
+/// Whether `key` last ended waiting for dependencies.
+pub fn is_waiting<D>(ctx: &Context<D>, key: &ObjectKey) -> bool {
+    ctx.store.status(key).ok().flatten().is_some_and(|s| {
+        s.condition(ConditionKind::Reconciling)
+            .is_some_and(|c| c.status && c.reason == super::machine::DEPENDENCY_NOT_READY)
+    })
+}
+
+/// A running loop: send requests, read finished reconciles, steer shutdown.
+pub struct Loop {
+    pub requests: mpsc::UnboundedSender<Request<ObjectKey>>,
+    pub finished: mpsc::UnboundedReceiver<Finished<ObjectKey, ReconcileError>>,
+    pub phase: watch::Sender<Phase>,
+    pub handle: JoinHandle<RunSummary<ObjectKey>>,
+}
+
+/// Starts the applier over `ctx`.
+pub fn start<D: MachineDriver>(ctx: Arc<Context<D>>, config: ApplierConfig) -> Loop {
+    let (requests, requests_rx) = mpsc::unbounded_channel();
+    let (finished_tx, finished) = mpsc::unbounded_channel();
+    let (phase, phase_rx) = watch::channel(Phase::Running);
+    let handle = tokio::spawn(applier::run(
+        config,
+        requests_rx,
+        move |key: ObjectKey| {
+            let ctx = ctx.clone();
+            let span = tracing::info_span!("reconcile", object = %key, revision = %ctx.snapshot().revision.short());
+            tracing::Instrument::instrument(reconcile(ctx, key), span)
+        },
+        finished_tx,
+        phase_rx,
+    ));
+    Loop {
+        requests,
+        finished,
+        phase,
+        handle,
+    }
+}
+
+/// The state directory's layout.
+pub fn store_dir(state: &Path) -> std::path::PathBuf {
+    state.join("store")
+}
+
+/// Where builds are cached under the state directory.
+pub fn build_cache_dir(state: &Path) -> std::path::PathBuf {
+    state.join("builds")
+}

@@ -1,0 +1,597 @@
+//! Reconcile of one Machine: wait for `after` dependencies, observe, plan,
+//! then build, install, switch, activate, health-check, and roll back on
+//! failure; record the attempt.
+//!
+//! Every step has a timeout. A failed activation or health check re-activates
+//! the generation that was current before (with `rollback: auto`), and the
+//! attempt is recorded as rolled back: it is a failure, never a success.
+//! Drift (the machine's `current` is not what converge applied) gets one WARN
+//! line when it is first seen, and is corrected or only reported per policy.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::applier::Action;
+use super::context::{Context, Snapshot};
+use super::reconcile::{ReconcileError, jittered};
+use crate::driver::build::{Artifact, BuildRequest, cache_key};
+use crate::driver::capability::{DriverError, MachineDriver};
+use crate::driver::machine::{GenerationId, MachineFacts};
+use crate::plan::{self, ChangeKind};
+use crate::spec::{DriftPolicy, MachineSpec, Object, ObjectKey, RollbackPolicy};
+use crate::store::records::{
+    Applied, AttemptRecord, AttemptResult, ConditionKind, FactsRecord, SpecRecord, StatusRecord,
+    StepRecord, now_ms,
+};
+use crate::telemetry::DRIFT_TARGET;
+
+/// Reason set while a machine waits for the machines of an earlier role.
+pub const DEPENDENCY_NOT_READY: &str = "DependencyNotReady";
+
+fn drift_policy_name(p: DriftPolicy) -> &'static str {
+    match p {
+        DriftPolicy::Correct => "correct",
+        DriftPolicy::Warn => "warn",
+        DriftPolicy::Ignore => "ignore",
+    }
+}
+
+/// The document as canonical JSON, for diffs and records.
+fn document_json(object: &Object<MachineSpec>) -> Value {
+    serde_json::json!({
+        "apiVersion": crate::spec::API_VERSION,
+        "kind": "Machine",
+        "metadata": {
+            "name": object.key.name.as_str(),
+            "tags": object.tags.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        },
+        "spec": serde_json::to_value(&object.spec).unwrap_or(Value::Null),
+    })
+}
+
+fn store_error(e: impl std::fmt::Display) -> ReconcileError {
+    ReconcileError::transient("StoreFailed", e.to_string())
+}
+
+fn driver_error(reason: &str, e: &DriverError) -> ReconcileError {
+    let message = error_chain(e);
+    if e.is_transient() {
+        ReconcileError::transient(reason, message)
+    } else {
+        ReconcileError::terminal(reason, message)
+    }
+}
+
+/// `e` and its sources, joined, so a message says what failed and why.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
+/// Records of one attempt's steps as they happen.
+struct Steps {
+    records: Vec<StepRecord>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps { records: Vec::new() }
+    }
+
+    fn push(&mut self, name: &str, started: Instant, ok: bool, output: impl Into<String>) {
+        self.records.push(StepRecord {
+            name: name.to_owned(),
+            ok,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            output: output.into(),
+        });
+    }
+}
+
+/// The machine-specific view the plan needs.
+fn plan_inputs<'a>(
+    object: &'a Object<MachineSpec>,
+    roles_hash: &'a str,
+    build_input: &'a str,
+) -> plan::Desired<'a> {
+    plan::Desired {
+        document: document_json(object),
+        spec_hash: &object.spec_hash,
+        roles_hash: Some(roles_hash),
+        build_input: Some(build_input),
+        activation_mode: Some(object.spec.activation.mode.as_arg()),
+        health_checks: object.spec.activation.health_checks.len(),
+        vm_running: None,
+        drift_policy: drift_policy_name(object.spec.drift),
+        delete_on_removal: false,
+    }
+}
+
+/// Reconciles `machine/NAME`.
+pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action, ReconcileError> {
+    let snapshot = ctx.snapshot();
+    let Some(object) = snapshot.desired.machines.get(&key.name) else {
+        // Removed from the YAML while queued: the loop forgets it.
+        return Ok(Action::AwaitChange);
+    };
+    let Some(roles) = snapshot.desired.roles.get(&key.name) else {
+        return Err(ReconcileError::terminal("RolesMissing", "machine has no resolved roles document"));
+    };
+    let mut status = ctx.store.status(key).map_err(store_error)?.unwrap_or_default();
+
+    // Machines of an earlier role (`after`) must be Ready first.
+    let waiting: Vec<String> = roles
+        .after
+        .iter()
+        .filter(|dep| {
+            let dep_key = ObjectKey::machine((*dep).clone());
+            !ctx.store.status(&dep_key).ok().flatten().is_some_and(|s| s.is_ready())
+        })
+        .map(|dep| format!("machine/{dep}"))
+        .collect();
+    if !waiting.is_empty() {
+        let now = now_ms();
+        let message = format!("waiting for {} to be Ready (role `after`)", waiting.join(", "));
+        status.set_condition(ConditionKind::Reconciling, true, DEPENDENCY_NOT_READY, &message, now);
+        if !status.is_ready() {
+            status.set_condition(ConditionKind::Ready, false, DEPENDENCY_NOT_READY, &message, now);
+        }
+        ctx.store.put_status(key, &status).map_err(store_error)?;
+        tracing::debug!(object = %key, %message, "waiting for dependencies");
+        return Ok(Action::Requeue(ctx.config.dependency_poll));
+    }
+
+    let spec = &object.spec;
+    let facts = ctx
+        .driver
+        .observe(&spec.target, ctx.config.observe_timeout)
+        .await
+        .map_err(|e| driver_error("Unreachable", &e))?;
+    let facts_json = serde_json::to_value(&facts).unwrap_or(Value::Null);
+    ctx.store
+        .put_facts(key, &FactsRecord { observed_ms: facts.observed_ms, facts: facts_json })
+        .map_err(store_error)?;
+
+    let build_input = snapshot.revision.build_input.as_str();
+    let desired_view = plan_inputs(object, &roles.hash, build_input);
+    let applied_record = ctx.store.spec(key).map_err(store_error)?;
+    let applied_view = status.last_applied.as_ref().map(|a| plan::Applied {
+        document: applied_record.as_ref().map(|r| &r.spec),
+        spec_hash: &a.spec_hash,
+        roles_hash: a.roles_hash.as_deref(),
+        build_input: applied_record.as_ref().and_then(|r| r.revision.as_deref()),
+        generation: Some(generation_name(a)),
+        delete_on_removal: false,
+    });
+    let observed = plan::Observed {
+        current_generation: facts.current_generation().map(ToString::to_string),
+        ..plan::Observed::default()
+    };
+    let (change, drift) = plan::diff(key, Some(&desired_view), applied_view.as_ref(), Some(&observed));
+
+    report_drift(ctx, key, &mut status, &drift, spec.drift);
+    let interval = spec.interval.value.get();
+
+    let Some(change) = change else {
+        // Nothing to do: Ready, unless drift is only reported.
+        let now = now_ms();
+        let (reason, message) = if drift.is_empty() {
+            ("Converged", format!("generation {} is current", observed.current_generation.as_deref().unwrap_or("none")))
+        } else {
+            ("DriftReported", format!("drifted, reported only (drift: {})", drift_policy_name(spec.drift)))
+        };
+        // Drift that is only reported leaves the object Ready (what was
+        // applied is still what the spec says) with Drifted=True beside it.
+        status.set_condition(ConditionKind::Ready, true, reason, message, now);
+        status.set_condition(ConditionKind::Reconciling, false, "", "", now);
+        status.set_condition(ConditionKind::Stalled, false, "", "", now);
+        status.observed_spec_hash = Some(object.spec_hash.clone());
+        status.failures = 0;
+        status.next_attempt_ms = None;
+        ctx.store.put_status(key, &status).map_err(store_error)?;
+        return Ok(Action::Requeue(jittered(interval)));
+    };
+
+    execute(ctx, &snapshot, key, object, &roles.document, &roles.hash, &facts, status, change.kind)
+        .await
+        .map(|()| Action::Requeue(jittered(interval)))
+}
+
+fn generation_name(a: &Applied) -> String {
+    format!("{}-{}", a.generation, a.artifact)
+}
+
+/// One WARN line per drifted field, when it is first seen (or changes);
+/// the Drifted condition remembers what was reported.
+fn report_drift<D>(
+    ctx: &Context<D>,
+    key: &ObjectKey,
+    status: &mut StatusRecord,
+    drift: &[plan::Drift],
+    policy: DriftPolicy,
+) {
+    let now = now_ms();
+    if drift.is_empty() {
+        if status.condition(ConditionKind::Drifted).is_some_and(|c| c.status) {
+            status.set_condition(ConditionKind::Drifted, false, "NoDrift", "", now);
+        }
+        return;
+    }
+    let message: Vec<String> = drift
+        .iter()
+        .map(|d| format!("{}: applied {}, observed {}", d.field, d.applied, d.observed))
+        .collect();
+    let message = message.join("; ");
+    let already = status
+        .condition(ConditionKind::Drifted)
+        .is_some_and(|c| c.status && c.message == message);
+    if !already {
+        for d in drift {
+            tracing::warn!(
+                target: DRIFT_TARGET,
+                object = %key,
+                field = %d.field,
+                applied = %d.applied,
+                observed = %d.observed,
+                action = %d.action,
+                "drift detected"
+            );
+            let event = format!("{}: applied {}, observed {}; action: {}", d.field, d.applied, d.observed, d.action);
+            if let Err(e) = ctx.store.append_event(key, crate::store::records::Severity::Warning, "DriftDetected", &event) {
+                tracing::error!(object = %key, error = %e, "failed to record event");
+            }
+        }
+    }
+    let reason = match policy {
+        DriftPolicy::Correct => "DriftDetected",
+        DriftPolicy::Warn | DriftPolicy::Ignore => "DriftReported",
+    };
+    status.set_condition(ConditionKind::Drifted, true, reason, message, now);
+}
+
+/// Where an attempt stands when it ends.
+struct Outcome {
+    result: AttemptResult,
+    generation: Option<GenerationId>,
+    artifact: Option<String>,
+    applied: Option<Applied>,
+    error: Option<ReconcileError>,
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call site; the arguments are the reconcile's inputs")]
+async fn execute<D: MachineDriver>(
+    ctx: &Context<D>,
+    snapshot: &Snapshot,
+    key: &ObjectKey,
+    object: &Object<MachineSpec>,
+    roles_document: &[u8],
+    roles_hash: &str,
+    facts: &MachineFacts,
+    mut status: StatusRecord,
+    kind: ChangeKind,
+) -> Result<(), ReconcileError> {
+    let revision = snapshot.revision.short();
+    let attempt_id = ctx
+        .store
+        .begin_attempt(key, &object.spec_hash, Some(&revision))
+        .map_err(store_error)?;
+    let started_ms = now_ms();
+    let mut steps = Steps::new();
+    let outcome = run_steps(ctx, snapshot, key, object, roles_document, roles_hash, facts, &status, kind, &mut steps).await;
+
+    let now = now_ms();
+    let record = AttemptRecord {
+        id: attempt_id,
+        key: key.clone(),
+        started_ms,
+        finished_ms: now,
+        revision: Some(revision.clone()),
+        spec_hash: object.spec_hash.clone(),
+        generation: outcome.generation.as_ref().map(GenerationId::number),
+        artifact: outcome.artifact.clone(),
+        steps: steps.records,
+        result: outcome.result.clone(),
+    };
+    status.in_progress = None;
+    status.observed_spec_hash = Some(object.spec_hash.clone());
+    match &outcome.error {
+        None => {
+            if let Some(applied) = outcome.applied {
+                status.last_applied = Some(applied);
+            }
+            status.set_condition(ConditionKind::Ready, true, "Converged", format!("generation {} is current", outcome.generation.as_ref().map(ToString::to_string).unwrap_or_default()), now);
+            status.set_condition(ConditionKind::Reconciling, false, "", "", now);
+            status.set_condition(ConditionKind::Stalled, false, "", "", now);
+            status.set_condition(ConditionKind::Drifted, false, "NoDrift", "", now);
+            status.failures = 0;
+            status.next_attempt_ms = None;
+            let spec_record = SpecRecord {
+                spec_hash: object.spec_hash.clone(),
+                revision: Some(snapshot.revision.build_input.clone()),
+                spec: document_json(object),
+                seen_ms: now,
+            };
+            ctx.store.put_spec(key, &spec_record).map_err(store_error)?;
+        }
+        Some(e) => {
+            status.set_condition(ConditionKind::Ready, false, &e.reason, &e.message, now);
+        }
+    }
+    ctx.store.finish_attempt(&record, &status).map_err(store_error)?;
+    match outcome.error {
+        None => {
+            tracing::info!(generation = %outcome.generation.map(|g| g.to_string()).unwrap_or_default(), "converged");
+            Ok(())
+        }
+        Some(e) => {
+            tracing::warn!(reason = %e.reason, "{}", e.message);
+            Err(e)
+        }
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call site; the arguments are the reconcile's inputs")]
+async fn run_steps<D: MachineDriver>(
+    ctx: &Context<D>,
+    snapshot: &Snapshot,
+    key: &ObjectKey,
+    object: &Object<MachineSpec>,
+    roles_document: &[u8],
+    roles_hash: &str,
+    facts: &MachineFacts,
+    status: &StatusRecord,
+    kind: ChangeKind,
+    steps: &mut Steps,
+) -> Outcome {
+    let spec = &object.spec;
+    let target = &spec.target;
+    let mode = spec.activation.mode.as_arg();
+    let previous = facts.current_generation().cloned();
+    let fail = |result: AttemptResult, error: ReconcileError, generation: Option<GenerationId>, artifact: Option<String>| Outcome {
+        result,
+        generation,
+        artifact,
+        applied: None,
+        error: Some(error),
+    };
+
+    // Drift correction: re-activate the generation converge applied, if it is still there.
+    let reactivate = match (kind, &status.last_applied) {
+        (ChangeKind::Correct, Some(applied)) => GenerationId::new(applied.generation, applied.artifact.clone())
+            .ok()
+            .filter(|g| facts.generations.contains(g)),
+        _ => None,
+    };
+
+    let (generation, artifact_hash) = if let Some(generation) = reactivate {
+        let hash = generation.hash().to_owned();
+        (generation, hash)
+    } else {
+        // Build.
+        let Some(argv) = spec.build.command.as_ref().map(|c| c.value.clone()) else {
+            return fail(
+                AttemptResult::Failed { reason: "Unsupported".into(), message: "nix builds are not supported by this converge yet".into() },
+                ReconcileError::terminal("Unsupported", "nix builds are not supported by this converge yet: use build.command"),
+                None,
+                None,
+            );
+        };
+        let build_section = serde_json::to_vec(&spec.build).unwrap_or_default();
+        let request = BuildRequest {
+            workdir: snapshot.root.clone(),
+            argv,
+            machine: key.name.to_string(),
+            roles_json: roles_document.to_vec(),
+            cache_key: cache_key(&[
+                b"converge-build-v1",
+                &build_section,
+                key.name.as_str().as_bytes(),
+                roles_hash.as_bytes(),
+                snapshot.revision.build_input.as_bytes(),
+            ]),
+            timeout: spec.build.timeout.value.get(),
+        };
+        let started = Instant::now();
+        let artifact: Artifact = {
+            let _permit = ctx.builds.acquire().await;
+            match ctx.driver.build(&request).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let output = e.build_output().unwrap_or_default().to_owned();
+                    steps.push("build", started, false, format!("{}\n{output}", error_chain(&e)));
+                    let err = driver_error("BuildFailed", &e);
+                    return fail(
+                        AttemptResult::Failed { reason: "BuildFailed".into(), message: err.message.clone() },
+                        err,
+                        None,
+                        None,
+                    );
+                }
+            }
+        };
+        let note = if artifact.cached { "cached: nothing ran".to_owned() } else { artifact.output.clone() };
+        steps.push("build", started, true, note);
+
+        // Unchanged artifact already current and applied: record, nothing to activate.
+        if previous.as_ref().is_some_and(|p| p.hash() == artifact.hash)
+            && status.last_applied.as_ref().is_some_and(|a| a.artifact == artifact.hash)
+        {
+            let Some(current) = previous.clone() else {
+                return fail(AttemptResult::Interrupted, ReconcileError::transient("Internal", "current generation vanished"), None, None);
+            };
+            return Outcome {
+                result: AttemptResult::NoChange,
+                applied: Some(applied_record(&current, snapshot, &object.spec_hash, roles_hash)),
+                generation: Some(current),
+                artifact: Some(artifact.hash),
+                error: None,
+            };
+        }
+
+        let number = facts
+            .generations
+            .iter()
+            .chain(facts.incomplete.iter())
+            .map(GenerationId::number)
+            .chain(status.last_applied.as_ref().map(|a| a.generation))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let generation = match GenerationId::new(number, artifact.hash.clone()) {
+            Ok(g) => g,
+            Err(e) => {
+                let err = ReconcileError::terminal("BuildFailed", error_chain(&e));
+                return fail(AttemptResult::Failed { reason: err.reason.clone(), message: err.message.clone() }, err, None, Some(artifact.hash));
+            }
+        };
+
+        // Install.
+        let started = Instant::now();
+        match ctx.driver.install(target, &artifact, roles_document, &generation, ctx.config.install_timeout).await {
+            Ok(how) => steps.push("install", started, true, format!("{how:?}")),
+            Err(e) => {
+                steps.push("install", started, false, error_chain(&e));
+                let err = driver_error("InstallFailed", &e);
+                return fail(AttemptResult::Failed { reason: err.reason.clone(), message: err.message.clone() }, err, Some(generation), Some(artifact.hash));
+            }
+        }
+        (generation, artifact.hash)
+    };
+
+    // Switch, activate, health-check.
+    let failure = activate_and_check(ctx, object, &generation, mode, steps).await;
+    let Some(failure) = failure else {
+        return Outcome {
+            result: AttemptResult::Succeeded,
+            applied: Some(applied_record(&generation, snapshot, &object.spec_hash, roles_hash)),
+            generation: Some(generation),
+            artifact: Some(artifact_hash),
+            error: None,
+        };
+    };
+
+    // Roll back to what was current before, if allowed and possible.
+    let rollback_target = previous.filter(|p| *p != generation);
+    match (spec.activation.rollback, rollback_target) {
+        (RollbackPolicy::Auto, Some(previous)) => {
+            let started = Instant::now();
+            let rolled = rollback(ctx, object, &previous, mode).await;
+            let ok = rolled.is_ok();
+            steps.push("rollback", started, ok, match &rolled {
+                Ok(()) => format!("re-activated generation {previous}"),
+                Err(e) => e.clone(),
+            });
+            let message = match rolled {
+                Ok(()) => format!("{}; rolled back to generation {previous}", failure.message),
+                Err(e) => format!("{}; rollback to generation {previous} failed too: {e}", failure.message),
+            };
+            let err = ReconcileError::transient(&failure.reason, message.clone());
+            Outcome {
+                result: AttemptResult::RolledBack { reason: failure.reason.clone(), message, to_generation: Some(previous.number()) },
+                generation: Some(generation),
+                artifact: Some(artifact_hash),
+                applied: None,
+                error: Some(ReconcileError { reason: "RolledBack".into(), ..err }),
+            }
+        }
+        (policy, _) => {
+            let why = if policy == RollbackPolicy::Never { "rollback: never" } else { "no earlier generation to roll back to" };
+            let message = format!("{}; not rolled back ({why})", failure.message);
+            Outcome {
+                result: AttemptResult::Failed { reason: failure.reason.clone(), message: message.clone() },
+                generation: Some(generation),
+                artifact: Some(artifact_hash),
+                applied: None,
+                error: Some(ReconcileError { message, ..failure }),
+            }
+        }
+    }
+}
+
+fn applied_record(generation: &GenerationId, snapshot: &Snapshot, spec_hash: &str, roles_hash: &str) -> Applied {
+    Applied {
+        generation: generation.number(),
+        artifact: generation.hash().to_owned(),
+        revision: Some(snapshot.revision.short()),
+        spec_hash: spec_hash.to_owned(),
+        roles_hash: Some(roles_hash.to_owned()),
+        applied_ms: now_ms(),
+    }
+}
+
+/// Switches to `generation`, activates it and runs the health checks.
+/// Returns the failure, if any (a transient error: the retry may succeed).
+async fn activate_and_check<D: MachineDriver>(
+    ctx: &Context<D>,
+    object: &Object<MachineSpec>,
+    generation: &GenerationId,
+    mode: &str,
+    steps: &mut Steps,
+) -> Option<ReconcileError> {
+    let spec = &object.spec;
+    let target = &spec.target;
+    let started = Instant::now();
+    if let Err(e) = ctx.driver.switch(target, generation, ctx.config.switch_timeout).await {
+        steps.push("switch", started, false, error_chain(&e));
+        return Some(driver_error("SwitchFailed", &e));
+    }
+    steps.push("switch", started, true, format!("current -> generations/{generation}"));
+
+    let started = Instant::now();
+    match ctx.driver.activate(target, generation, mode, spec.activation.timeout.value.get()).await {
+        Ok(result) if result.succeeded() => steps.push("activate", started, true, result.log),
+        Ok(result) => {
+            let message = format!("activate {mode} of generation {generation} exited with code {}", result.code);
+            steps.push("activate", started, false, result.log);
+            return Some(ReconcileError::transient("ActivationFailed", message));
+        }
+        Err(e) => {
+            steps.push("activate", started, false, error_chain(&e));
+            return Some(driver_error("ActivationFailed", &e));
+        }
+    }
+
+    for check in &spec.activation.health_checks {
+        let started = Instant::now();
+        let argv = &check.exec.value;
+        let name = format!("health check `{}`", argv.join(" "));
+        match ctx.driver.health_check(target, argv, check.timeout.value.get()).await {
+            Ok(output) => steps.push(&name, started, true, format!("{}{}", output.stdout, output.stderr)),
+            Err(e) => {
+                steps.push(&name, started, false, error_chain(&e));
+                let reason = if e.is_health_failure() { "HealthCheckFailed" } else { "Unreachable" };
+                return Some(ReconcileError::transient(reason, format!("{name} failed: {}", error_chain(&e))));
+            }
+        }
+    }
+    None
+}
+
+async fn rollback<D: MachineDriver>(
+    ctx: &Context<D>,
+    object: &Object<MachineSpec>,
+    previous: &GenerationId,
+    mode: &str,
+) -> Result<(), String> {
+    let target = &object.spec.target;
+    ctx.driver
+        .switch(target, previous, ctx.config.switch_timeout)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let timeout: Duration = object.spec.activation.timeout.value.get();
+    match ctx.driver.activate(target, previous, mode, timeout).await {
+        Ok(r) if r.succeeded() => Ok(()),
+        Ok(r) => Err(format!("activate exited with code {}", r.code)),
+        Err(e) => Err(error_chain(&e)),
+    }
+}

@@ -1,0 +1,19 @@
+//! The reconcile loop: triggers, scheduler, runner, error policy, and the
+//! reconcile of each kind.
+//!
+//! One stage per file, each usable alone: `scheduler` (one pending entry per
+//! key, earliest deadline wins), `runner` (never two reconciles of one key at
+//! once, a global concurrency limit), `backoff` (per-key exponential backoff
+//! with jitter, reset on success), `applier` (the loop that ties them
+//! together). The controller depends on driver traits, never on concrete
+//! drivers.
+
+pub mod applier;
+pub mod backoff;
+pub mod runner;
+pub mod scheduler;
+pub mod context;
+pub mod lifecycle;
+pub mod machine;
+pub mod once;
+pub mod reconcile;

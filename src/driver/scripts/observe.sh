@@ -1,0 +1,19 @@
+# converge: observe.sh - prints facts about this host and the generations under state dir $1,
+# one key=value per line: hostname, boot_id, uptime, kernel, then current (the link text of
+# $1/current) with current_complete, or current_not_link, then one generation= per complete
+# generation directory and one incomplete= per directory without its .complete marker.
+set -u
+printf 'hostname=%s\n' "$(uname -n)"
+read -r boot_id < /proc/sys/kernel/random/boot_id && printf 'boot_id=%s\n' "$boot_id"
+read -r up _ < /proc/uptime && printf 'uptime=%s\n' "$up"
+printf 'kernel=%s\n' "$(uname -r)"
+if [ -L "$1/current" ]; then
+	printf 'current=%s\n' "$(readlink "$1/current")"
+	if [ -e "$1/current/.complete" ]; then echo current_complete=1; else echo current_complete=0; fi
+elif [ -e "$1/current" ]; then
+	echo current_not_link=1
+fi
+for g in "$1"/generations/*; do
+	[ -d "$g" ] && [ ! -L "$g" ] || continue
+	if [ -e "$g/.complete" ]; then echo "generation=${g##*/}"; else echo "incomplete=${g##*/}"; fi
+done

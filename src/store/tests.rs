@@ -1,0 +1,696 @@
+//! Tests of the store against real sled databases in temporary directories,
+//! including other processes (this test binary run again) that hold the lock
+//! or are killed with SIGKILL mid-write.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::*;
+
+fn key(s: &str) -> ObjectKey {
+    s.parse().unwrap()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn attempt(key: &ObjectKey, id: u64, result: AttemptResult) -> AttemptRecord {
+    AttemptRecord {
+        id,
+        key: key.clone(),
+        started_ms: 1,
+        finished_ms: 2,
+        revision: None,
+        spec_hash: "h".into(),
+        generation: None,
+        artifact: None,
+        steps: vec![],
+        result,
+    }
+}
+
+/// Runs one attempt on `key` from begin to finish; returns its id.
+fn run_attempt(store: &Store, key: &ObjectKey) -> u64 {
+    let id = store.begin_attempt(key, "h", Some("rev")).unwrap();
+    let status = store.status(key).unwrap().unwrap();
+    store
+        .finish_attempt(&attempt(key, id, AttemptResult::Succeeded), &status)
+        .unwrap();
+    id
+}
+
+/// Every file and directory under `dir` (itself included) with its mode.
+fn modes(dir: &Path) -> Vec<(PathBuf, bool, u32)> {
+    let mut out = vec![];
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        out.push((
+            d.clone(),
+            true,
+            fs::metadata(&d).unwrap().permissions().mode() & 0o7777,
+        ));
+        for entry in fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                out.push((entry.path(), false, meta.permissions().mode() & 0o7777));
+            }
+        }
+    }
+    out
+}
+
+fn assert_owner_only(dir: &Path) {
+    let modes = modes(dir);
+    assert!(
+        modes.iter().any(|(_, is_dir, _)| !is_dir),
+        "no files in {modes:?}"
+    );
+    for (path, is_dir, mode) in modes {
+        let want = if is_dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} has mode {mode:o}", path.display());
+    }
+}
+
+#[test]
+fn store_is_cheap_to_clone_and_shareable_between_threads() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    assert_send_sync_clone::<Store>();
+    assert_eq!(size_of::<Store>(), size_of::<usize>());
+}
+
+#[test]
+fn open_makes_directory_0700_and_every_file_0600_also_after_flush() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("state");
+    // An existing, looser directory with a world-readable file in it is
+    // tightened, not trusted.
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.join("stray"), "x").unwrap();
+    fs::set_permissions(dir.join("stray"), fs::Permissions::from_mode(0o644)).unwrap();
+
+    let store = Store::open(&dir).unwrap();
+    assert_owner_only(&dir);
+
+    let k = key("machine/web1");
+    for i in 0..200 {
+        let facts = FactsRecord {
+            observed_ms: i,
+            facts: json!({"blob": "x".repeat(1000)}),
+        };
+        store.put_facts(&k, &facts).unwrap();
+    }
+    store.flush().unwrap();
+    assert_owner_only(&dir);
+    run_attempt(&store, &k);
+    assert_owner_only(&dir);
+    drop(store);
+
+    let store = Store::open(&dir).unwrap();
+    assert_owner_only(&dir);
+    drop(store);
+}
+
+#[test]
+fn open_creates_missing_parent_directories() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("a/b/state");
+    Store::open(&dir).unwrap();
+    assert_owner_only(&dir);
+}
+
+#[test]
+fn second_open_in_the_same_process_is_locked() {
+    // sled takes an flock on its `db` file; flock locks belong to an open
+    // file description, so a second open in the same process conflicts too.
+    let tmp = tempdir();
+    let first = Store::open(tmp.path()).unwrap();
+    match Store::open(tmp.path()) {
+        Err(e @ StoreError::Locked { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("daemon"), "{text}");
+            assert!(text.contains(&tmp.path().display().to_string()), "{text}");
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    drop(first);
+    // Dropping the last handle releases the lock.
+    Store::open(tmp.path()).unwrap();
+}
+
+/// Environment variable that turns this test binary into a helper process
+/// for the test named in it.
+const CHILD_ENV: &str = "CONVERGE_STORE_TEST_CHILD";
+/// The store directory of a helper process.
+const CHILD_DIR_ENV: &str = "CONVERGE_STORE_TEST_DIR";
+
+/// This test's directory, if this process is the helper for `test`.
+fn child_dir(test: &str) -> Option<PathBuf> {
+    if std::env::var(CHILD_ENV).ok()? == test {
+        Some(std::env::var_os(CHILD_DIR_ENV)?.into())
+    } else {
+        None
+    }
+}
+
+/// Runs this test binary again, running only `test` (a function of this
+/// module) as the helper process, with its stdout piped.
+fn spawn_helper(test: &str, dir: &Path) -> Child {
+    let module = module_path!()
+        .split_once("::")
+        .map_or(module_path!(), |(_, rest)| rest);
+    Command::new(std::env::current_exe().unwrap())
+        .args([&format!("{module}::{test}"), "--exact", "--nocapture"])
+        .env(CHILD_ENV, test)
+        .env(CHILD_DIR_ENV, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn open_while_another_process_holds_the_store_is_locked() {
+    const TEST: &str = "open_while_another_process_holds_the_store_is_locked";
+    if let Some(dir) = child_dir(TEST) {
+        let _store = Store::open(&dir).unwrap();
+        println!("holding");
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let tmp = tempdir();
+    let mut child = spawn_helper(TEST, tmp.path());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.unwrap() == "holding"),
+        "helper exited before opening the store"
+    );
+    let result = Store::open(tmp.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        matches!(result, Err(StoreError::Locked { .. })),
+        "expected Locked, got {result:?}"
+    );
+    // The lock dies with its process.
+    Store::open(tmp.path()).unwrap();
+}
+
+#[test]
+fn finished_attempts_survive_sigkill() {
+    const TEST: &str = "finished_attempts_survive_sigkill";
+    if let Some(dir) = child_dir(TEST) {
+        let store = Store::open(&dir).unwrap();
+        for i in 0u64.. {
+            // Spread attempts over keys so that trimming keeps them all.
+            let k = key(&format!("machine/c{}", i / 50));
+            let id = run_attempt(&store, &k);
+            println!("finished {k} {id}");
+            // Most kills land here, after finish_attempt and before the next
+            // begin_attempt flushes: only finish_attempt's own flush keeps the
+            // attempt just printed.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        return;
+    }
+    let tmp = tempdir();
+    let mut child = spawn_helper(TEST, tmp.path());
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| {
+                let rest = l.strip_prefix("finished ")?;
+                let (k, id) = rest.split_once(' ')?;
+                Some((key(k), id.parse::<u64>().unwrap()))
+            })
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    let finished = reader.join().unwrap();
+    assert!(
+        finished.len() >= 2,
+        "the helper finished {} attempts in 300 ms",
+        finished.len()
+    );
+
+    let store = Store::open(tmp.path()).unwrap();
+    for (k, id) in &finished {
+        let record = store.attempt(k, *id).unwrap();
+        assert!(
+            record.is_some(),
+            "attempt {k}#{id} was reported finished but is lost"
+        );
+    }
+    // At most the one attempt that had begun and not finished is left
+    // in progress, and it is newer than every finished one.
+    let interrupted = store.interrupted().unwrap();
+    assert!(interrupted.len() <= 1, "{interrupted:?}");
+    let newest = finished.iter().map(|(_, id)| *id).max().unwrap();
+    for k in interrupted {
+        let in_progress = store.status(&k).unwrap().unwrap().in_progress.unwrap();
+        assert!(in_progress.attempt_id > newest);
+    }
+    // Ids go on increasing after the crash.
+    assert!(
+        store
+            .begin_attempt(&key("machine/after"), "h", None)
+            .unwrap()
+            > newest
+    );
+}
+
+#[test]
+fn begun_attempt_survives_sigkill_as_interrupted() {
+    const TEST: &str = "begun_attempt_survives_sigkill_as_interrupted";
+    let k = key("machine/web1");
+    if let Some(dir) = child_dir(TEST) {
+        let store = Store::open(&dir).unwrap();
+        let id = store.begin_attempt(&k, "h", None).unwrap();
+        println!("begun {id}");
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let tmp = tempdir();
+    let mut child = spawn_helper(TEST, tmp.path());
+    let begun = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("begun ")?.parse::<u64>().ok());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let id = begun.expect("the helper exited before beginning an attempt");
+
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.interrupted().unwrap(), vec![k.clone()]);
+    let in_progress = store.status(&k).unwrap().unwrap().in_progress.unwrap();
+    assert_eq!(in_progress.attempt_id, id);
+}
+
+#[test]
+fn records_round_trip_through_the_store() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let k = key("vm/builder");
+    assert_eq!(store.spec(&k).unwrap(), None);
+    assert_eq!(store.facts(&k).unwrap(), None);
+    assert_eq!(store.status(&k).unwrap(), None);
+
+    let spec = SpecRecord {
+        spec_hash: "h".into(),
+        revision: Some("abc".into()),
+        spec: json!({"cpus": 2}),
+        seen_ms: 1,
+    };
+    let facts = FactsRecord {
+        observed_ms: 2,
+        facts: json!({"running": true}),
+    };
+    let mut status = StatusRecord::default();
+    status.set_condition(ConditionKind::Ready, true, "Running", "ok", 3);
+    store.put_spec(&k, &spec).unwrap();
+    store.put_facts(&k, &facts).unwrap();
+    store.put_status(&k, &status).unwrap();
+    drop(store);
+
+    // Unflushed writes reach the disk when the store is closed.
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.spec(&k).unwrap(), Some(spec));
+    assert_eq!(store.facts(&k).unwrap(), Some(facts));
+    assert_eq!(store.status(&k).unwrap(), Some(status.clone()));
+    assert_eq!(store.statuses().unwrap(), vec![(k, status)]);
+}
+
+#[test]
+fn history_lists_newest_first_and_only_the_keys_own_attempts() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, ab, b) = (key("machine/a"), key("machine/ab"), key("machine/b"));
+    let mut ids = std::collections::HashMap::<ObjectKey, Vec<u64>>::new();
+    for i in 0..30 {
+        let k = [&a, &ab, &b][i % 3];
+        ids.entry(k.clone())
+            .or_default()
+            .push(run_attempt(&store, k));
+    }
+    for k in [&a, &ab, &b] {
+        let history = store.history(k, usize::MAX).unwrap();
+        assert!(history.iter().all(|r| &r.key == k), "{k}: {history:?}");
+        let got: Vec<u64> = history.iter().map(|r| r.id).collect();
+        let mut want = ids[k].clone();
+        want.reverse();
+        assert_eq!(got, want, "{k}");
+        assert_eq!(store.history(k, 3).unwrap().len(), 3);
+    }
+    let first_of_a = ids[&a][0];
+    assert_eq!(
+        store.attempt(&a, first_of_a).unwrap().unwrap().id,
+        first_of_a
+    );
+    assert_eq!(store.attempt(&ab, first_of_a).unwrap(), None);
+    assert_eq!(store.history(&key("machine/none"), 10).unwrap(), vec![]);
+}
+
+#[test]
+fn history_keeps_the_newest_attempts_per_object() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, b) = (key("machine/a"), key("machine/b"));
+    let b_id = run_attempt(&store, &b);
+    let ids: Vec<u64> = (0..HISTORY_PER_OBJECT + 5)
+        .map(|_| run_attempt(&store, &a))
+        .collect();
+    let history = store.history(&a, usize::MAX).unwrap();
+    assert_eq!(history.len(), HISTORY_PER_OBJECT);
+    assert_eq!(history[0].id, ids[ids.len() - 1]);
+    assert_eq!(history[HISTORY_PER_OBJECT - 1].id, ids[5]);
+    assert_eq!(store.attempt(&a, ids[4]).unwrap(), None);
+    // Trimming one object leaves the others alone.
+    assert_eq!(store.history(&b, 10).unwrap()[0].id, b_id);
+}
+
+#[test]
+fn events_keep_the_newest_ten_thousand_in_sequence_order() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, b) = (key("machine/a"), key("vm/b"));
+    let extra = 25;
+    let total = EVENTS_KEPT + extra;
+    for i in 1..=total {
+        let (k, sev) = if i % 2 == 0 {
+            (&a, Severity::Info)
+        } else {
+            (&b, Severity::Error)
+        };
+        assert_eq!(
+            store
+                .append_event(k, sev, "Reason", &format!("event {i}"))
+                .unwrap(),
+            i
+        );
+    }
+    let all = store.events(usize::MAX).unwrap();
+    assert_eq!(all.len() as u64, EVENTS_KEPT);
+    assert_eq!(all[0].seq, total);
+    assert_eq!(all[all.len() - 1].seq, extra + 1);
+    assert!(all.windows(2).all(|w| w[0].seq == w[1].seq + 1));
+
+    let newest_b = store.events_for(&b, 3).unwrap();
+    assert_eq!(
+        newest_b.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![total, total - 2, total - 4]
+    );
+    assert!(
+        newest_b
+            .iter()
+            .all(|e| e.key == b && e.severity == Severity::Error)
+    );
+    assert_eq!(
+        store.events(2).unwrap()[1].message,
+        format!("event {}", total - 1)
+    );
+    drop(store);
+
+    // Sequence numbers go on after a restart.
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(
+        store.append_event(&a, Severity::Warning, "R", "m").unwrap(),
+        total + 1
+    );
+}
+
+#[test]
+fn attempt_begun_and_never_finished_is_interrupted_after_reopen() {
+    let tmp = tempdir();
+    let (a, b) = (key("machine/a"), key("machine/b"));
+    let store = Store::open(tmp.path()).unwrap();
+    run_attempt(&store, &b);
+    let mut status = StatusRecord::default();
+    status.set_condition(ConditionKind::Ready, true, "Succeeded", "ok", 1);
+    store.put_status(&a, &status).unwrap();
+    let id = store.begin_attempt(&a, "h2", Some("rev2")).unwrap();
+    // begin_attempt keeps what the status said and adds the attempt.
+    let begun = store.status(&a).unwrap().unwrap();
+    assert!(begun.is_ready());
+    assert_eq!(begun.last_attempt_id, Some(id));
+    drop(store); // the crash: no finish_attempt
+
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.interrupted().unwrap(), vec![a.clone()]);
+    let status = store.status(&a).unwrap().unwrap();
+    let in_progress = status.in_progress.clone().unwrap();
+    assert_eq!(
+        (
+            in_progress.attempt_id,
+            in_progress.spec_hash.as_str(),
+            in_progress.revision.as_deref()
+        ),
+        (id, "h2", Some("rev2"))
+    );
+    let record = in_progress.interrupted(a.clone(), now_ms());
+    store.finish_attempt(&record, &status).unwrap();
+    assert_eq!(store.interrupted().unwrap(), vec![]);
+    assert_eq!(store.status(&a).unwrap().unwrap().in_progress, None);
+    assert_eq!(
+        store.history(&a, 1).unwrap()[0].result,
+        AttemptResult::Interrupted
+    );
+}
+
+#[test]
+fn attempt_ids_increase_across_reopen() {
+    let tmp = tempdir();
+    let k = key("service/vpn");
+    let mut last = 0;
+    for _ in 0..3 {
+        let store = Store::open(tmp.path()).unwrap();
+        for _ in 0..3 {
+            let id = run_attempt(&store, &k);
+            assert!(id > last, "{id} after {last}");
+            last = id;
+        }
+    }
+}
+
+#[test]
+fn forget_removes_everything_but_events() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, ab) = (key("machine/a"), key("machine/ab"));
+    for k in [&a, &ab] {
+        store
+            .put_spec(
+                k,
+                &SpecRecord {
+                    spec_hash: "h".into(),
+                    revision: None,
+                    spec: json!({}),
+                    seen_ms: 0,
+                },
+            )
+            .unwrap();
+        store
+            .put_facts(
+                k,
+                &FactsRecord {
+                    observed_ms: 0,
+                    facts: json!({}),
+                },
+            )
+            .unwrap();
+        run_attempt(&store, k);
+        store
+            .append_event(k, Severity::Info, "Applied", "ok")
+            .unwrap();
+    }
+    assert_eq!(store.keys().unwrap(), vec![a.clone(), ab.clone()]);
+
+    store.forget(&a).unwrap();
+    assert_eq!(store.spec(&a).unwrap(), None);
+    assert_eq!(store.facts(&a).unwrap(), None);
+    assert_eq!(store.status(&a).unwrap(), None);
+    assert_eq!(store.history(&a, 10).unwrap(), vec![]);
+    assert_eq!(store.events_for(&a, 10).unwrap().len(), 1);
+    assert_eq!(store.keys().unwrap(), vec![ab.clone()]);
+    // The other object, whose key starts with the forgotten one, is intact.
+    assert!(store.spec(&ab).unwrap().is_some());
+    assert!(store.facts(&ab).unwrap().is_some());
+    assert_eq!(store.history(&ab, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn keys_lists_objects_with_a_spec_or_a_status() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let (spec_only, status_only, facts_only) = (key("vm/s"), key("machine/t"), key("machine/f"));
+    store
+        .put_spec(
+            &spec_only,
+            &SpecRecord {
+                spec_hash: "h".into(),
+                revision: None,
+                spec: json!(null),
+                seen_ms: 0,
+            },
+        )
+        .unwrap();
+    store
+        .put_status(&status_only, &StatusRecord::default())
+        .unwrap();
+    store
+        .put_facts(
+            &facts_only,
+            &FactsRecord {
+                observed_ms: 0,
+                facts: json!(1),
+            },
+        )
+        .unwrap();
+    assert_eq!(store.keys().unwrap(), vec![status_only, spec_only]);
+}
+
+#[test]
+fn corrupt_keys_and_values_are_skipped_in_scans_and_reported_on_reads() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let (good, bad) = (key("machine/good"), key("machine/bad"));
+    store.put_status(&good, &StatusRecord::default()).unwrap();
+    let raw = &store.inner.status.tree;
+    raw.insert(b"machine/Not_A_Name", b"{}".as_slice()).unwrap();
+    raw.insert(layout::object(&bad), b"{\"v\":1,\"data\":[]}".as_slice())
+        .unwrap();
+    store
+        .inner
+        .events
+        .tree
+        .insert(b"short", b"x".as_slice())
+        .unwrap();
+    store
+        .inner
+        .history
+        .tree
+        .insert(b"machine/good\0bad", b"x".as_slice())
+        .unwrap();
+
+    assert_eq!(
+        store.statuses().unwrap(),
+        vec![(good.clone(), StatusRecord::default())]
+    );
+    assert_eq!(store.interrupted().unwrap(), vec![]);
+    assert_eq!(store.keys().unwrap(), vec![bad.clone(), good.clone()]);
+    assert!(matches!(
+        store.status(&bad),
+        Err(StoreError::Decode { tree: "status", .. })
+    ));
+    assert_eq!(store.history(&good, 10).unwrap(), vec![]);
+    assert_eq!(store.events(10).unwrap(), vec![]);
+    // A corrupt key sorting after every valid event does not reset the
+    // sequence.
+    store.append_event(&good, Severity::Info, "R", "m").unwrap();
+    let seq = store.append_event(&good, Severity::Info, "R", "m").unwrap();
+    assert_eq!(seq, 2);
+    assert_eq!(store.events(10).unwrap().len(), 2);
+}
+
+#[test]
+fn a_newer_format_fails_reads_and_scans_with_unsupported_format() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let k = key("machine/web1");
+    store
+        .inner
+        .status
+        .tree
+        .insert(layout::object(&k), br#"{"v":2,"data":{}}"#.as_slice())
+        .unwrap();
+    for result in [store.status(&k).map(|_| ()), store.statuses().map(|_| ())] {
+        match result {
+            Err(
+                e @ StoreError::UnsupportedFormat {
+                    version: 2,
+                    supported: 1,
+                    ..
+                },
+            ) => {
+                assert!(e.to_string().contains("machine/web1"), "{e}");
+            }
+            other => panic!("expected UnsupportedFormat, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_store_with_a_newer_key_layout_is_refused() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    store
+        .inner
+        .meta
+        .tree
+        .insert(layout::LAYOUT, br#"{"v":1,"data":2}"#.as_slice())
+        .unwrap();
+    drop(store);
+    assert!(matches!(
+        Store::open(tmp.path()),
+        Err(StoreError::UnsupportedFormat {
+            tree: "meta",
+            version: 2,
+            ..
+        })
+    ));
+}
+
+/// Prints what the hot paths cost. Run in release:
+/// `cargo test --release -- --ignored --nocapture print_cost`.
+#[test]
+#[ignore = "measurement, not a check"]
+fn print_cost_of_status_writes_and_finish_attempt() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path()).unwrap();
+    let mut status = StatusRecord::default();
+    status.set_condition(
+        ConditionKind::Ready,
+        true,
+        "Succeeded",
+        "applied generation 7",
+        1,
+    );
+    status.observed_spec_hash = Some("b3:0123456789abcdef0123456789abcdef".into());
+    let keys: Vec<ObjectKey> = (0..1000).map(|i| key(&format!("machine/m{i}"))).collect();
+
+    let start = Instant::now();
+    for k in keys.iter().chain(&keys) {
+        store.put_status(k, &status).unwrap();
+    }
+    let puts = start.elapsed();
+
+    let k = &keys[0];
+    let mut finishes = vec![];
+    for _ in 0..20 {
+        let id = store.begin_attempt(k, "h", None).unwrap();
+        let record = attempt(k, id, AttemptResult::NoChange);
+        let start = Instant::now();
+        store.finish_attempt(&record, &status).unwrap();
+        finishes.push(start.elapsed());
+    }
+    finishes.sort();
+    println!(
+        "2000 put_status: {puts:?}; finish_attempt median {:?}, max {:?} (dir {})",
+        finishes[finishes.len() / 2],
+        finishes[finishes.len() - 1],
+        tmp.path().display()
+    );
+}
