@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
-use tracing::Instrument;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::backoff::{BackoffConfig, ErrorBackoff};
 use super::runner::{Runner, Unfinished};
@@ -65,7 +66,7 @@ impl<K> Request<K> {
 }
 
 /// Settings of the loop.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Most reconciles in flight at once; 0 is raised to 1.
     pub concurrency: usize,
@@ -74,6 +75,8 @@ pub struct Config {
     /// How long [`Phase::Graceful`] waits for running reconciles before it
     /// aborts them.
     pub shutdown_grace: Duration,
+    /// Where to publish the number of keys pending or running (a metric).
+    pub queue_depth: Option<Arc<AtomicUsize>>,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             concurrency: 4,
             backoff: BackoffConfig::default(),
             shutdown_grace: Duration::from_secs(30),
+            queue_depth: None,
         }
     }
 }
@@ -210,6 +214,7 @@ where
     Fut: Future<Output = Result<Action, E>> + Send + 'static,
 {
     let grace = config.shutdown_grace;
+    let queue_depth = config.queue_depth.clone();
     let mut state = Loop::new(config, reconcile, finished);
     let mut requests_open = true;
     let mut phase_open = true;
@@ -221,6 +226,9 @@ where
             Phase::Abort => return state.abort_all(EndReason::Abort).await,
         }
         state.start_due();
+        if let Some(depth) = &queue_depth {
+            depth.store(state.scheduler.len() + state.runner.running_count(), Ordering::Relaxed);
+        }
         if !requests_open && state.scheduler.is_empty() && state.runner.is_empty() {
             return state.end(EndReason::RequestsDone);
         }
@@ -321,12 +329,8 @@ where
             };
             self.backoff_until.remove(&key);
             self.urgent.remove(&key);
-            let span = tracing::info_span!(
-                "reconcile",
-                object = ?key,
-                revision = tracing::field::Empty
-            );
-            let fut = (self.reconcile)(key.clone()).instrument(span);
+            // The caller's reconcile carries its own span (object, revision).
+            let fut = (self.reconcile)(key.clone());
             match self.runner.start(key.clone(), fut) {
                 Ok(()) => self.summary.started += 1,
                 Err(error) => {
@@ -639,6 +643,7 @@ mod tests {
                 ..BackoffConfig::default()
             },
             shutdown_grace: Duration::from_secs(10),
+            queue_depth: None,
         }
     }
 

@@ -11,13 +11,18 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::spec::parse::{ParsedFile, parse_file};
 use crate::spec::{Assembled, Diagnostic, Severity, assemble};
 
 /// Directories nested deeper than this are not walked.
 const MAX_DEPTH: usize = 32;
+
+/// A file modified this shortly before it was read may be rewritten within
+/// the same timestamp tick (coarse on many filesystems) with the same size,
+/// which its fingerprint cannot see; such a file is parsed again next load.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// Why the directory could not be read at all (a bad file is a diagnostic, not this).
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,8 @@ impl Fingerprint {
 #[derive(Debug)]
 struct CachedFile {
     fingerprint: Fingerprint,
+    /// Modified within [`RACY_WINDOW`] of being read: not reused.
+    racy: bool,
     parsed: ParsedFile,
 }
 
@@ -116,13 +123,18 @@ impl Source {
         for (relative, meta) in found {
             let fingerprint = Fingerprint::of(&meta);
             if let Some(cached) = self.files.remove(&relative) {
-                if cached.fingerprint == fingerprint {
+                if cached.fingerprint == fingerprint && !cached.racy {
                     stats.reused += 1;
                     next.insert(relative, cached);
                     continue;
                 }
             }
             stats.parsed += 1;
+            let racy = meta.modified().is_ok_and(|mtime| {
+                SystemTime::now()
+                    .duration_since(mtime)
+                    .map_or(true, |age| age < RACY_WINDOW)
+            });
             let parsed = match std::fs::read(self.root.join(&relative)) {
                 Ok(bytes) => parse_file(&relative, &bytes),
                 Err(e) => ParsedFile {
@@ -134,6 +146,7 @@ impl Source {
                 relative,
                 CachedFile {
                     fingerprint,
+                    racy,
                     parsed,
                 },
             );

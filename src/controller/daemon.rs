@@ -1,0 +1,199 @@
+//! `converge run`: the daemon. Keeps every object converged for as long as it
+//! runs.
+//!
+//! On start it records attempts a crash cut short as interrupted and
+//! requeues their objects at once, then reconciles everything. Afterwards it
+//! reacts to file changes (reloading the directory and enqueuing only the
+//! objects whose spec, roles or build inputs changed), to resync intervals
+//! (each reconcile requeues itself), to manual requests from the API, and to
+//! machines becoming Ready (their dependents are woken). An invalid directory
+//! is logged with file:line:col and never applied: the last valid desired
+//! state stays in force. The first SIGTERM or SIGINT stops scheduling and
+//! lets running steps finish within the grace period; a second aborts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use super::applier::{Config as ApplierConfig, Outcome, Phase, Request};
+use super::context::{Context, Snapshot};
+use super::lifecycle::{self, Loop};
+use super::triggers;
+use crate::driver::capability::MachineDriver;
+use crate::source::Source;
+use crate::spec::{Kind, ObjectKey};
+
+/// Options of the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub applier: ApplierConfig,
+    /// Quiet window after a file change before reloading.
+    pub debounce: Duration,
+}
+
+/// What a reload found changed, by key.
+fn changed_keys(old: &Snapshot, new: &Snapshot) -> (Vec<ObjectKey>, Vec<ObjectKey>) {
+    let old_hashes = old.desired.spec_hashes();
+    let new_hashes = new.desired.spec_hashes();
+    let build_input_changed = old.revision.build_input != new.revision.build_input;
+    let mut changed = Vec::new();
+    for (key, hash) in &new_hashes {
+        let spec_changed = old_hashes.get(key) != Some(hash);
+        let machine_inputs_changed = key.kind == Kind::Machine
+            && (build_input_changed
+                || old.desired.roles.get(&key.name).map(|r| &r.hash) != new.desired.roles.get(&key.name).map(|r| &r.hash));
+        if spec_changed || machine_inputs_changed {
+            changed.push(key.clone());
+        }
+    }
+    let removed = old_hashes.keys().filter(|k| !new_hashes.contains_key(*k)).cloned().collect();
+    (changed, removed)
+}
+
+/// Runs until shut down by signal (or by `stop`, in tests).
+pub async fn run<D: MachineDriver>(
+    ctx: Arc<Context<D>>,
+    mut source: Source,
+    options: DaemonOptions,
+    manual: mpsc::UnboundedReceiver<ObjectKey>,
+) -> Result<(), DaemonError> {
+    let interrupted = lifecycle::recover_interrupted(&ctx);
+    lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
+
+    let Loop {
+        requests,
+        mut finished,
+        phase,
+        handle,
+    } = lifecycle::start(ctx.clone(), options.applier.clone());
+    for key in interrupted {
+        let _ = requests.send(Request::Now(key));
+    }
+    for key in lifecycle::keys(&ctx.snapshot().desired) {
+        let _ = requests.send(Request::Now(key));
+    }
+
+    let (changes_tx, mut changes) = mpsc::unbounded_channel::<BTreeSet<PathBuf>>();
+    let root = source.root().to_path_buf();
+    let _watch = match triggers::watch_dir(&root, options.debounce, changes_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %crate::controller::machine::error_chain(&e), "file changes will not be noticed; objects still resync on their interval");
+            None
+        }
+    };
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut manual = manual;
+    let mut stop_signals = 0;
+    let grace = options.applier.shutdown_grace;
+    let mut handle = handle;
+    tracing::info!(objects = ctx.snapshot().desired.len(), revision = %ctx.snapshot().revision.short(), "converge is running");
+
+    loop {
+        tokio::select! {
+            summary = &mut handle => {
+                if let Ok(summary) = summary {
+                    for key in &summary.aborted {
+                        tracing::warn!(object = %key, "aborted by shutdown; it is observed again on the next start");
+                    }
+                }
+                break;
+            }
+            _ = sigterm.recv() => stop_signals += 1,
+            _ = sigint.recv() => stop_signals += 1,
+            Some(paths) = changes.recv() => {
+                tracing::debug!(count = paths.len(), "files changed");
+                reload(&ctx, &mut source, &requests).await;
+            }
+            Some(key) = manual.recv() => {
+                tracing::info!(object = %key, "reconcile requested");
+                let _ = requests.send(Request::Now(key));
+            }
+            Some(done) = finished.recv() => {
+                if matches!(done.outcome, Outcome::Succeeded(_)) && !lifecycle::is_waiting(&ctx, &done.key) {
+                    for dependent in lifecycle::dependents_of(&ctx, &done.key) {
+                        let _ = requests.send(Request::Now(dependent));
+                    }
+                }
+            }
+        }
+        match stop_signals {
+            1 => {
+                tracing::info!(grace_secs = grace.as_secs(), "stopping: no new reconciles; running steps may finish (send the signal again to abort)");
+                let _ = phase.send(Phase::Graceful);
+                stop_signals = 2;
+            }
+            3.. => {
+                tracing::warn!("aborting running steps");
+                let _ = phase.send(Phase::Abort);
+            }
+            _ => {}
+        }
+    }
+    if let Err(e) = ctx.store.flush() {
+        tracing::error!(error = %e, "failed to flush the store");
+    }
+    tracing::info!("converge stopped");
+    Ok(())
+}
+
+/// Reloads the directory; applies it only if valid.
+async fn reload<D: MachineDriver>(
+    ctx: &Arc<Context<D>>,
+    source: &mut Source,
+    requests: &mpsc::UnboundedSender<Request<ObjectKey>>,
+) {
+    let loaded = tokio::task::block_in_place(|| lifecycle::load(source));
+    let (assembled, stats, snapshot) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!(error = %crate::controller::machine::error_chain(&e), "cannot read the desired-state directory; keeping the last valid desired state");
+            return;
+        }
+    };
+    let Some(snapshot) = snapshot else {
+        for d in assembled.errors() {
+            tracing::error!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+        }
+        tracing::error!(
+            errors = assembled.errors().count(),
+            revision = %ctx.snapshot().revision.short(),
+            "the desired state is invalid and was not applied; keeping the last valid one"
+        );
+        return;
+    };
+    for d in assembled.warnings() {
+        tracing::warn!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+    }
+    let old = ctx.snapshot();
+    let (changed, removed) = changed_keys(&old, &snapshot);
+    let revision = snapshot.revision.short();
+    let desired = snapshot.desired.clone();
+    ctx.replace_snapshot(snapshot);
+    let forgotten = if removed.is_empty() { Vec::new() } else { lifecycle::forget_removed(ctx, &desired) };
+    tracing::info!(
+        %revision,
+        changed = changed.len(),
+        forgotten = forgotten.len(),
+        parsed_files = stats.parsed,
+        load_ms = stats.micros / 1000,
+        "desired state reloaded"
+    );
+    let order: BTreeMap<ObjectKey, ()> = changed.into_iter().map(|k| (k, ())).collect();
+    for key in order.into_keys() {
+        let _ = requests.send(Request::Now(key));
+    }
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("install signal handlers")]
+    Signal(#[source] std::io::Error),
+}

@@ -1,0 +1,114 @@
+//! The plan of a whole desired state: what `converge plan` prints.
+//!
+//! Observes every machine (in parallel, bounded by the probe timeout), reads
+//! what was applied from the store, and runs the same pure `plan::diff` that
+//! reconcile uses. Changes nothing: no build, no step, no record written.
+
+use std::collections::BTreeSet;
+
+use futures::StreamExt;
+
+use super::context::Context;
+use crate::driver::capability::MachineDriver;
+use crate::plan::{self, Plan};
+use crate::spec::{Kind, ObjectKey};
+
+/// Objects observed at once while planning.
+const PARALLEL_OBSERVES: usize = 16;
+
+/// Plans every object of the snapshot in force, and every object the store
+/// knows that the snapshot no longer has.
+pub async fn plan<D: MachineDriver>(ctx: &Context<D>) -> Plan {
+    let snapshot = ctx.snapshot();
+    let desired = &snapshot.desired;
+    let mut out = Plan {
+        revision: Some(snapshot.revision.short()),
+        ..Plan::default()
+    };
+
+    let observed: Vec<_> = futures::stream::iter(desired.machines.values())
+        .map(|object| async move {
+            let result = ctx.driver.observe(&object.spec.target, ctx.config.observe_timeout).await;
+            (object, result)
+        })
+        .buffered(PARALLEL_OBSERVES)
+        .collect()
+        .await;
+
+    for (object, facts) in observed {
+        let key = &object.key;
+        let Some(roles) = desired.roles.get(&key.name) else {
+            continue;
+        };
+        let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
+        let record = ctx.store.spec(key).ok().flatten();
+        let view = plan::Desired {
+            document: serde_json::json!({
+                "apiVersion": crate::spec::API_VERSION,
+                "kind": "Machine",
+                "metadata": {"name": key.name.as_str(), "tags": object.tags.iter().map(|t| t.as_str()).collect::<Vec<_>>()},
+                "spec": serde_json::to_value(&object.spec).unwrap_or_default(),
+            }),
+            spec_hash: &object.spec_hash,
+            roles_hash: Some(&roles.hash),
+            build_input: Some(&snapshot.revision.build_input),
+            activation_mode: Some(object.spec.activation.mode.as_arg()),
+            health_checks: object.spec.activation.health_checks.len(),
+            vm_running: None,
+            drift_policy: match object.spec.drift {
+                crate::spec::DriftPolicy::Correct => "correct",
+                crate::spec::DriftPolicy::Warn => "warn",
+                crate::spec::DriftPolicy::Ignore => "ignore",
+            },
+            delete_on_removal: false,
+        };
+        let applied = status.last_applied.as_ref().map(|a| plan::Applied {
+            document: record.as_ref().map(|r| &r.spec),
+            spec_hash: &a.spec_hash,
+            roles_hash: a.roles_hash.as_deref(),
+            build_input: record.as_ref().and_then(|r| r.revision.as_deref()),
+            generation: Some(format!("{}-{}", a.generation, a.artifact)),
+            delete_on_removal: false,
+        });
+        let observed = match facts {
+            Ok(facts) => Some(plan::Observed {
+                current_generation: facts.current_generation().map(ToString::to_string),
+                ..plan::Observed::default()
+            }),
+            Err(e) => {
+                out.unobserved.push((key.clone(), super::machine::error_chain(&e)));
+                None
+            }
+        };
+        let (change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
+        out.changes.extend(change);
+        out.drift.extend(drift);
+    }
+
+    // Objects converge applied before but the YAML no longer has.
+    let wanted: BTreeSet<ObjectKey> = desired.spec_hashes().into_keys().collect();
+    for key in ctx.store.keys().unwrap_or_default() {
+        if wanted.contains(&key) || key.kind == Kind::Service {
+            continue;
+        }
+        let status = ctx.store.status(&key).ok().flatten().unwrap_or_default();
+        let record = ctx.store.spec(&key).ok().flatten();
+        let delete = record
+            .as_ref()
+            .and_then(|r| r.spec.pointer("/spec/onDelete"))
+            .and_then(|v| v.as_str())
+            == Some("delete");
+        let applied = plan::Applied {
+            document: record.as_ref().map(|r| &r.spec),
+            spec_hash: status.observed_spec_hash.as_deref().unwrap_or(""),
+            roles_hash: None,
+            build_input: None,
+            generation: None,
+            delete_on_removal: delete,
+        };
+        let (change, _) = plan::diff(&key, None, Some(&applied), None);
+        out.changes.extend(change);
+    }
+    out.changes.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
