@@ -4,6 +4,7 @@
 //! The binary is a thin shell over this library; ARCHITECTURE.md maps the
 //! modules and the rules between them.
 
+pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod driver;

@@ -33,14 +33,23 @@ pub fn request(state: &Path, method: &str, path: &str) -> anyhow::Result<Option<
         {
             return Ok(None);
         }
-        Err(e) => return Err(e).with_context(|| format!("connect to the daemon at {}", socket.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("connect to the daemon at {}", socket.display()));
+        }
     };
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
-    stream.write_all(head.as_bytes()).context("send the request to the daemon")?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream
+        .write_all(head.as_bytes())
+        .context("send the request to the daemon")?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).context("read the daemon's answer")?;
+    stream
+        .read_to_end(&mut response)
+        .context("read the daemon's answer")?;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status: u16 = head

@@ -5,7 +5,10 @@
 //! are part of the interface and documented in `--help` and the README.
 
 mod client;
+mod inspect;
+mod plan;
 mod reconcile;
+mod run;
 mod schema;
 mod table;
 mod validate;
@@ -51,7 +54,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Validate(validate::Args),
+    Plan(plan::Args),
     Reconcile(reconcile::Args),
+    Run(run::Args),
+    Status(inspect::StatusArgs),
+    History(inspect::HistoryArgs),
+    Facts(inspect::FactsArgs),
     Schema(schema::Args),
 }
 
@@ -132,6 +140,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Reconcile(args) => reconcile::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Status(args) => inspect::status(args),
+        Command::History(args) => inspect::history(args),
+        Command::Facts(args) => inspect::facts(args),
         Command::Schema(args) => schema::run(args),
     }
 }

@@ -36,7 +36,9 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// locked by a daemon, cannot start); 3 some objects failed or were rolled
 /// back; 4 timed out.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile machine/web1 --state /var/lib/converge/controller")]
+#[command(
+    after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
+)]
 pub struct Args {
     /// Converge everything once and exit.
     #[arg(long)]
@@ -72,11 +74,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         return super::client::request_reconcile(&args.state.state, key);
     }
     if !args.once {
-        anyhow::bail!("give --once to converge everything once, or an object key to ask the daemon (see --help)");
+        anyhow::bail!(
+            "give --once to converge everything once, or an object key to ask the daemon (see --help)"
+        );
     }
     let mut source = Source::new(&args.dir.dir);
-    let (assembled, _stats, snapshot) = lifecycle::load(&mut source)
-        .with_context(|| format!("load {}", args.dir.dir.display()))?;
+    let (assembled, _stats, snapshot) =
+        lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
     let Some(snapshot) = snapshot else {
         let mut out = std::io::stdout().lock();
         for d in &assembled.diagnostics {
@@ -97,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ..Config::default()
     };
     let driver = HostDriver::new(lifecycle::build_cache_dir(state));
-    let ctx = Arc::new(Context::new(store, driver, config, lifecycle::build_cache_dir(state), snapshot));
+    let ctx = Arc::new(Context::new(store, driver, config, state, snapshot));
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,
         ..ApplierConfig::default()
@@ -127,7 +131,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 .map(|r| {
                     vec![
                         r.key.to_string(),
-                        if r.ready { "True".into() } else { "False".into() },
+                        if r.ready {
+                            "True".into()
+                        } else {
+                            "False".into()
+                        },
                         r.reason.clone(),
                         r.generation.clone().unwrap_or_else(|| "-".into()),
                         r.attempts.to_string(),
@@ -135,14 +143,32 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     ]
                 })
                 .collect();
-            super::table::write(&mut out, &["OBJECT", "READY", "REASON", "GENERATION", "ATTEMPTS", "MESSAGE"], &rows)?;
+            super::table::write(
+                &mut out,
+                &[
+                    "OBJECT",
+                    "READY",
+                    "REASON",
+                    "GENERATION",
+                    "ATTEMPTS",
+                    "MESSAGE",
+                ],
+                &rows,
+            )?;
             for key in &report.forgotten {
-                writeln!(out, "forgotten: {key} (removed from the YAML; nothing uninstalled)")?;
+                writeln!(
+                    out,
+                    "forgotten: {key} (removed from the YAML; nothing uninstalled)"
+                )?;
             }
             let ready = report.rows.iter().filter(|r| r.ready).count();
             let failed = report.rows.len() - ready;
             let how = if report.timed_out { "; timed out" } else { "" };
-            writeln!(out, "revision {}: {ready} ready, {failed} not ready{how}", report.revision)?;
+            writeln!(
+                out,
+                "revision {}: {ready} ready, {failed} not ready{how}",
+                report.revision
+            )?;
         }
     }
     Ok(if report.timed_out {

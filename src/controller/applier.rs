@@ -13,10 +13,10 @@ use std::future::Future;
 use std::hash::Hash;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, sleep_until};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
 
 use super::backoff::{BackoffConfig, ErrorBackoff};
 use super::runner::{Runner, Unfinished};
@@ -227,7 +227,10 @@ where
         }
         state.start_due();
         if let Some(depth) = &queue_depth {
-            depth.store(state.scheduler.len() + state.runner.running_count(), Ordering::Relaxed);
+            depth.store(
+                state.scheduler.len() + state.runner.running_count(),
+                Ordering::Relaxed,
+            );
         }
         if !requests_open && state.scheduler.is_empty() && state.runner.is_empty() {
             return state.end(EndReason::RequestsDone);

@@ -5,14 +5,15 @@
 //! reconcile takes an `Arc` of it at its start and works on that, so one
 //! reconcile never sees half of two revisions.
 
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::driver::git::Revision;
-use crate::spec::DesiredState;
+use crate::spec::{DesiredState, ObjectKey};
 use crate::store::Store;
 
 /// A valid desired state and where it came from.
@@ -36,6 +37,12 @@ pub struct Config {
     pub switch_timeout: Duration,
     /// How soon a machine waiting for its `after` dependencies looks again.
     pub dependency_poll: Duration,
+    /// How long a VM has to power down (ACPI) before it is quit, then killed.
+    pub vm_stop_grace: Duration,
+    /// How long qemu has to answer on QMP after launch.
+    pub vm_start_timeout: Duration,
+    /// How often a VM is observed again.
+    pub vm_resync: Duration,
 }
 
 impl Default for Config {
@@ -47,6 +54,9 @@ impl Default for Config {
             install_timeout: Duration::from_secs(600),
             switch_timeout: Duration::from_secs(30),
             dependency_poll: Duration::from_secs(5),
+            vm_stop_grace: Duration::from_secs(30),
+            vm_start_timeout: Duration::from_secs(30),
+            vm_resync: Duration::from_secs(60),
         }
     }
 }
@@ -59,21 +69,45 @@ pub struct Context<D> {
     pub config: Config,
     /// Where build artifacts are cached.
     pub build_cache: PathBuf,
+    /// One directory per VM on the controller's host.
+    pub vm_root: PathBuf,
     snapshot: RwLock<Arc<Snapshot>>,
     pub builds: Semaphore,
+    /// Where a VM's exit is reported at once (the daemon requeues it).
+    pub wakeups: Option<mpsc::UnboundedSender<ObjectKey>>,
+    /// VM processes already watched for exit, by key.
+    pub watched: Mutex<HashMap<ObjectKey, u32>>,
 }
 
 impl<D> Context<D> {
-    pub fn new(store: Store, driver: D, config: Config, build_cache: PathBuf, snapshot: Snapshot) -> Context<D> {
+    /// `state` is the controller's state directory: builds are cached in
+    /// `state/builds`, VMs live in `state/vms/NAME`.
+    pub fn new(
+        store: Store,
+        driver: D,
+        config: Config,
+        state: &Path,
+        snapshot: Snapshot,
+    ) -> Context<D> {
         let builds = Semaphore::new(config.builds.max(1));
         Context {
             store,
             driver,
             config,
-            build_cache,
+            build_cache: state.join("builds"),
+            vm_root: state.join("vms"),
             snapshot: RwLock::new(Arc::new(snapshot)),
             builds,
+            wakeups: None,
+            watched: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reports VM exits to `wakeups` (the daemon); without it, exits are
+    /// noticed at the next resync.
+    pub fn with_wakeups(mut self, wakeups: mpsc::UnboundedSender<ObjectKey>) -> Context<D> {
+        self.wakeups = Some(wakeups);
+        self
     }
 
     /// The desired state in force now.

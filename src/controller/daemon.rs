@@ -23,7 +23,7 @@ use super::applier::{Config as ApplierConfig, Outcome, Phase, Request};
 use super::context::{Context, Snapshot};
 use super::lifecycle::{self, Loop};
 use super::triggers;
-use crate::driver::capability::MachineDriver;
+use crate::driver::capability::Drivers;
 use crate::source::Source;
 use crate::spec::{Kind, ObjectKey};
 
@@ -45,32 +45,45 @@ fn changed_keys(old: &Snapshot, new: &Snapshot) -> (Vec<ObjectKey>, Vec<ObjectKe
         let spec_changed = old_hashes.get(key) != Some(hash);
         let machine_inputs_changed = key.kind == Kind::Machine
             && (build_input_changed
-                || old.desired.roles.get(&key.name).map(|r| &r.hash) != new.desired.roles.get(&key.name).map(|r| &r.hash));
+                || old.desired.roles.get(&key.name).map(|r| &r.hash)
+                    != new.desired.roles.get(&key.name).map(|r| &r.hash));
         if spec_changed || machine_inputs_changed {
             changed.push(key.clone());
         }
     }
-    let removed = old_hashes.keys().filter(|k| !new_hashes.contains_key(*k)).cloned().collect();
+    let removed = old_hashes
+        .keys()
+        .filter(|k| !new_hashes.contains_key(*k))
+        .cloned()
+        .collect();
     (changed, removed)
 }
 
 /// Runs until shut down by signal (or by `stop`, in tests).
-pub async fn run<D: MachineDriver>(
+pub async fn run<D: Drivers>(
     ctx: Arc<Context<D>>,
     mut source: Source,
     options: DaemonOptions,
     manual: mpsc::UnboundedReceiver<ObjectKey>,
+    metrics: Arc<super::metrics::Metrics>,
 ) -> Result<(), DaemonError> {
     let interrupted = lifecycle::recover_interrupted(&ctx);
-    lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
+    let removed = lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
 
     let Loop {
         requests,
         mut finished,
         phase,
         handle,
-    } = lifecycle::start(ctx.clone(), options.applier.clone());
+    } = lifecycle::start(ctx.clone(), options.applier.clone(), metrics);
     for key in interrupted {
+        let _ = requests.send(Request::Now(key));
+    }
+    // Removed VMs still need stopping.
+    for key in removed
+        .into_iter()
+        .filter(|k| k.kind == Kind::VirtualMachine)
+    {
         let _ = requests.send(Request::Now(key));
     }
     for key in lifecycle::keys(&ctx.snapshot().desired) {
@@ -125,7 +138,10 @@ pub async fn run<D: MachineDriver>(
         }
         match stop_signals {
             1 => {
-                tracing::info!(grace_secs = grace.as_secs(), "stopping: no new reconciles; running steps may finish (send the signal again to abort)");
+                tracing::info!(
+                    grace_secs = grace.as_secs(),
+                    "stopping: no new reconciles; running steps may finish (send the signal again to abort)"
+                );
                 let _ = phase.send(Phase::Graceful);
                 stop_signals = 2;
             }
@@ -144,7 +160,7 @@ pub async fn run<D: MachineDriver>(
 }
 
 /// Reloads the directory; applies it only if valid.
-async fn reload<D: MachineDriver>(
+async fn reload<D: Drivers>(
     ctx: &Arc<Context<D>>,
     source: &mut Source,
     requests: &mpsc::UnboundedSender<Request<ObjectKey>>,
@@ -176,7 +192,18 @@ async fn reload<D: MachineDriver>(
     let revision = snapshot.revision.short();
     let desired = snapshot.desired.clone();
     ctx.replace_snapshot(snapshot);
-    let forgotten = if removed.is_empty() { Vec::new() } else { lifecycle::forget_removed(ctx, &desired) };
+    let forgotten = if removed.is_empty() {
+        Vec::new()
+    } else {
+        lifecycle::forget_removed(ctx, &desired)
+    };
+    let mut changed = changed;
+    changed.extend(
+        forgotten
+            .iter()
+            .filter(|k| k.kind == Kind::VirtualMachine)
+            .cloned(),
+    );
     tracing::info!(
         %revision,
         changed = changed.len(),

@@ -13,15 +13,18 @@ use tokio::task::JoinHandle;
 
 use super::applier::{self, Config as ApplierConfig, Finished, Phase, Request, RunSummary};
 use super::context::{Context, Snapshot};
+use super::metrics::Metrics;
 use super::reconcile::{ReconcileError, reconcile};
-use crate::driver::capability::MachineDriver;
+use crate::driver::capability::Drivers;
 use crate::driver::git;
 use crate::source::{LoadStats, Source};
 use crate::spec::{Assembled, DesiredState, Kind, ObjectKey};
 use crate::store::records::{ConditionKind, now_ms};
 
 /// Loads the directory; a valid result becomes a snapshot.
-pub fn load(source: &mut Source) -> Result<(Assembled, LoadStats, Option<Snapshot>), crate::source::SourceError> {
+pub fn load(
+    source: &mut Source,
+) -> Result<(Assembled, LoadStats, Option<Snapshot>), crate::source::SourceError> {
     let (mut assembled, stats) = source.load()?;
     let snapshot = assembled.desired.take().map(|desired| Snapshot {
         desired,
@@ -62,9 +65,12 @@ pub fn recover_interrupted<D>(ctx: &Context<D>) -> Vec<ObjectKey> {
     keys
 }
 
-/// Forgets objects that are in the store but not in the desired state. A
-/// desired state that came up empty while the store knows objects forgets
-/// nothing: an emptied directory is far more often a mistake than an intent.
+/// Forgets objects that are in the store but not in the desired state, and
+/// returns them. VMs are not forgotten here: they are returned for a
+/// reconcile that stops them (and deletes their disks only with
+/// `onDelete: delete`) before forgetting them. A desired state that came up
+/// empty while the store knows objects forgets nothing: an emptied directory
+/// is far more often a mistake than an intent.
 pub fn forget_removed<D>(ctx: &Context<D>, desired: &DesiredState) -> Vec<ObjectKey> {
     let wanted: BTreeSet<ObjectKey> = keys(desired).into_iter().collect();
     let known = ctx.store.keys().unwrap_or_default();
@@ -79,11 +85,8 @@ pub fn forget_removed<D>(ctx: &Context<D>, desired: &DesiredState) -> Vec<Object
         );
         return Vec::new();
     }
-    for key in &removed {
-        match key.kind {
-            Kind::VirtualMachine => tracing::info!(object = %key, "removed from the desired state; forgotten (its VM process and disks are left as they are)"),
-            _ => tracing::info!(object = %key, "removed from the desired state; forgotten, nothing on it is uninstalled"),
-        }
+    for key in removed.iter().filter(|k| k.kind != Kind::VirtualMachine) {
+        tracing::info!(object = %key, "removed from the desired state; forgotten, nothing on it is uninstalled");
         if let Err(e) = ctx.store.forget(key) {
             tracing::error!(object = %key, error = %e, "failed to forget");
         }
@@ -103,7 +106,13 @@ pub fn dependents_of<D>(ctx: &Context<D>, ready: &ObjectKey) -> Vec<ObjectKey> {
         .iter()
         .filter(|(_, roles)| roles.after.contains(&ready.name))
         .map(|(name, _)| ObjectKey::machine(name.clone()))
-        .filter(|key| !ctx.store.status(key).ok().flatten().is_some_and(|s| s.is_ready()))
+        .filter(|key| {
+            !ctx.store
+                .status(key)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.is_ready())
+        })
         .collect()
 }
 
@@ -123,18 +132,32 @@ pub struct Loop {
     pub handle: JoinHandle<RunSummary<ObjectKey>>,
 }
 
-/// Starts the applier over `ctx`.
-pub fn start<D: MachineDriver>(ctx: Arc<Context<D>>, config: ApplierConfig) -> Loop {
+/// Starts the applier over `ctx`, recording each reconcile in `metrics`.
+pub fn start<D: Drivers>(
+    ctx: Arc<Context<D>>,
+    mut config: ApplierConfig,
+    metrics: Arc<Metrics>,
+) -> Loop {
     let (requests, requests_rx) = mpsc::unbounded_channel();
     let (finished_tx, finished) = mpsc::unbounded_channel();
     let (phase, phase_rx) = watch::channel(Phase::Running);
+    config.queue_depth = Some(metrics.queue_depth.clone());
     let handle = tokio::spawn(applier::run(
         config,
         requests_rx,
         move |key: ObjectKey| {
             let ctx = ctx.clone();
+            let metrics = metrics.clone();
             let span = tracing::info_span!("reconcile", object = %key, revision = %ctx.snapshot().revision.short());
-            tracing::Instrument::instrument(reconcile(ctx, key), span)
+            let kind = key.kind.key_prefix();
+            let timed = async move {
+                let started = std::time::Instant::now();
+                let result = reconcile(ctx, key).await;
+                let failure = result.as_ref().err().map(|e| e.reason.as_str());
+                metrics.observe(kind, started.elapsed().as_secs_f64(), failure);
+                result
+            };
+            tracing::Instrument::instrument(timed, span)
         },
         finished_tx,
         phase_rx,

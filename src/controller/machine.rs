@@ -16,7 +16,7 @@ use super::applier::Action;
 use super::context::{Context, Snapshot};
 use super::reconcile::{ReconcileError, jittered};
 use crate::driver::build::{Artifact, BuildRequest, cache_key};
-use crate::driver::capability::{DriverError, MachineDriver};
+use crate::driver::capability::{DriverError, Drivers};
 use crate::driver::machine::{GenerationId, MachineFacts};
 use crate::plan::{self, ChangeKind};
 use crate::spec::{DriftPolicy, MachineSpec, Object, ObjectKey, RollbackPolicy};
@@ -85,7 +85,9 @@ struct Steps {
 
 impl Steps {
     fn new() -> Steps {
-        Steps { records: Vec::new() }
+        Steps {
+            records: Vec::new(),
+        }
     }
 
     fn push(&mut self, name: &str, started: Instant, ok: bool, output: impl Into<String>) {
@@ -118,16 +120,26 @@ fn plan_inputs<'a>(
 }
 
 /// Reconciles `machine/NAME`.
-pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action, ReconcileError> {
+pub async fn reconcile<D: Drivers>(
+    ctx: &Context<D>,
+    key: &ObjectKey,
+) -> Result<Action, ReconcileError> {
     let snapshot = ctx.snapshot();
     let Some(object) = snapshot.desired.machines.get(&key.name) else {
         // Removed from the YAML while queued: the loop forgets it.
         return Ok(Action::AwaitChange);
     };
     let Some(roles) = snapshot.desired.roles.get(&key.name) else {
-        return Err(ReconcileError::terminal("RolesMissing", "machine has no resolved roles document"));
+        return Err(ReconcileError::terminal(
+            "RolesMissing",
+            "machine has no resolved roles document",
+        ));
     };
-    let mut status = ctx.store.status(key).map_err(store_error)?.unwrap_or_default();
+    let mut status = ctx
+        .store
+        .status(key)
+        .map_err(store_error)?
+        .unwrap_or_default();
 
     // Machines of an earlier role (`after`) must be Ready first.
     let waiting: Vec<String> = roles
@@ -135,16 +147,35 @@ pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> R
         .iter()
         .filter(|dep| {
             let dep_key = ObjectKey::machine((*dep).clone());
-            !ctx.store.status(&dep_key).ok().flatten().is_some_and(|s| s.is_ready())
+            !ctx.store
+                .status(&dep_key)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.is_ready())
         })
         .map(|dep| format!("machine/{dep}"))
         .collect();
     if !waiting.is_empty() {
         let now = now_ms();
-        let message = format!("waiting for {} to be Ready (role `after`)", waiting.join(", "));
-        status.set_condition(ConditionKind::Reconciling, true, DEPENDENCY_NOT_READY, &message, now);
+        let message = format!(
+            "waiting for {} to be Ready (role `after`)",
+            waiting.join(", ")
+        );
+        status.set_condition(
+            ConditionKind::Reconciling,
+            true,
+            DEPENDENCY_NOT_READY,
+            &message,
+            now,
+        );
         if !status.is_ready() {
-            status.set_condition(ConditionKind::Ready, false, DEPENDENCY_NOT_READY, &message, now);
+            status.set_condition(
+                ConditionKind::Ready,
+                false,
+                DEPENDENCY_NOT_READY,
+                &message,
+                now,
+            );
         }
         ctx.store.put_status(key, &status).map_err(store_error)?;
         tracing::debug!(object = %key, %message, "waiting for dependencies");
@@ -159,7 +190,13 @@ pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> R
         .map_err(|e| driver_error("Unreachable", &e))?;
     let facts_json = serde_json::to_value(&facts).unwrap_or(Value::Null);
     ctx.store
-        .put_facts(key, &FactsRecord { observed_ms: facts.observed_ms, facts: facts_json })
+        .put_facts(
+            key,
+            &FactsRecord {
+                observed_ms: facts.observed_ms,
+                facts: facts_json,
+            },
+        )
         .map_err(store_error)?;
 
     let build_input = snapshot.revision.build_input.as_str();
@@ -177,7 +214,12 @@ pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> R
         current_generation: facts.current_generation().map(ToString::to_string),
         ..plan::Observed::default()
     };
-    let (change, drift) = plan::diff(key, Some(&desired_view), applied_view.as_ref(), Some(&observed));
+    let (change, drift) = plan::diff(
+        key,
+        Some(&desired_view),
+        applied_view.as_ref(),
+        Some(&observed),
+    );
 
     report_drift(ctx, key, &mut status, &drift, spec.drift);
     let interval = spec.interval.value.get();
@@ -186,9 +228,21 @@ pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> R
         // Nothing to do: Ready, unless drift is only reported.
         let now = now_ms();
         let (reason, message) = if drift.is_empty() {
-            ("Converged", format!("generation {} is current", observed.current_generation.as_deref().unwrap_or("none")))
+            (
+                "Converged",
+                format!(
+                    "generation {} is current",
+                    observed.current_generation.as_deref().unwrap_or("none")
+                ),
+            )
         } else {
-            ("DriftReported", format!("drifted, reported only (drift: {})", drift_policy_name(spec.drift)))
+            (
+                "DriftReported",
+                format!(
+                    "drifted, reported only (drift: {})",
+                    drift_policy_name(spec.drift)
+                ),
+            )
         };
         // Drift that is only reported leaves the object Ready (what was
         // applied is still what the spec says) with Drifted=True beside it.
@@ -202,9 +256,37 @@ pub async fn reconcile<D: MachineDriver>(ctx: &Context<D>, key: &ObjectKey) -> R
         return Ok(Action::Requeue(jittered(interval)));
     };
 
-    execute(ctx, &snapshot, key, object, &roles.document, &roles.hash, &facts, status, change.kind)
+    let result = execute(
+        ctx,
+        &snapshot,
+        key,
+        object,
+        &roles.document,
+        &roles.hash,
+        &facts,
+        status,
+        change.kind,
+    )
+    .await;
+    // The steps changed the machine: record what it looks like now, so
+    // `converge facts` never shows the state before the change.
+    if let Ok(after) = ctx
+        .driver
+        .observe(&spec.target, ctx.config.observe_timeout)
         .await
-        .map(|()| Action::Requeue(jittered(interval)))
+    {
+        let json = serde_json::to_value(&after).unwrap_or(Value::Null);
+        if let Err(e) = ctx.store.put_facts(
+            key,
+            &FactsRecord {
+                observed_ms: after.observed_ms,
+                facts: json,
+            },
+        ) {
+            tracing::error!(error = %e, "failed to record facts");
+        }
+    }
+    result.map(|()| Action::Requeue(jittered(interval)))
 }
 
 fn generation_name(a: &Applied) -> String {
@@ -222,14 +304,22 @@ fn report_drift<D>(
 ) {
     let now = now_ms();
     if drift.is_empty() {
-        if status.condition(ConditionKind::Drifted).is_some_and(|c| c.status) {
+        if status
+            .condition(ConditionKind::Drifted)
+            .is_some_and(|c| c.status)
+        {
             status.set_condition(ConditionKind::Drifted, false, "NoDrift", "", now);
         }
         return;
     }
     let message: Vec<String> = drift
         .iter()
-        .map(|d| format!("{}: applied {}, observed {}", d.field, d.applied, d.observed))
+        .map(|d| {
+            format!(
+                "{}: applied {}, observed {}",
+                d.field, d.applied, d.observed
+            )
+        })
         .collect();
     let message = message.join("; ");
     let already = status
@@ -246,8 +336,16 @@ fn report_drift<D>(
                 action = %d.action,
                 "drift detected"
             );
-            let event = format!("{}: applied {}, observed {}; action: {}", d.field, d.applied, d.observed, d.action);
-            if let Err(e) = ctx.store.append_event(key, crate::store::records::Severity::Warning, "DriftDetected", &event) {
+            let event = format!(
+                "{}: applied {}, observed {}; action: {}",
+                d.field, d.applied, d.observed, d.action
+            );
+            if let Err(e) = ctx.store.append_event(
+                key,
+                crate::store::records::Severity::Warning,
+                "DriftDetected",
+                &event,
+            ) {
                 tracing::error!(object = %key, error = %e, "failed to record event");
             }
         }
@@ -268,8 +366,11 @@ struct Outcome {
     error: Option<ReconcileError>,
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site; the arguments are the reconcile's inputs")]
-async fn execute<D: MachineDriver>(
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the arguments are the reconcile's inputs"
+)]
+async fn execute<D: Drivers>(
     ctx: &Context<D>,
     snapshot: &Snapshot,
     key: &ObjectKey,
@@ -287,7 +388,19 @@ async fn execute<D: MachineDriver>(
         .map_err(store_error)?;
     let started_ms = now_ms();
     let mut steps = Steps::new();
-    let outcome = run_steps(ctx, snapshot, key, object, roles_document, roles_hash, facts, &status, kind, &mut steps).await;
+    let outcome = run_steps(
+        ctx,
+        snapshot,
+        key,
+        object,
+        roles_document,
+        roles_hash,
+        facts,
+        &status,
+        kind,
+        &mut steps,
+    )
+    .await;
 
     let now = now_ms();
     let record = AttemptRecord {
@@ -309,7 +422,20 @@ async fn execute<D: MachineDriver>(
             if let Some(applied) = outcome.applied {
                 status.last_applied = Some(applied);
             }
-            status.set_condition(ConditionKind::Ready, true, "Converged", format!("generation {} is current", outcome.generation.as_ref().map(ToString::to_string).unwrap_or_default()), now);
+            status.set_condition(
+                ConditionKind::Ready,
+                true,
+                "Converged",
+                format!(
+                    "generation {} is current",
+                    outcome
+                        .generation
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ),
+                now,
+            );
             status.set_condition(ConditionKind::Reconciling, false, "", "", now);
             status.set_condition(ConditionKind::Stalled, false, "", "", now);
             status.set_condition(ConditionKind::Drifted, false, "NoDrift", "", now);
@@ -327,7 +453,9 @@ async fn execute<D: MachineDriver>(
             status.set_condition(ConditionKind::Ready, false, &e.reason, &e.message, now);
         }
     }
-    ctx.store.finish_attempt(&record, &status).map_err(store_error)?;
+    ctx.store
+        .finish_attempt(&record, &status)
+        .map_err(store_error)?;
     match outcome.error {
         None => {
             tracing::info!(generation = %outcome.generation.map(|g| g.to_string()).unwrap_or_default(), "converged");
@@ -340,8 +468,11 @@ async fn execute<D: MachineDriver>(
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site; the arguments are the reconcile's inputs")]
-async fn run_steps<D: MachineDriver>(
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the arguments are the reconcile's inputs"
+)]
+async fn run_steps<D: Drivers>(
     ctx: &Context<D>,
     snapshot: &Snapshot,
     key: &ObjectKey,
@@ -357,7 +488,10 @@ async fn run_steps<D: MachineDriver>(
     let target = &spec.target;
     let mode = spec.activation.mode.as_arg();
     let previous = facts.current_generation().cloned();
-    let fail = |result: AttemptResult, error: ReconcileError, generation: Option<GenerationId>, artifact: Option<String>| Outcome {
+    let fail = |result: AttemptResult,
+                error: ReconcileError,
+                generation: Option<GenerationId>,
+                artifact: Option<String>| Outcome {
         result,
         generation,
         artifact,
@@ -367,9 +501,11 @@ async fn run_steps<D: MachineDriver>(
 
     // Drift correction: re-activate the generation converge applied, if it is still there.
     let reactivate = match (kind, &status.last_applied) {
-        (ChangeKind::Correct, Some(applied)) => GenerationId::new(applied.generation, applied.artifact.clone())
-            .ok()
-            .filter(|g| facts.generations.contains(g)),
+        (ChangeKind::Correct, Some(applied)) => {
+            GenerationId::new(applied.generation, applied.artifact.clone())
+                .ok()
+                .filter(|g| facts.generations.contains(g))
+        }
         _ => None,
     };
 
@@ -380,8 +516,14 @@ async fn run_steps<D: MachineDriver>(
         // Build.
         let Some(argv) = spec.build.command.as_ref().map(|c| c.value.clone()) else {
             return fail(
-                AttemptResult::Failed { reason: "Unsupported".into(), message: "nix builds are not supported by this converge yet".into() },
-                ReconcileError::terminal("Unsupported", "nix builds are not supported by this converge yet: use build.command"),
+                AttemptResult::Failed {
+                    reason: "Unsupported".into(),
+                    message: "nix builds are not supported by this converge yet".into(),
+                },
+                ReconcileError::terminal(
+                    "Unsupported",
+                    "nix builds are not supported by this converge yet: use build.command",
+                ),
                 None,
                 None,
             );
@@ -408,10 +550,18 @@ async fn run_steps<D: MachineDriver>(
                 Ok(a) => a,
                 Err(e) => {
                     let output = e.build_output().unwrap_or_default().to_owned();
-                    steps.push("build", started, false, format!("{}\n{output}", error_chain(&e)));
+                    steps.push(
+                        "build",
+                        started,
+                        false,
+                        format!("{}\n{output}", error_chain(&e)),
+                    );
                     let err = driver_error("BuildFailed", &e);
                     return fail(
-                        AttemptResult::Failed { reason: "BuildFailed".into(), message: err.message.clone() },
+                        AttemptResult::Failed {
+                            reason: "BuildFailed".into(),
+                            message: err.message.clone(),
+                        },
                         err,
                         None,
                         None,
@@ -419,19 +569,36 @@ async fn run_steps<D: MachineDriver>(
                 }
             }
         };
-        let note = if artifact.cached { "cached: nothing ran".to_owned() } else { artifact.output.clone() };
+        let note = if artifact.cached {
+            "cached: nothing ran".to_owned()
+        } else {
+            artifact.output.clone()
+        };
         steps.push("build", started, true, note);
 
         // Unchanged artifact already current and applied: record, nothing to activate.
         if previous.as_ref().is_some_and(|p| p.hash() == artifact.hash)
-            && status.last_applied.as_ref().is_some_and(|a| a.artifact == artifact.hash)
+            && status
+                .last_applied
+                .as_ref()
+                .is_some_and(|a| a.artifact == artifact.hash)
         {
             let Some(current) = previous.clone() else {
-                return fail(AttemptResult::Interrupted, ReconcileError::transient("Internal", "current generation vanished"), None, None);
+                return fail(
+                    AttemptResult::Interrupted,
+                    ReconcileError::transient("Internal", "current generation vanished"),
+                    None,
+                    None,
+                );
             };
             return Outcome {
                 result: AttemptResult::NoChange,
-                applied: Some(applied_record(&current, snapshot, &object.spec_hash, roles_hash)),
+                applied: Some(applied_record(
+                    &current,
+                    snapshot,
+                    &object.spec_hash,
+                    roles_hash,
+                )),
                 generation: Some(current),
                 artifact: Some(artifact.hash),
                 error: None,
@@ -451,18 +618,44 @@ async fn run_steps<D: MachineDriver>(
             Ok(g) => g,
             Err(e) => {
                 let err = ReconcileError::terminal("BuildFailed", error_chain(&e));
-                return fail(AttemptResult::Failed { reason: err.reason.clone(), message: err.message.clone() }, err, None, Some(artifact.hash));
+                return fail(
+                    AttemptResult::Failed {
+                        reason: err.reason.clone(),
+                        message: err.message.clone(),
+                    },
+                    err,
+                    None,
+                    Some(artifact.hash),
+                );
             }
         };
 
         // Install.
         let started = Instant::now();
-        match ctx.driver.install(target, &artifact, roles_document, &generation, ctx.config.install_timeout).await {
+        match ctx
+            .driver
+            .install(
+                target,
+                &artifact,
+                roles_document,
+                &generation,
+                ctx.config.install_timeout,
+            )
+            .await
+        {
             Ok(how) => steps.push("install", started, true, format!("{how:?}")),
             Err(e) => {
                 steps.push("install", started, false, error_chain(&e));
                 let err = driver_error("InstallFailed", &e);
-                return fail(AttemptResult::Failed { reason: err.reason.clone(), message: err.message.clone() }, err, Some(generation), Some(artifact.hash));
+                return fail(
+                    AttemptResult::Failed {
+                        reason: err.reason.clone(),
+                        message: err.message.clone(),
+                    },
+                    err,
+                    Some(generation),
+                    Some(artifact.hash),
+                );
             }
         }
         (generation, artifact.hash)
@@ -473,7 +666,12 @@ async fn run_steps<D: MachineDriver>(
     let Some(failure) = failure else {
         return Outcome {
             result: AttemptResult::Succeeded,
-            applied: Some(applied_record(&generation, snapshot, &object.spec_hash, roles_hash)),
+            applied: Some(applied_record(
+                &generation,
+                snapshot,
+                &object.spec_hash,
+                roles_hash,
+            )),
             generation: Some(generation),
             artifact: Some(artifact_hash),
             error: None,
@@ -487,28 +685,50 @@ async fn run_steps<D: MachineDriver>(
             let started = Instant::now();
             let rolled = rollback(ctx, object, &previous, mode).await;
             let ok = rolled.is_ok();
-            steps.push("rollback", started, ok, match &rolled {
-                Ok(()) => format!("re-activated generation {previous}"),
-                Err(e) => e.clone(),
-            });
+            steps.push(
+                "rollback",
+                started,
+                ok,
+                match &rolled {
+                    Ok(()) => format!("re-activated generation {previous}"),
+                    Err(e) => e.clone(),
+                },
+            );
             let message = match rolled {
                 Ok(()) => format!("{}; rolled back to generation {previous}", failure.message),
-                Err(e) => format!("{}; rollback to generation {previous} failed too: {e}", failure.message),
+                Err(e) => format!(
+                    "{}; rollback to generation {previous} failed too: {e}",
+                    failure.message
+                ),
             };
             let err = ReconcileError::transient(&failure.reason, message.clone());
             Outcome {
-                result: AttemptResult::RolledBack { reason: failure.reason.clone(), message, to_generation: Some(previous.number()) },
+                result: AttemptResult::RolledBack {
+                    reason: failure.reason.clone(),
+                    message,
+                    to_generation: Some(previous.number()),
+                },
                 generation: Some(generation),
                 artifact: Some(artifact_hash),
                 applied: None,
-                error: Some(ReconcileError { reason: "RolledBack".into(), ..err }),
+                error: Some(ReconcileError {
+                    reason: "RolledBack".into(),
+                    ..err
+                }),
             }
         }
         (policy, _) => {
-            let why = if policy == RollbackPolicy::Never { "rollback: never" } else { "no earlier generation to roll back to" };
+            let why = if policy == RollbackPolicy::Never {
+                "rollback: never"
+            } else {
+                "no earlier generation to roll back to"
+            };
             let message = format!("{}; not rolled back ({why})", failure.message);
             Outcome {
-                result: AttemptResult::Failed { reason: failure.reason.clone(), message: message.clone() },
+                result: AttemptResult::Failed {
+                    reason: failure.reason.clone(),
+                    message: message.clone(),
+                },
                 generation: Some(generation),
                 artifact: Some(artifact_hash),
                 applied: None,
@@ -518,7 +738,12 @@ async fn run_steps<D: MachineDriver>(
     }
 }
 
-fn applied_record(generation: &GenerationId, snapshot: &Snapshot, spec_hash: &str, roles_hash: &str) -> Applied {
+fn applied_record(
+    generation: &GenerationId,
+    snapshot: &Snapshot,
+    spec_hash: &str,
+    roles_hash: &str,
+) -> Applied {
     Applied {
         generation: generation.number(),
         artifact: generation.hash().to_owned(),
@@ -531,7 +756,7 @@ fn applied_record(generation: &GenerationId, snapshot: &Snapshot, spec_hash: &st
 
 /// Switches to `generation`, activates it and runs the health checks.
 /// Returns the failure, if any (a transient error: the retry may succeed).
-async fn activate_and_check<D: MachineDriver>(
+async fn activate_and_check<D: Drivers>(
     ctx: &Context<D>,
     object: &Object<MachineSpec>,
     generation: &GenerationId,
@@ -541,17 +766,38 @@ async fn activate_and_check<D: MachineDriver>(
     let spec = &object.spec;
     let target = &spec.target;
     let started = Instant::now();
-    if let Err(e) = ctx.driver.switch(target, generation, ctx.config.switch_timeout).await {
+    if let Err(e) = ctx
+        .driver
+        .switch(target, generation, ctx.config.switch_timeout)
+        .await
+    {
         steps.push("switch", started, false, error_chain(&e));
         return Some(driver_error("SwitchFailed", &e));
     }
-    steps.push("switch", started, true, format!("current -> generations/{generation}"));
+    steps.push(
+        "switch",
+        started,
+        true,
+        format!("current -> generations/{generation}"),
+    );
 
     let started = Instant::now();
-    match ctx.driver.activate(target, generation, mode, spec.activation.timeout.value.get()).await {
+    match ctx
+        .driver
+        .activate(
+            target,
+            generation,
+            mode,
+            spec.activation.timeout.value.get(),
+        )
+        .await
+    {
         Ok(result) if result.succeeded() => steps.push("activate", started, true, result.log),
         Ok(result) => {
-            let message = format!("activate {mode} of generation {generation} exited with code {}", result.code);
+            let message = format!(
+                "activate {mode} of generation {generation} exited with code {}",
+                result.code
+            );
             steps.push("activate", started, false, result.log);
             return Some(ReconcileError::transient("ActivationFailed", message));
         }
@@ -565,19 +811,35 @@ async fn activate_and_check<D: MachineDriver>(
         let started = Instant::now();
         let argv = &check.exec.value;
         let name = format!("health check `{}`", argv.join(" "));
-        match ctx.driver.health_check(target, argv, check.timeout.value.get()).await {
-            Ok(output) => steps.push(&name, started, true, format!("{}{}", output.stdout, output.stderr)),
+        match ctx
+            .driver
+            .health_check(target, argv, check.timeout.value.get())
+            .await
+        {
+            Ok(output) => steps.push(
+                &name,
+                started,
+                true,
+                format!("{}{}", output.stdout, output.stderr),
+            ),
             Err(e) => {
                 steps.push(&name, started, false, error_chain(&e));
-                let reason = if e.is_health_failure() { "HealthCheckFailed" } else { "Unreachable" };
-                return Some(ReconcileError::transient(reason, format!("{name} failed: {}", error_chain(&e))));
+                let reason = if e.is_health_failure() {
+                    "HealthCheckFailed"
+                } else {
+                    "Unreachable"
+                };
+                return Some(ReconcileError::transient(
+                    reason,
+                    format!("{name} failed: {}", error_chain(&e)),
+                ));
             }
         }
     }
     None
 }
 
-async fn rollback<D: MachineDriver>(
+async fn rollback<D: Drivers>(
     ctx: &Context<D>,
     object: &Object<MachineSpec>,
     previous: &GenerationId,

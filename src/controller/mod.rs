@@ -10,13 +10,15 @@
 
 pub mod applier;
 pub mod backoff;
-pub mod runner;
-pub mod scheduler;
 pub mod context;
 pub mod daemon;
 pub mod lifecycle;
 pub mod machine;
+pub mod metrics;
 pub mod once;
 pub mod preview;
 pub mod reconcile;
+pub mod runner;
+pub mod scheduler;
 pub mod triggers;
+pub mod vm;

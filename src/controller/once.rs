@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::applier::{Config as ApplierConfig, Outcome, Phase, Request};
 use super::context::Context;
 use super::lifecycle::{self, Loop};
-use crate::driver::capability::MachineDriver;
+use crate::driver::capability::Drivers;
 use crate::spec::ObjectKey;
 use crate::store::records::{ConditionKind, now_ms};
 
@@ -63,11 +63,18 @@ enum Progress {
 }
 
 /// Runs every object of the snapshot in `ctx` to an end.
-pub async fn run<D: MachineDriver>(ctx: Arc<Context<D>>, options: OnceOptions) -> OnceReport {
+pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> OnceReport {
     let snapshot = ctx.snapshot();
     let forgotten = lifecycle::forget_removed(&ctx, &snapshot.desired);
     lifecycle::recover_interrupted(&ctx);
-    let keys = lifecycle::keys(&snapshot.desired);
+    let mut keys = lifecycle::keys(&snapshot.desired);
+    // Removed VMs are reconciled once more: stopped (and deleted per onDelete), then forgotten.
+    keys.extend(
+        forgotten
+            .iter()
+            .filter(|k| k.kind == crate::spec::Kind::VirtualMachine)
+            .cloned(),
+    );
     let attempts_allowed = options.attempts.max(1);
 
     let Loop {
@@ -75,8 +82,15 @@ pub async fn run<D: MachineDriver>(ctx: Arc<Context<D>>, options: OnceOptions) -
         mut finished,
         phase,
         handle,
-    } = lifecycle::start(ctx.clone(), options.applier.clone());
-    let mut progress: BTreeMap<ObjectKey, Progress> = keys.iter().map(|k| (k.clone(), Progress::Running)).collect();
+    } = lifecycle::start(
+        ctx.clone(),
+        options.applier.clone(),
+        Arc::new(super::metrics::Metrics::new()),
+    );
+    let mut progress: BTreeMap<ObjectKey, Progress> = keys
+        .iter()
+        .map(|k| (k.clone(), Progress::Running))
+        .collect();
     let mut attempts: BTreeMap<ObjectKey, u32> = BTreeMap::new();
     let mut failed: BTreeSet<ObjectKey> = BTreeSet::new();
     for key in &keys {
@@ -136,7 +150,11 @@ pub async fn run<D: MachineDriver>(ctx: Arc<Context<D>>, options: OnceOptions) -
     }
 
     // Everything ended (or the clock ran out): stop the loop.
-    let _ = phase.send(if timed_out { Phase::Abort } else { Phase::Graceful });
+    let _ = phase.send(if timed_out {
+        Phase::Abort
+    } else {
+        Phase::Graceful
+    });
     drop(requests);
     let summary = handle.await.ok();
     if let Some(summary) = &summary {
@@ -153,6 +171,7 @@ pub async fn run<D: MachineDriver>(ctx: Arc<Context<D>>, options: OnceOptions) -
 
     let rows = keys
         .iter()
+        .filter(|key| !forgotten.contains(key))
         .map(|key| row(&ctx, key, attempts.get(key).copied().unwrap_or(0)))
         .collect();
     OnceReport {
@@ -185,7 +204,10 @@ fn fail_dependents_of_failed<D>(
                 .after
                 .iter()
                 .map(|d| ObjectKey::machine(d.clone()))
-                .filter(|d| failed.contains(d) || progress.get(d) == Some(&Progress::Done) && !is_ready(ctx, d))
+                .filter(|d| {
+                    failed.contains(d)
+                        || progress.get(d) == Some(&Progress::Done) && !is_ready(ctx, d)
+                })
                 .map(|d| d.to_string())
                 .collect();
             if blocked.is_empty() {
@@ -194,7 +216,13 @@ fn fail_dependents_of_failed<D>(
             let mut status = ctx.store.status(&key).ok().flatten().unwrap_or_default();
             let now = now_ms();
             let message = format!("not converged: {} failed", blocked.join(", "));
-            status.set_condition(ConditionKind::Ready, false, "DependencyFailed", &message, now);
+            status.set_condition(
+                ConditionKind::Ready,
+                false,
+                "DependencyFailed",
+                &message,
+                now,
+            );
             status.set_condition(ConditionKind::Reconciling, false, "", "", now);
             if let Err(e) = ctx.store.put_status(&key, &status) {
                 tracing::error!(object = %key, error = %e, "failed to record status");
@@ -210,7 +238,11 @@ fn fail_dependents_of_failed<D>(
 }
 
 fn is_ready<D>(ctx: &Context<D>, key: &ObjectKey) -> bool {
-    ctx.store.status(key).ok().flatten().is_some_and(|s| s.is_ready())
+    ctx.store
+        .status(key)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.is_ready())
 }
 
 fn row<D>(ctx: &Context<D>, key: &ObjectKey, attempts: u32) -> Row {
@@ -219,9 +251,17 @@ fn row<D>(ctx: &Context<D>, key: &ObjectKey, attempts: u32) -> Row {
     Row {
         key: key.clone(),
         ready: status.is_ready(),
-        reason: ready.map(|c| c.reason.clone()).unwrap_or_else(|| "NotReconciled".to_owned()),
+        reason: ready
+            .map(|c| c.reason.clone())
+            .unwrap_or_else(|| "NotReconciled".to_owned()),
         message: ready.map(|c| c.message.clone()).unwrap_or_default(),
         attempts,
-        generation: status.last_applied.as_ref().map(|a| format!("{}-{}", a.generation, &a.artifact[..a.artifact.len().min(12)])),
+        generation: status.last_applied.as_ref().map(|a| {
+            format!(
+                "{}-{}",
+                a.generation,
+                &a.artifact[..a.artifact.len().min(12)]
+            )
+        }),
     }
 }

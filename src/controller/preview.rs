@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use futures::StreamExt;
 
 use super::context::Context;
-use crate::driver::capability::MachineDriver;
+use crate::driver::capability::Drivers;
 use crate::plan::{self, Plan};
 use crate::spec::{Kind, ObjectKey};
 
@@ -18,7 +18,7 @@ const PARALLEL_OBSERVES: usize = 16;
 
 /// Plans every object of the snapshot in force, and every object the store
 /// knows that the snapshot no longer has.
-pub async fn plan<D: MachineDriver>(ctx: &Context<D>) -> Plan {
+pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
     let snapshot = ctx.snapshot();
     let desired = &snapshot.desired;
     let mut out = Plan {
@@ -26,16 +26,30 @@ pub async fn plan<D: MachineDriver>(ctx: &Context<D>) -> Plan {
         ..Plan::default()
     };
 
-    let observed: Vec<_> = futures::stream::iter(desired.machines.values())
-        .map(|object| async move {
-            let result = ctx.driver.observe(&object.spec.target, ctx.config.observe_timeout).await;
-            (object, result)
+    let targets: Vec<_> = desired
+        .machines
+        .values()
+        .map(|o| (o.key.name.clone(), o.spec.target.clone()))
+        .collect();
+    let observed: Vec<_> = futures::stream::iter(targets)
+        .map(|(name, target)| {
+            let ctx = ctx.clone();
+            async move {
+                let result = ctx
+                    .driver
+                    .observe(&target, ctx.config.observe_timeout)
+                    .await;
+                (name, result)
+            }
         })
         .buffered(PARALLEL_OBSERVES)
         .collect()
         .await;
 
-    for (object, facts) in observed {
+    for (name, facts) in observed {
+        let Some(object) = desired.machines.get(&name) else {
+            continue;
+        };
         let key = &object.key;
         let Some(roles) = desired.roles.get(&key.name) else {
             continue;
@@ -76,7 +90,8 @@ pub async fn plan<D: MachineDriver>(ctx: &Context<D>) -> Plan {
                 ..plan::Observed::default()
             }),
             Err(e) => {
-                out.unobserved.push((key.clone(), super::machine::error_chain(&e)));
+                out.unobserved
+                    .push((key.clone(), super::machine::error_chain(&e)));
                 None
             }
         };

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::applier::{Action, ReconcileError as ApplierError};
 use super::context::Context;
-use crate::driver::capability::MachineDriver;
+use crate::driver::capability::Drivers;
 use crate::spec::{Kind, ObjectKey};
 use crate::store::records::{ConditionKind, StatusRecord, now_ms};
 
@@ -61,14 +61,14 @@ pub fn jittered(interval: Duration) -> Duration {
 }
 
 /// Reconciles one object.
-pub async fn reconcile<D: MachineDriver>(ctx: Arc<Context<D>>, key: ObjectKey) -> Result<Action, ReconcileError> {
+pub async fn reconcile<D: Drivers>(
+    ctx: Arc<Context<D>>,
+    key: ObjectKey,
+) -> Result<Action, ReconcileError> {
     let result = match key.kind {
         Kind::Machine => super::machine::reconcile(&ctx, &key).await,
         Kind::Service => reconcile_service(&ctx, &key),
-        Kind::VirtualMachine => Err(ReconcileError::terminal(
-            "Unsupported",
-            "VirtualMachine objects are not reconciled by this converge yet",
-        )),
+        Kind::VirtualMachine => super::vm::reconcile(&ctx, &key).await,
     };
     if let Err(e) = &result {
         record_failure(&ctx, &key, e);
@@ -83,7 +83,13 @@ fn record_failure<D>(ctx: &Context<D>, key: &ObjectKey, e: &ReconcileError) {
     let now = now_ms();
     status.set_condition(ConditionKind::Ready, false, &e.reason, &e.message, now);
     if e.transient {
-        status.set_condition(ConditionKind::Reconciling, true, "ProgressingWithRetry", &e.message, now);
+        status.set_condition(
+            ConditionKind::Reconciling,
+            true,
+            "ProgressingWithRetry",
+            &e.message,
+            now,
+        );
         status.set_condition(ConditionKind::Stalled, false, "", "", now);
     } else {
         status.set_condition(ConditionKind::Reconciling, false, "", "", now);
@@ -110,7 +116,10 @@ fn reconcile_service<D>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action, Rec
         .count();
     let mut status: StatusRecord = ctx.store.status(key).ok().flatten().unwrap_or_default();
     let now = now_ms();
-    let message = format!("{} roles resolved for {members} machines", service.spec.roles.len());
+    let message = format!(
+        "{} roles resolved for {members} machines",
+        service.spec.roles.len()
+    );
     status.set_condition(ConditionKind::Ready, true, "Resolved", message, now);
     status.set_condition(ConditionKind::Reconciling, false, "", "", now);
     status.set_condition(ConditionKind::Stalled, false, "", "", now);

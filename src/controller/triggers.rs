@@ -43,17 +43,28 @@ fn relevant(path: &Path) -> bool {
         .file_name()
         .map(|n| {
             let n = n.to_string_lossy();
-            !(n.ends_with('~') || n.starts_with('#') || n.ends_with(".swp") || n.ends_with(".swx") || n.ends_with(".tmp"))
+            !(n.ends_with('~')
+                || n.starts_with('#')
+                || n.ends_with(".swp")
+                || n.ends_with(".swx")
+                || n.ends_with(".tmp"))
         })
         .unwrap_or(true)
 }
 
 /// Watches `root` recursively; sends each debounced batch of relevant changed paths.
-pub fn watch_dir(root: &Path, debounce: Duration, tx: mpsc::UnboundedSender<BTreeSet<PathBuf>>) -> Result<DirWatch, WatchError> {
+pub fn watch_dir(
+    root: &Path,
+    debounce: Duration,
+    tx: mpsc::UnboundedSender<BTreeSet<PathBuf>>,
+) -> Result<DirWatch, WatchError> {
     let handler = move |result: DebounceEventResult| match result {
         Ok(events) => {
+            // Reading the files (our own reload) produces access events;
+            // reacting to them would reload forever.
             let paths: BTreeSet<PathBuf> = events
                 .into_iter()
+                .filter(|e| !matches!(e.event.kind, notify::EventKind::Access(_)))
                 .flat_map(|e| e.event.paths)
                 .filter(|p| relevant(p))
                 .collect();
@@ -77,7 +88,9 @@ pub fn watch_dir(root: &Path, debounce: Duration, tx: mpsc::UnboundedSender<BTre
             path: root.to_path_buf(),
             source,
         })?;
-    Ok(DirWatch { _debouncer: debouncer })
+    Ok(DirWatch {
+        _debouncer: debouncer,
+    })
 }
 
 #[cfg(test)]

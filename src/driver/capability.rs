@@ -9,10 +9,13 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::path::Path;
+
 use super::build::{Artifact, BuildError, BuildRequest};
 use super::machine::{ActivationResult, GenerationId, InstallOutcome, MachineError, MachineFacts};
+use super::qemu::{DiskGrowth, Started, StopOutcome, VmError, VmFacts};
 use super::{CommandOutput, TargetError};
-use crate::spec::Target as TargetSpec;
+use crate::spec::{ByteSize, Disk, OnDelete, Target as TargetSpec, VmHost, VmSpec};
 
 /// Why a driver step failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,8 @@ pub enum DriverError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Machine(#[from] MachineError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
     #[error("use {what}: not supported by this converge yet")]
     Unsupported { what: String },
 }
@@ -34,6 +39,7 @@ impl DriverError {
             DriverError::Target(e) => e.is_transient(),
             DriverError::Build(e) => e.is_transient(),
             DriverError::Machine(e) => e.is_transient(),
+            DriverError::Vm(e) => e.is_transient(),
             DriverError::Unsupported { .. } => false,
         }
     }
@@ -62,7 +68,10 @@ pub trait MachineDriver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<MachineFacts, DriverError>> + Send;
 
     /// Builds (or finds in the cache) the machine's artifact.
-    fn build(&self, request: &BuildRequest) -> impl Future<Output = Result<Artifact, DriverError>> + Send;
+    fn build(
+        &self,
+        request: &BuildRequest,
+    ) -> impl Future<Output = Result<Artifact, DriverError>> + Send;
 
     /// Writes a generation to the target (uploading only what it lacks).
     fn install(
@@ -99,3 +108,77 @@ pub trait MachineDriver: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<CommandOutput, DriverError>> + Send;
 }
+
+/// Everything the controller does to a QEMU VM. `dir` is the VM's directory
+/// on its host (disks, pidfile, QMP socket, serial log, launch record).
+pub trait VmDriver: Send + Sync + 'static {
+    /// What runs and which disks exist; never fails for a VM that is simply absent.
+    fn vm_observe(
+        &self,
+        host: &VmHost,
+        dir: &Path,
+        disks: &[Disk],
+    ) -> impl Future<Output = Result<VmFacts, DriverError>> + Send;
+
+    /// The identity of what `vm_start` would launch (a hash of qemu's argv):
+    /// a running VM whose launch identity differs must be restarted.
+    fn vm_launch_identity(&self, name: &str, spec: &VmSpec, dir: &Path, root: &Path) -> String;
+
+    fn vm_create_disk(
+        &self,
+        host: &VmHost,
+        dir: &Path,
+        disk: &Disk,
+        backing: Option<&Path>,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Grows a disk (online through QMP when `running`); never shrinks.
+    fn vm_grow_disk(
+        &self,
+        host: &VmHost,
+        dir: &Path,
+        disk: &str,
+        size: ByteSize,
+        running: bool,
+    ) -> impl Future<Output = Result<DiskGrowth, DriverError>> + Send;
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors qemu::start; each argument is one input of the launch"
+    )]
+    fn vm_start(
+        &self,
+        host: &VmHost,
+        dir: &Path,
+        name: &str,
+        spec: &VmSpec,
+        launch_identity: &str,
+        root: &Path,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Started, DriverError>> + Send;
+
+    /// Powers down (ACPI), then quits, then kills, each bounded.
+    fn vm_stop(
+        &self,
+        host: &VmHost,
+        dir: &Path,
+        graceful: Duration,
+    ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
+
+    /// Stops, then removes the directory (keeping `disks/` unless `Delete`).
+    fn vm_delete(
+        &self,
+        host: &VmHost,
+        dir: &Path,
+        on_delete: OnDelete,
+        graceful: Duration,
+    ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
+
+    /// Completes when the VM's process `pid` has exited.
+    fn vm_watch_exit(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// All capabilities the controller needs.
+pub trait Drivers: MachineDriver + VmDriver {}
+
+impl<T: MachineDriver + VmDriver> Drivers for T {}

@@ -34,7 +34,11 @@ impl Revision {
         match &self.commit {
             Some(commit) => {
                 let short: String = commit.chars().take(8).collect();
-                if self.dirty { format!("{short}-dirty") } else { short }
+                if self.dirty {
+                    format!("{short}-dirty")
+                } else {
+                    short
+                }
             }
             None => {
                 let hash = self.build_input.trim_start_matches("content:");
@@ -63,8 +67,17 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
 pub fn revision(dir: &Path) -> Revision {
     let commit = git(dir, &["rev-parse", "--verify", "--quiet", "HEAD"]).filter(|c| !c.is_empty());
     let dirty = commit.is_some()
-        && git(dir, &["status", "--porcelain", "--untracked-files=normal", "--", "."])
-            .is_none_or(|s| !s.is_empty());
+        && git(
+            dir,
+            &[
+                "status",
+                "--porcelain",
+                "--untracked-files=normal",
+                "--",
+                ".",
+            ],
+        )
+        .is_none_or(|s| !s.is_empty());
     Revision {
         commit,
         dirty,
@@ -140,15 +153,27 @@ mod tests {
         std::fs::create_dir(dir.path().join(".git")).unwrap();
         let first = content_hash(dir.path());
         std::fs::write(dir.path().join("a.yaml"), "x: 2\n").unwrap();
-        assert_eq!(first, content_hash(dir.path()), "YAML documents do not count");
+        assert_eq!(
+            first,
+            content_hash(dir.path()),
+            "YAML documents do not count"
+        );
         assert_eq!(first, content_hash(dir.path()));
         std::fs::write(dir.path().join(".git/ignored"), "y").unwrap();
-        assert_eq!(first, content_hash(dir.path()), "hidden entries do not count");
+        assert_eq!(
+            first,
+            content_hash(dir.path()),
+            "hidden entries do not count"
+        );
         std::fs::write(dir.path().join("build.sh"), "echo 2\n").unwrap();
         let second = content_hash(dir.path());
         assert_ne!(first, second);
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path().join("build.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("build.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         assert_ne!(second, content_hash(dir.path()));
     }
 
@@ -159,12 +184,27 @@ mod tests {
         std::fs::create_dir(&sub).unwrap();
         std::fs::write(sub.join("a.yaml"), "x: 1\n").unwrap();
         let run = |args: &[&str]| {
-            let ok = Command::new("git").arg("-C").arg(dir.path()).args(args).output().unwrap().status.success();
+            let ok = Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .success();
             assert!(ok, "git {args:?}");
         };
         run(&["init", "-q"]);
         run(&["-c", "user.name=t", "-c", "user.email=t@t", "add", "."]);
-        run(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]);
+        run(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "x",
+        ]);
         let clean = revision(&sub);
         assert!(clean.commit.is_some());
         assert!(!clean.dirty);
@@ -172,7 +212,10 @@ mod tests {
         std::fs::write(sub.join("a.yaml"), "x: 2\n").unwrap();
         let dirty = revision(&sub);
         assert!(dirty.dirty);
-        assert_eq!(dirty.build_input, clean.build_input, "YAML edits reach builds through spec and roles hashes");
+        assert_eq!(
+            dirty.build_input, clean.build_input,
+            "YAML edits reach builds through spec and roles hashes"
+        );
         assert!(dirty.short().ends_with("-dirty"));
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("a.yaml"), "x: 1\n").unwrap();

@@ -14,6 +14,7 @@ pub mod git;
 pub mod host;
 pub mod local;
 pub mod machine;
+pub mod qemu;
 
 use std::future::Future;
 use std::io;

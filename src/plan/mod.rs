@@ -10,7 +10,7 @@
 
 mod render;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::spec::{Kind, ObjectKey};
@@ -18,7 +18,7 @@ use crate::spec::{Kind, ObjectKey};
 pub use render::render_text;
 
 /// What happens to one object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ChangeKind {
     /// `+`: never applied before.
@@ -57,7 +57,7 @@ impl ChangeKind {
 }
 
 /// One field that differs between the applied spec and the desired one.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FieldChange {
     /// Dotted path, like `spec.activation.mode`, `roles` or `revision`.
     pub path: String,
@@ -70,7 +70,7 @@ pub struct FieldChange {
 }
 
 /// One action of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "kebab-case")]
 pub enum Step {
     /// Run the machine's build (skipped when cached for the same inputs).
@@ -116,7 +116,7 @@ impl Step {
 }
 
 /// The change planned for one object.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub key: ObjectKey,
     pub kind: ChangeKind,
@@ -128,7 +128,7 @@ pub struct Change {
 }
 
 /// A fact that differs from what converge last applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {
     pub key: ObjectKey,
     pub field: String,
@@ -139,7 +139,7 @@ pub struct Drift {
 }
 
 /// A whole plan: changes in key order, and drift.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub revision: Option<String>,
     pub changes: Vec<Change>,

@@ -285,7 +285,10 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
         message = format!(
             "document is too large, too deeply nested or expands too many aliases ({message}): simplify it"
         );
-    } else if let Some(expected) = message.strip_prefix("invalid ").and_then(scalar_expectation) {
+    } else if let Some(expected) = message
+        .strip_prefix("invalid ")
+        .and_then(scalar_expectation)
+    {
         message = format!("expected {expected} here");
     } else if message == "expected sequence start" {
         message = "expected a list here, like `[a, b]`".to_owned();

@@ -135,12 +135,13 @@ pub fn resolve(
         }
         // Through a Value: serde_json's map is sorted (no preserve_order
         // feature), so every object's keys come out in order: canonical.
-        let document: Arc<[u8]> = match serde_json::to_value(&doc).and_then(|v| serde_json::to_vec(&v)) {
-            Ok(bytes) => Arc::from(bytes),
-            // Serializing plain maps and strings cannot fail; keep an empty
-            // document rather than panic if it ever did.
-            Err(_) => Arc::from(b"{}".as_slice()),
-        };
+        let document: Arc<[u8]> =
+            match serde_json::to_value(&doc).and_then(|v| serde_json::to_vec(&v)) {
+                Ok(bytes) => Arc::from(bytes),
+                // Serializing plain maps and strings cannot fail; keep an empty
+                // document rather than panic if it ever did.
+                Err(_) => Arc::from(b"{}".as_slice()),
+            };
         let hash = blake3::hash(&document).to_hex().to_string();
         out.insert(
             (*machine).clone(),

@@ -88,7 +88,7 @@ pub fn assemble<'a>(root: &Path, files: impl IntoIterator<Item = &'a ParsedFile>
     });
     diags.dedup();
     let has_errors = diags.iter().any(Diagnostic::is_error);
-    let desired = (!has_errors).then(|| DesiredState {
+    let desired = (!has_errors).then_some(DesiredState {
         machines,
         vms,
         services,
@@ -573,8 +573,9 @@ fn check_vm_references(
     diags: &mut Vec<Diagnostic>,
 ) {
     let mut hosted: BTreeMap<&Name, (&Object<VmSpec>, Loc)> = BTreeMap::new();
-    let mut forwards: BTreeMap<(Option<&Name>, u16, Protocol), (&Object<VmSpec>, Loc)> =
-        BTreeMap::new();
+    // (hypervisor, host port, protocol) -> the VM that forwards it first.
+    type Slot<'a> = (Option<&'a Name>, u16, Protocol);
+    let mut forwards: BTreeMap<Slot<'_>, (&Object<VmSpec>, Loc)> = BTreeMap::new();
     for vm in vms.values() {
         let spec = &vm.spec;
         if let VmHost::Machine(host) = &spec.host.value {

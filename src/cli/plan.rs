@@ -1,0 +1,85 @@
+//! `converge plan`: what a reconcile would do, without doing it.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use super::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
+use crate::controller::context::{Config, Context};
+use crate::controller::{lifecycle, preview};
+use crate::driver::host::HostDriver;
+use crate::plan::{Plan, render_text};
+use crate::source::Source;
+use crate::store::Store;
+
+/// Exit code of --detailed-exitcode when the plan has changes.
+pub const EXIT_CHANGES: u8 = 2;
+
+/// Show what converge would change, Terraform-style.
+///
+/// Observes every machine (one round trip each) and compares desired spec,
+/// what was last applied and what is there now: `+ create`, `~ update` (with
+/// the fields that changed), `-/+ replace`, `- destroy`/forget, and a
+/// separate section for objects changed outside converge (drift). Changes
+/// nothing. While a daemon runs on --state, it is asked instead.
+///
+/// Exit codes: 0 success; 1 error (invalid directory); with
+/// --detailed-exitcode, 0 no changes, 2 changes present.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  converge plan --dir . --state /var/lib/converge/controller\n  converge plan --dir . --detailed-exitcode || echo 'changes pending'\n  converge plan --dir . --output json"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Exit 2 when there are changes, 0 when none (1 stays an error).
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let mut source = Source::new(&args.dir.dir);
+    let (assembled, _stats, snapshot) =
+        lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
+    let Some(snapshot) = snapshot else {
+        let mut out = std::io::stdout().lock();
+        for d in &assembled.diagnostics {
+            writeln!(out, "{d}")?;
+        }
+        writeln!(out, "invalid desired state: no plan")?;
+        return Ok(EXIT_FATAL);
+    };
+    let plan: Plan = match super::client::request(&args.state.state, "GET", "/v1/plan")? {
+        Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's plan")?,
+        Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
+        None => {
+            let state = &args.state.state;
+            super::create_state_dir(state)?;
+            let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
+            let driver = HostDriver::new(lifecycle::build_cache_dir(state));
+            let ctx = Arc::new(Context::new(
+                store,
+                driver,
+                Config::default(),
+                state,
+                snapshot,
+            ));
+            super::runtime()?.block_on(preview::plan(&ctx))
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&plan)?)?,
+        Output::Text => write!(out, "{}", render_text(&plan))?,
+    }
+    Ok(if args.detailed_exitcode && plan.has_changes() {
+        EXIT_CHANGES
+    } else {
+        EXIT_OK
+    })
+}

@@ -1,0 +1,125 @@
+//! `converge run`: the daemon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::FutureExt;
+use tokio::sync::mpsc;
+
+use super::{DirArg, EXIT_FATAL, EXIT_OK, StateArg};
+use crate::api::{self, ApiState};
+use crate::controller::applier::Config as ApplierConfig;
+use crate::controller::context::{Config, Context};
+use crate::controller::daemon::{self, DaemonOptions};
+use crate::controller::metrics::Metrics;
+use crate::controller::{lifecycle, preview};
+use crate::driver::host::HostDriver;
+use crate::source::Source;
+use crate::spec::HumanDuration;
+use crate::store::Store;
+
+/// Run the controller: keep every object converged.
+///
+/// Reconciles everything at start, then whenever a file of the directory
+/// changes (only the objects whose spec, roles or build inputs changed), on
+/// each object's resync interval (±10% jitter), and on request
+/// (`converge reconcile KEY`). An invalid directory is logged with
+/// file:line:col and not applied; the last valid desired state stays in
+/// force. While it runs, `converge status/history/facts/plan` ask it over a
+/// Unix socket in the state directory (mode 0600).
+///
+/// The first SIGTERM/SIGINT stops scheduling and lets running steps finish
+/// (up to --grace); a second aborts them. Exit codes: 0 stopped cleanly;
+/// 1 cannot start (invalid directory, store locked by another daemon).
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Objects reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Builds run at once.
+    #[arg(long, default_value_t = 2)]
+    pub builds: usize,
+    /// Quiet window after a file change before reloading.
+    #[arg(long, default_value = "500ms")]
+    pub debounce: HumanDuration,
+    /// How long running steps may finish after the first stop signal.
+    #[arg(long, default_value = "30s")]
+    pub grace: HumanDuration,
+    /// First retry delay after a transient failure (doubling up to 15m).
+    #[arg(long, default_value = "2s")]
+    pub retry_delay: HumanDuration,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let mut source = Source::new(&args.dir.dir);
+    let (assembled, _stats, snapshot) =
+        lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
+    let Some(snapshot) = snapshot else {
+        for d in &assembled.diagnostics {
+            eprintln!("{d}");
+        }
+        eprintln!("error: the desired state is invalid; not starting");
+        return Ok(EXIT_FATAL);
+    };
+    let state = &args.state.state;
+    super::create_state_dir(state)?;
+    let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
+    let driver = HostDriver::new(lifecycle::build_cache_dir(state));
+    let config = Config {
+        concurrency: args.concurrency,
+        builds: args.builds,
+        ..Config::default()
+    };
+    let (manual_tx, manual_rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(
+        Context::new(store.clone(), driver, config, state, snapshot)
+            .with_wakeups(manual_tx.clone()),
+    );
+    let mut applier = ApplierConfig {
+        concurrency: args.concurrency,
+        shutdown_grace: args.grace.get(),
+        ..ApplierConfig::default()
+    };
+    applier.backoff.min_delay = args.retry_delay.get();
+    let options = DaemonOptions {
+        applier,
+        debounce: args.debounce.get(),
+    };
+    let socket = super::client::socket_path(state);
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let listener = api::bind(&socket).context("start the local API")?;
+        let metrics = Arc::new(Metrics::new());
+        let plan_ctx = ctx.clone();
+        let api_state = ApiState {
+            store,
+            manual: manual_tx,
+            metrics: metrics.clone(),
+            plan: Arc::new(move || {
+                let ctx = plan_ctx.clone();
+                async move { preview::plan(&ctx).await }.boxed()
+            }),
+        };
+        let server = tokio::spawn(async move {
+            if let Err(e) = api::serve(listener, api_state).await {
+                tracing::error!(error = %e, "the local API stopped");
+            }
+        });
+        tracing::info!(socket = %socket.display(), "local API listening");
+        let result = daemon::run(ctx, source, options, manual_rx, metrics).await;
+        server.abort();
+        let _ = std::fs::remove_file(&socket);
+        result.context("run the daemon")
+    })?;
+    // Let detached helper threads (the file watcher) wind down.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,430 @@
+//! Reconcile of one VirtualMachine: observe the process and disks, then
+//! create missing disks, grow disks, start, stop, or restart when what qemu
+//! was launched with differs from what the spec launches now; record the
+//! attempt.
+//!
+//! A VM that died while its spec says running is drift: one WARN line, then
+//! it is started again. A VM removed from the YAML is stopped, and its disks
+//! deleted only with `onDelete: delete`, before it is forgotten. A running
+//! VM's exit is watched, so the daemon notices it at once rather than at the
+//! next resync.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::applier::Action;
+use super::context::Context;
+use super::machine::error_chain;
+use super::reconcile::{ReconcileError, jittered};
+use crate::driver::capability::{DriverError, Drivers};
+use crate::spec::{ObjectKey, OnDelete, VmHost, VmPowerState};
+use crate::store::records::{
+    Applied, AttemptRecord, AttemptResult, ConditionKind, FactsRecord, Severity, SpecRecord,
+    StepRecord, now_ms,
+};
+use crate::telemetry::DRIFT_TARGET;
+
+fn store_error(e: impl std::fmt::Display) -> ReconcileError {
+    ReconcileError::transient("StoreFailed", e.to_string())
+}
+
+fn driver_error(reason: &str, e: &DriverError) -> ReconcileError {
+    if e.is_transient() {
+        ReconcileError::transient(reason, error_chain(e))
+    } else {
+        ReconcileError::terminal(reason, error_chain(e))
+    }
+}
+
+fn step(name: &str, started: Instant, ok: bool, output: impl Into<String>) -> StepRecord {
+    StepRecord {
+        name: name.to_owned(),
+        ok,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        output: output.into(),
+    }
+}
+
+/// Reconciles `vm/NAME`.
+pub async fn reconcile<D: Drivers>(
+    ctx: &Context<D>,
+    key: &ObjectKey,
+) -> Result<Action, ReconcileError> {
+    let snapshot = ctx.snapshot();
+    let dir: PathBuf = ctx.vm_root.join(key.name.as_str());
+    let Some(object) = snapshot.desired.vms.get(&key.name) else {
+        return remove(ctx, key, &dir).await;
+    };
+    let spec = &object.spec;
+    let host = &spec.host.value;
+    let root = &snapshot.root;
+
+    let facts = ctx
+        .driver
+        .vm_observe(host, &dir, &spec.disks)
+        .await
+        .map_err(|e| driver_error("Unreachable", &e))?;
+    let facts_json = serde_json::to_value(&facts).unwrap_or(Value::Null);
+    ctx.store
+        .put_facts(
+            key,
+            &FactsRecord {
+                observed_ms: facts.observed_ms,
+                facts: facts_json,
+            },
+        )
+        .map_err(store_error)?;
+    let mut status = ctx
+        .store
+        .status(key)
+        .map_err(store_error)?
+        .unwrap_or_default();
+    let launch = ctx
+        .driver
+        .vm_launch_identity(key.name.as_str(), spec, &dir, root);
+    let wants_running = spec.state == VmPowerState::Running;
+
+    // A VM that converge started and that is gone now is drift.
+    let was_running = status.last_applied.is_some()
+        && status
+            .condition(ConditionKind::Ready)
+            .is_some_and(|c| c.status && c.reason == "Running");
+    if wants_running && was_running && !facts.running {
+        tracing::warn!(
+            target: DRIFT_TARGET,
+            object = %key,
+            field = "running",
+            applied = "true",
+            observed = "false",
+            action = "restart",
+            "drift detected"
+        );
+        if let Err(e) = ctx.store.append_event(
+            key,
+            Severity::Warning,
+            "DriftDetected",
+            "running: applied true, observed false; action: restart",
+        ) {
+            tracing::error!(error = %e, "failed to record event");
+        }
+    }
+
+    let mut steps: Vec<StepRecord> = Vec::new();
+    let mut plan: Vec<&'static str> = Vec::new();
+    let missing: Vec<_> = spec
+        .disks
+        .iter()
+        .filter(|d| {
+            !facts
+                .disks
+                .iter()
+                .any(|f| f.name == d.name.value.as_str() && f.exists)
+        })
+        .collect();
+    let grow: Vec<_> = spec
+        .disks
+        .iter()
+        .filter(|d| {
+            facts.disks.iter().any(|f| {
+                f.name == d.name.value.as_str()
+                    && f.virtual_size.is_some_and(|s| s < d.size.value.bytes())
+            })
+        })
+        .collect();
+    let restart = wants_running
+        && facts.running
+        && facts.started_spec_hash.as_deref() != Some(launch.as_str());
+    if !missing.is_empty() {
+        plan.push("create disks");
+    }
+    if !grow.is_empty() {
+        plan.push("grow disks");
+    }
+    if restart {
+        plan.push("restart");
+    }
+    if wants_running && !facts.running {
+        plan.push("start");
+    }
+    if !wants_running && facts.running {
+        plan.push("stop");
+    }
+
+    if plan.is_empty() {
+        let now = now_ms();
+        let (reason, message) = if wants_running {
+            (
+                "Running",
+                format!("running as pid {}", facts.pid.unwrap_or(0)),
+            )
+        } else {
+            ("Stopped", "stopped, as its spec says".to_owned())
+        };
+        status.set_condition(ConditionKind::Ready, true, reason, message, now);
+        status.set_condition(ConditionKind::Reconciling, false, "", "", now);
+        status.set_condition(ConditionKind::Stalled, false, "", "", now);
+        status.observed_spec_hash = Some(object.spec_hash.clone());
+        status.failures = 0;
+        ctx.store.put_status(key, &status).map_err(store_error)?;
+        watch_exit(ctx, key, facts.pid);
+        return Ok(Action::Requeue(jittered(ctx.config.vm_resync)));
+    }
+
+    let attempt_id = ctx
+        .store
+        .begin_attempt(key, &object.spec_hash, Some(&snapshot.revision.short()))
+        .map_err(store_error)?;
+    let started_ms = now_ms();
+    let result: Result<Option<u32>, ReconcileError> = async {
+        for disk in &missing {
+            let started = Instant::now();
+            let backing = disk
+                .backing_image
+                .as_ref()
+                .and_then(|b| b.value.resolve(root));
+            ctx.driver
+                .vm_create_disk(host, &dir, disk, backing.as_deref())
+                .await
+                .map_err(|e| {
+                    steps.push(step(
+                        &format!("create disk {}", disk.name.value),
+                        started,
+                        false,
+                        error_chain(&e),
+                    ));
+                    driver_error("DiskFailed", &e)
+                })?;
+            steps.push(step(
+                &format!("create disk {}", disk.name.value),
+                started,
+                true,
+                format!("{}", disk.size.value),
+            ));
+        }
+        for disk in &grow {
+            let started = Instant::now();
+            let growth = ctx
+                .driver
+                .vm_grow_disk(
+                    host,
+                    &dir,
+                    disk.name.value.as_str(),
+                    disk.size.value,
+                    facts.running && !restart,
+                )
+                .await
+                .map_err(|e| {
+                    steps.push(step(
+                        &format!("grow disk {}", disk.name.value),
+                        started,
+                        false,
+                        error_chain(&e),
+                    ));
+                    driver_error("DiskFailed", &e)
+                })?;
+            steps.push(step(
+                &format!("grow disk {}", disk.name.value),
+                started,
+                true,
+                format!(
+                    "{} -> {} bytes{}",
+                    growth.from,
+                    growth.to,
+                    if growth.online { " (online)" } else { "" }
+                ),
+            ));
+        }
+        if restart || (!wants_running && facts.running) {
+            let started = Instant::now();
+            let outcome = ctx
+                .driver
+                .vm_stop(host, &dir, ctx.config.vm_stop_grace)
+                .await
+                .map_err(|e| {
+                    steps.push(step("stop", started, false, error_chain(&e)));
+                    driver_error("StopFailed", &e)
+                })?;
+            let why = if restart {
+                " (launch settings changed: restart)"
+            } else {
+                ""
+            };
+            steps.push(step("stop", started, true, format!("{outcome:?}{why}")));
+        }
+        if wants_running && (restart || !facts.running) {
+            let started = Instant::now();
+            let up = ctx
+                .driver
+                .vm_start(
+                    host,
+                    &dir,
+                    key.name.as_str(),
+                    spec,
+                    &launch,
+                    root,
+                    ctx.config.vm_start_timeout,
+                )
+                .await
+                .map_err(|e| {
+                    steps.push(step("start", started, false, error_chain(&e)));
+                    driver_error("StartFailed", &e)
+                })?;
+            steps.push(step(
+                "start",
+                started,
+                true,
+                format!(
+                    "pid {}, {}, QMP ready after {} ms",
+                    up.pid,
+                    up.status,
+                    up.ready_after.as_millis()
+                ),
+            ));
+            return Ok(Some(up.pid));
+        }
+        Ok(None)
+    }
+    .await;
+
+    let now = now_ms();
+    let mut record = AttemptRecord {
+        id: attempt_id,
+        key: key.clone(),
+        started_ms,
+        finished_ms: now,
+        revision: Some(snapshot.revision.short()),
+        spec_hash: object.spec_hash.clone(),
+        generation: None,
+        artifact: Some(launch.clone()),
+        steps,
+        result: AttemptResult::Succeeded,
+    };
+    status.in_progress = None;
+    status.observed_spec_hash = Some(object.spec_hash.clone());
+    match &result {
+        Ok(pid) => {
+            let launches =
+                status.last_applied.as_ref().map_or(0, |a| a.generation) + u64::from(pid.is_some());
+            status.last_applied = Some(Applied {
+                generation: launches,
+                artifact: launch.clone(),
+                revision: Some(snapshot.revision.short()),
+                spec_hash: object.spec_hash.clone(),
+                roles_hash: None,
+                applied_ms: now,
+            });
+            record.generation = Some(launches);
+            let (reason, message) = if wants_running {
+                (
+                    "Running",
+                    format!("running as pid {}", pid.or(facts.pid).unwrap_or(0)),
+                )
+            } else {
+                ("Stopped", "stopped, as its spec says".to_owned())
+            };
+            status.set_condition(ConditionKind::Ready, true, reason, message, now);
+            status.set_condition(ConditionKind::Reconciling, false, "", "", now);
+            status.set_condition(ConditionKind::Stalled, false, "", "", now);
+            status.failures = 0;
+            let document = serde_json::json!({
+                "apiVersion": crate::spec::API_VERSION,
+                "kind": "VirtualMachine",
+                "metadata": {"name": key.name.as_str()},
+                "spec": serde_json::to_value(spec).unwrap_or(Value::Null),
+            });
+            ctx.store
+                .put_spec(
+                    key,
+                    &SpecRecord {
+                        spec_hash: object.spec_hash.clone(),
+                        revision: Some(snapshot.revision.short()),
+                        spec: document,
+                        seen_ms: now,
+                    },
+                )
+                .map_err(store_error)?;
+        }
+        Err(e) => {
+            record.result = AttemptResult::Failed {
+                reason: e.reason.clone(),
+                message: e.message.clone(),
+            };
+            status.set_condition(ConditionKind::Ready, false, &e.reason, &e.message, now);
+        }
+    }
+    ctx.store
+        .finish_attempt(&record, &status)
+        .map_err(store_error)?;
+    let pid = result?;
+    tracing::info!(steps = %plan.join(", "), "VM converged");
+    watch_exit(ctx, key, pid.or(facts.pid).filter(|_| wants_running));
+    Ok(Action::Requeue(jittered(ctx.config.vm_resync)))
+}
+
+/// Watches a running VM's process once; its exit wakes the daemon.
+fn watch_exit<D: Drivers>(ctx: &Context<D>, key: &ObjectKey, pid: Option<u32>) {
+    let (Some(pid), Some(wakeups)) = (pid, ctx.wakeups.clone()) else {
+        return;
+    };
+    let Ok(mut watched) = ctx.watched.lock() else {
+        return;
+    };
+    if watched.get(key) == Some(&pid) {
+        return;
+    }
+    watched.insert(key.clone(), pid);
+    let key = key.clone();
+    let exited = ctx.driver.vm_watch_exit(pid);
+    tokio::spawn(async move {
+        exited.await;
+        tracing::info!(object = %key, pid, "VM process exited");
+        let _ = wakeups.send(key);
+    });
+}
+
+/// A VM removed from the YAML: stop it, delete its disks only if its last
+/// applied spec said `onDelete: delete`, then forget it.
+async fn remove<D: Drivers>(
+    ctx: &Context<D>,
+    key: &ObjectKey,
+    dir: &std::path::Path,
+) -> Result<Action, ReconcileError> {
+    let record = ctx.store.spec(key).map_err(store_error)?;
+    let on_delete = match record
+        .as_ref()
+        .and_then(|r| r.spec.pointer("/spec/onDelete"))
+        .and_then(Value::as_str)
+    {
+        Some("delete") => OnDelete::Delete,
+        _ => OnDelete::KeepDisks,
+    };
+    let host = match record
+        .as_ref()
+        .and_then(|r| r.spec.pointer("/spec/host"))
+        .and_then(Value::as_str)
+    {
+        Some("local") | None => VmHost::Local,
+        Some(other) => match crate::spec::Name::new(other) {
+            Ok(name) => VmHost::Machine(name),
+            Err(_) => VmHost::Local,
+        },
+    };
+    let outcome = ctx
+        .driver
+        .vm_delete(&host, dir, on_delete, ctx.config.vm_stop_grace)
+        .await
+        .map_err(|e| driver_error("DeleteFailed", &e))?;
+    let disks = if on_delete == OnDelete::Delete {
+        "disks deleted"
+    } else {
+        "disks kept"
+    };
+    tracing::info!(object = %key, stop = ?outcome, "removed from the desired state: stopped, {disks}; forgotten");
+    if let Ok(mut watched) = ctx.watched.lock() {
+        watched.remove(key);
+    }
+    ctx.store.forget(key).map_err(store_error)?;
+    Ok(Action::AwaitChange)
+}
