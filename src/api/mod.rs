@@ -87,11 +87,11 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
     axum::serve(listener, app).await
 }
 
-fn key_of(kind: &str, name: &str) -> Result<ObjectKey, Response> {
+fn key_of(kind: &str, name: &str) -> Result<ObjectKey, Box<Response>> {
     format!("{kind}/{name}")
         .parse()
         .map_err(|e: crate::spec::KeyError| {
-            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+            Box::new((StatusCode::BAD_REQUEST, e.to_string()).into_response())
         })
 }
 
@@ -144,7 +144,7 @@ async fn one_status(
 ) -> Response {
     let key = match key_of(&kind, &name) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match status_view(&s.store, &key) {
         Ok(Some(v)) => json(&v),
@@ -165,7 +165,7 @@ async fn history(
 ) -> Response {
     let key = match key_of(&kind, &name) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match s.store.history(&key, q.limit.unwrap_or(20)) {
         Ok(v) => json(&v),
@@ -179,7 +179,7 @@ async fn facts(
 ) -> Response {
     let key = match key_of(&kind, &name) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match s.store.facts(&key) {
         Ok(Some(v)) => json(&v),
@@ -206,7 +206,7 @@ async fn reconcile(
 ) -> Response {
     let key = match key_of(&kind, &name) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match s.manual.send(key.clone()) {
         Ok(()) => (StatusCode::ACCEPTED, format!("queued {key}\n")).into_response(),

@@ -311,7 +311,7 @@ pub fn facts(args: FactsArgs) -> anyhow::Result<u8> {
     let value = fetch(&args.state, &path_of("facts", &key), |store| {
         Ok(store
             .facts(&key)?
-            .map(|f| serde_json::to_value(f))
+            .map(serde_json::to_value)
             .transpose()?)
     })?;
     let mut out = std::io::stdout().lock();
