@@ -11,7 +11,7 @@ use super::{DirArg, EXIT_FATAL, EXIT_OK, StateArg};
 use crate::api::{self, ApiState};
 use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
-use crate::controller::daemon::{self, DaemonOptions};
+use crate::controller::daemon::{self, DaemonOptions, Signals};
 use crate::controller::metrics::Metrics;
 use crate::controller::{lifecycle, preview};
 use crate::driver::host::HostDriver;
@@ -59,6 +59,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    let runtime = super::runtime()?;
+    // Before anything else: a stop signal during start-up stops cleanly.
+    let signals = runtime.block_on(async { Signals::install() }).context("install signal handlers")?;
     let mut source = Source::new(&args.dir.dir);
     let (assembled, _stats, snapshot) =
         lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
@@ -94,7 +97,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         debounce: args.debounce.get(),
     };
     let socket = super::client::socket_path(state);
-    let runtime = super::runtime()?;
     runtime.block_on(async {
         let listener = api::bind(&socket).context("start the local API")?;
         let metrics = Arc::new(Metrics::new());
@@ -114,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
         });
         tracing::info!(socket = %socket.display(), "local API listening");
-        let result = daemon::run(ctx, source, options, manual_rx, metrics).await;
+        let result = daemon::run(ctx, source, options, manual_rx, metrics, signals).await;
         server.abort();
         let _ = std::fs::remove_file(&socket);
         result.context("run the daemon")

@@ -59,13 +59,31 @@ fn changed_keys(old: &Snapshot, new: &Snapshot) -> (Vec<ObjectKey>, Vec<ObjectKe
     (changed, removed)
 }
 
-/// Runs until shut down by signal (or by `stop`, in tests).
+/// SIGTERM and SIGINT, installed before the daemon does anything else, so a
+/// stop signal during start-up is a clean stop rather than a kill.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must be called inside the runtime.
+    pub fn install() -> Result<Signals, DaemonError> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(DaemonError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?,
+        })
+    }
+}
+
+/// Runs until shut down by signal.
 pub async fn run<D: Drivers>(
     ctx: Arc<Context<D>>,
     mut source: Source,
     options: DaemonOptions,
     manual: mpsc::UnboundedReceiver<ObjectKey>,
     metrics: Arc<super::metrics::Metrics>,
+    signals: Signals,
 ) -> Result<(), DaemonError> {
     let interrupted = lifecycle::recover_interrupted(&ctx);
     let removed = lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
@@ -100,8 +118,7 @@ pub async fn run<D: Drivers>(
         }
     };
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let Signals { term: mut sigterm, int: mut sigint } = signals;
     let mut manual = manual;
     let mut stop_signals = 0;
     let grace = options.applier.shutdown_grace;

@@ -202,6 +202,11 @@ pub async fn reconcile<D: Drivers>(
     let build_input = snapshot.revision.build_input.as_str();
     let desired_view = plan_inputs(object, &roles.hash, build_input);
     let applied_record = ctx.store.spec(key).map_err(store_error)?;
+    // An unchanged artifact still needs activating when how it is activated
+    // changed (mode, health checks): the plan says so, execution must agree.
+    let activation_changed = applied_record.as_ref().is_some_and(|r| {
+        r.spec.pointer("/spec/activation") != serde_json::to_value(&object.spec.activation).ok().as_ref()
+    });
     let applied_view = status.last_applied.as_ref().map(|a| plan::Applied {
         document: applied_record.as_ref().map(|r| &r.spec),
         spec_hash: &a.spec_hash,
@@ -266,6 +271,7 @@ pub async fn reconcile<D: Drivers>(
         &facts,
         status,
         change.kind,
+        activation_changed,
     )
     .await;
     // The steps changed the machine: record what it looks like now, so
@@ -380,6 +386,7 @@ async fn execute<D: Drivers>(
     facts: &MachineFacts,
     mut status: StatusRecord,
     kind: ChangeKind,
+    activation_changed: bool,
 ) -> Result<(), ReconcileError> {
     let revision = snapshot.revision.short();
     let attempt_id = ctx
@@ -398,6 +405,7 @@ async fn execute<D: Drivers>(
         facts,
         &status,
         kind,
+        activation_changed,
         &mut steps,
     )
     .await;
@@ -482,6 +490,7 @@ async fn run_steps<D: Drivers>(
     facts: &MachineFacts,
     status: &StatusRecord,
     kind: ChangeKind,
+    activation_changed: bool,
     steps: &mut Steps,
 ) -> Outcome {
     let spec = &object.spec;
@@ -576,8 +585,10 @@ async fn run_steps<D: Drivers>(
         };
         steps.push("build", started, true, note);
 
-        // Unchanged artifact already current and applied: record, nothing to activate.
-        if previous.as_ref().is_some_and(|p| p.hash() == artifact.hash)
+        // Unchanged artifact already current and applied, activated the same
+        // way: record, nothing to activate.
+        if !activation_changed
+            && previous.as_ref().is_some_and(|p| p.hash() == artifact.hash)
             && status
                 .last_applied
                 .as_ref()
