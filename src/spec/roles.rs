@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::model::{ServiceSpec, Settings};
+use super::model::{Role, ServiceSpec, Settings};
 use super::names::Name;
 
 /// The resolved roles of one machine.
@@ -31,6 +31,9 @@ pub struct MachineRoles {
     pub services: BTreeSet<Name>,
 }
 
+// Fields are declared in sorted order and every map is a sorted map (serde_json
+// has no preserve_order feature here), so serializing these directly gives
+// canonical JSON, byte for byte what sorting through a `Value` would.
 #[derive(Serialize)]
 struct RolesDocument<'a> {
     machine: &'a str,
@@ -39,15 +42,15 @@ struct RolesDocument<'a> {
 
 #[derive(Serialize)]
 struct ServiceEntry<'a> {
+    members: &'a BTreeMap<Name, BTreeSet<Name>>,
     module: &'a str,
     roles: BTreeMap<&'a str, RoleEntry<'a>>,
-    members: &'a BTreeMap<Name, BTreeSet<Name>>,
 }
 
 #[derive(Serialize)]
 struct RoleEntry<'a> {
-    settings: Value,
     after: Vec<&'a str>,
+    settings: Value,
 }
 
 /// Which machines each role of one service selects.
@@ -82,6 +85,19 @@ pub fn resolve(
     machines: &[&Name],
     services: &BTreeMap<Name, (&ServiceSpec, Members)>,
 ) -> BTreeMap<Name, MachineRoles> {
+    // The roles each machine plays, in (service, role) order, found from the
+    // members lists: work in proportion to memberships, not machines × roles.
+    let mut plays: BTreeMap<&Name, Vec<(&Name, &Name, &Role)>> = BTreeMap::new();
+    for (service_name, (spec, members)) in services {
+        for (role_name, role) in &spec.roles {
+            for member in members.get(&role_name.value).into_iter().flatten() {
+                plays
+                    .entry(member)
+                    .or_default()
+                    .push((service_name, &role_name.value, role));
+            }
+        }
+    }
     let mut out = BTreeMap::new();
     for machine in machines {
         let mut doc = RolesDocument {
@@ -90,15 +106,14 @@ pub fn resolve(
         };
         let mut after = BTreeSet::new();
         let mut in_services = BTreeSet::new();
-        for (service_name, (spec, members)) in services {
+        let own = plays.get(*machine).map(Vec::as_slice).unwrap_or_default();
+        for group in own.chunk_by(|a, b| a.0 == b.0) {
+            let service_name = group[0].0;
+            let Some((spec, members)) = services.get(service_name) else {
+                continue;
+            };
             let mut roles = BTreeMap::new();
-            for (role_name, role) in &spec.roles {
-                let plays = members
-                    .get(&role_name.value)
-                    .is_some_and(|m| m.contains(*machine));
-                if !plays {
-                    continue;
-                }
+            for &(_, role_name, role) in group {
                 let mut settings = Value::Object(spec.settings.clone());
                 merge(&mut settings, &role.settings);
                 if let Some(own) = role.per_machine.get(*machine) {
@@ -114,10 +129,10 @@ pub fn resolve(
                     }
                 }
                 roles.insert(
-                    role_name.value.as_str(),
+                    role_name.as_str(),
                     RoleEntry {
-                        settings,
                         after: role_after,
+                        settings,
                     },
                 );
             }
@@ -126,22 +141,19 @@ pub fn resolve(
                 doc.services.insert(
                     service_name.as_str(),
                     ServiceEntry {
+                        members,
                         module: spec.module.value.as_str(),
                         roles,
-                        members,
                     },
                 );
             }
         }
-        // Through a Value: serde_json's map is sorted (no preserve_order
-        // feature), so every object's keys come out in order: canonical.
-        let document: Arc<[u8]> =
-            match serde_json::to_value(&doc).and_then(|v| serde_json::to_vec(&v)) {
-                Ok(bytes) => Arc::from(bytes),
-                // Serializing plain maps and strings cannot fail; keep an empty
-                // document rather than panic if it ever did.
-                Err(_) => Arc::from(b"{}".as_slice()),
-            };
+        let document: Arc<[u8]> = match serde_json::to_vec(&doc) {
+            Ok(bytes) => Arc::from(bytes),
+            // Serializing plain maps and strings cannot fail; keep an empty
+            // document rather than panic if it ever did.
+            Err(_) => Arc::from(b"{}".as_slice()),
+        };
         let hash = blake3::hash(&document).to_hex().to_string();
         out.insert(
             (*machine).clone(),

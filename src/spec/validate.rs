@@ -8,7 +8,7 @@
 //! directory with any error yields no desired state at all: the caller keeps
 //! the last valid one. Pure: paths are checked lexically, nothing is read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::at::{At, Loc};
@@ -637,7 +637,14 @@ fn resolve_members(
     services: &BTreeMap<Name, Object<ServiceSpec>>,
     diags: &mut Vec<Diagnostic>,
 ) -> BTreeMap<Name, Members> {
-    let names: Vec<&Name> = machines.keys().collect();
+    // Machines by tag, built once, so a role costs what it selects rather
+    // than a pass over every machine.
+    let mut by_tag: BTreeMap<&Name, Vec<&Name>> = BTreeMap::new();
+    for (name, machine) in machines {
+        for tag in &machine.tags {
+            by_tag.entry(tag).or_default().push(name);
+        }
+    }
     let mut out = BTreeMap::new();
     for (service_name, service) in services {
         let mut members = Members::new();
@@ -648,8 +655,7 @@ fn resolve_members(
                 }
             }
             for tag in &role.tags {
-                let used = tag.value.as_str() == "all"
-                    || machines.values().any(|mach| mach.tags.contains(&tag.value));
+                let used = tag.value.as_str() == "all" || by_tag.contains_key(&tag.value);
                 if !used {
                     diags.push(service.origin.warning(
                         tag.loc,
@@ -660,15 +666,22 @@ fn resolve_members(
                     ));
                 }
             }
-            let selected = roles::select(
-                &names,
-                |m| machines.get(m).map(|o| &o.tags),
-                role.machines
-                    .iter()
-                    .map(|m| &m.value)
-                    .filter(|m| machines.contains_key(*m)),
-                role.tags.iter().map(|t| &t.value),
-            );
+            // Named machines plus those carrying any of the tags (`all`: every
+            // machine), as `roles::select` defines it.
+            let mut selected: BTreeSet<Name> = role
+                .machines
+                .iter()
+                .map(|m| &m.value)
+                .filter(|m| machines.contains_key(*m))
+                .cloned()
+                .collect();
+            for tag in &role.tags {
+                if tag.value.as_str() == "all" {
+                    selected.extend(machines.keys().cloned());
+                } else if let Some(tagged) = by_tag.get(&tag.value) {
+                    selected.extend(tagged.iter().map(|m| (*m).clone()));
+                }
+            }
             for machine in role.per_machine.keys() {
                 if !selected.contains(&machine.value) {
                     diags.push(service.origin.error(
