@@ -3,8 +3,12 @@
 //!
 //! A machine's roles document lists each service instance it takes part in,
 //! the roles it plays there with their merged settings (instance < role <
-//! per-machine), the roles each waits for (`after`), and who plays which role
-//! in that instance (a VPN peer needs to know its controller). The document is
+//! per-machine), the roles each waits for (`after`), and who plays the
+//! instance's OTHER roles (a VPN peer learns its controller, the controller
+//! its peers). Members of a machine's own roles are not listed: with a role
+//! selecting every machine (`tags: [all]`) that would make every document as
+//! large as the fleet and the total quadratic; this way a hub's document
+//! grows with its spokes and a spoke's stays small. The document is
 //! canonical JSON (sorted keys, no whitespace), so its blake3 hash is stable:
 //! same input, same hash; a change that does not touch a machine's services
 //! leaves its hash alone. Pure: no IO.
@@ -42,8 +46,10 @@ struct RolesDocument<'a> {
 
 #[derive(Serialize)]
 struct ServiceEntry<'a> {
-    members: &'a BTreeMap<Name, BTreeSet<Name>>,
     module: &'a str,
+    /// Who plays each role of the instance that this machine does not play.
+    #[serde(rename = "otherRoles")]
+    other_roles: BTreeMap<&'a str, &'a BTreeSet<Name>>,
     roles: BTreeMap<&'a str, RoleEntry<'a>>,
 }
 
@@ -138,11 +144,16 @@ pub fn resolve(
             }
             if !roles.is_empty() {
                 in_services.insert(service_name.clone());
+                let other_roles = members
+                    .iter()
+                    .filter(|(role, _)| !roles.contains_key(role.as_str()))
+                    .map(|(role, machines)| (role.as_str(), machines))
+                    .collect();
                 doc.services.insert(
                     service_name.as_str(),
                     ServiceEntry {
-                        members,
                         module: spec.module.value.as_str(),
+                        other_roles,
                         roles,
                     },
                 );
