@@ -200,15 +200,16 @@ fn roles_select_machines_by_name_by_tag_and_by_all() {
     );
     assert_eq!(services_of("pi"), expect(&[("monitoring", &["agent"])]));
 
-    // Every member of a service sees who plays which role in it.
+    // Every member of a service sees who plays the roles it does not play:
+    // a peer learns its controller, the controller its peers; members of a
+    // machine's own role are not listed (that would grow quadratically).
     let doc = document(&desired, "laptop");
+    assert_eq!(doc["services"]["vpn"]["otherRoles"], json!({"controller": ["gw"]}));
+    assert_eq!(doc["services"]["monitoring"]["otherRoles"], json!({}));
+    let hub = document(&desired, "gw");
     assert_eq!(
-        doc["services"]["vpn"]["members"],
-        json!({"controller": ["gw"], "peer": ["laptop", "media", "nas"]})
-    );
-    assert_eq!(
-        doc["services"]["monitoring"]["members"],
-        json!({"agent": ["gw", "laptop", "media", "nas", "pi"]})
+        hub["services"]["vpn"]["otherRoles"],
+        json!({"peer": ["laptop", "media", "nas"]})
     );
     assert_eq!(doc["services"]["vpn"]["module"], json!("wireguard"));
 }
@@ -435,12 +436,10 @@ fn joining_a_role_changes_the_new_member_and_the_members_it_is_listed_to() {
         "tags: [iot, backed-up]",
     );
     let after = load(&files);
-    // pi's document changes, and so do those of every member of vpn and
-    // backups, which list who plays which role.
-    assert_eq!(
-        changed(&base, &after),
-        set(&["gw", "laptop", "media", "nas", "pi"])
-    );
+    // pi's document changes, and so do those of the machines that list
+    // vpn peers (the controller, gw) and backups clients (the server, nas).
+    // Fellow peers and clients do not list each other, so they stay.
+    assert_eq!(changed(&base, &after), set(&["gw", "nas", "pi"]));
     assert_eq!(after.roles[&n("pi")].after, set(&["gw", "nas"]));
     let files = edit(
         &fixture(),
@@ -448,9 +447,10 @@ fn joining_a_role_changes_the_new_member_and_the_members_it_is_listed_to() {
         "server: {machines: [nas]}",
         "server: {machines: [nas, pi]}",
     );
-    // pi joins backups.server only: backups members change, vpn-only gw does not.
+    // pi joins backups.server only: the clients (laptop, media), which list
+    // the servers, change; nas, a fellow server, and vpn-only gw do not.
     assert_eq!(
         changed(&base, &load(&files)),
-        set(&["laptop", "media", "nas", "pi"])
+        set(&["laptop", "media", "pi"])
     );
 }
