@@ -309,10 +309,7 @@ pub fn history(args: HistoryArgs) -> anyhow::Result<u8> {
 pub fn facts(args: FactsArgs) -> anyhow::Result<u8> {
     let key = args.key.clone();
     let value = fetch(&args.state, &path_of("facts", &key), |store| {
-        Ok(store
-            .facts(&key)?
-            .map(serde_json::to_value)
-            .transpose()?)
+        Ok(store.facts(&key)?.map(serde_json::to_value).transpose()?)
     })?;
     let mut out = std::io::stdout().lock();
     match value {

@@ -86,6 +86,47 @@ pub struct StateArg {
     pub state: PathBuf,
 }
 
+/// How converge reaches SSH targets; shared by commands that touch machines.
+#[derive(Debug, clap::Args)]
+pub struct SshArgs {
+    /// An ssh_config file to use instead of ~/.ssh/config (a daemon's unit sets it).
+    #[arg(long, env = "CONVERGE_SSH_CONFIG")]
+    pub ssh_config: Option<PathBuf>,
+    /// A known_hosts file for targets that give neither hostKey nor knownHosts.
+    #[arg(long, env = "CONVERGE_KNOWN_HOSTS")]
+    pub known_hosts: Option<PathBuf>,
+    /// Accept and remember host keys never seen before (a changed key is always refused).
+    #[arg(long)]
+    pub accept_new_host_keys: bool,
+    /// SSH sessions at once per host.
+    #[arg(long, default_value_t = 8)]
+    pub ssh_sessions: usize,
+    /// How long a new SSH connection may take.
+    #[arg(long, default_value = "10s")]
+    pub connect_timeout: crate::spec::HumanDuration,
+}
+
+impl SshArgs {
+    /// The real drivers, with builds cached and SSH sockets under `state`.
+    pub(crate) fn driver(
+        &self,
+        state: &std::path::Path,
+        root: &std::path::Path,
+    ) -> crate::driver::host::HostDriver {
+        let mut ssh = crate::driver::host::SshSettings::for_state(state);
+        ssh.ssh_config.clone_from(&self.ssh_config);
+        ssh.known_hosts.clone_from(&self.known_hosts);
+        ssh.accept_new_host_keys = self.accept_new_host_keys;
+        ssh.max_sessions = self.ssh_sessions;
+        ssh.connect_timeout = self.connect_timeout.get();
+        crate::driver::host::HostDriver::new(
+            crate::controller::lifecycle::build_cache_dir(state),
+            root,
+            ssh,
+        )
+    }
+}
+
 /// `/var/lib/converge/controller` for root, `~/.local/state/converge` otherwise.
 fn default_state_dir() -> PathBuf {
     let is_root = std::env::var_os("USER").is_some_and(|u| u == "root")

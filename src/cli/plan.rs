@@ -8,7 +8,6 @@ use anyhow::Context as _;
 use super::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
 use crate::controller::context::{Config, Context};
 use crate::controller::{lifecycle, preview};
-use crate::driver::host::HostDriver;
 use crate::plan::{Plan, render_text};
 use crate::source::Source;
 use crate::store::Store;
@@ -35,6 +34,8 @@ pub struct Args {
     pub dir: DirArg,
     #[command(flatten)]
     pub state: StateArg,
+    #[command(flatten)]
+    pub ssh: super::SshArgs,
     /// Exit 2 when there are changes, 0 when none (1 stays an error).
     #[arg(long)]
     pub detailed_exitcode: bool,
@@ -61,7 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let state = &args.state.state;
             super::create_state_dir(state)?;
             let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
-            let driver = HostDriver::new(lifecycle::build_cache_dir(state));
+            let driver = args.ssh.driver(state, &args.dir.dir);
             let ctx = Arc::new(Context::new(
                 store,
                 driver,

@@ -12,7 +12,6 @@ use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
 use crate::controller::lifecycle;
 use crate::controller::once::{self, OnceOptions};
-use crate::driver::host::HostDriver;
 use crate::source::Source;
 use crate::spec::{HumanDuration, ObjectKey};
 use crate::store::Store;
@@ -50,6 +49,8 @@ pub struct Args {
     pub dir: DirArg,
     #[command(flatten)]
     pub state: StateArg,
+    #[command(flatten)]
+    pub ssh: super::SshArgs,
     /// Bound on the whole run (e.g. 10m); past it, steps are aborted and the exit code is 4.
     #[arg(long)]
     pub timeout: Option<HumanDuration>,
@@ -100,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         builds: args.builds,
         ..Config::default()
     };
-    let driver = HostDriver::new(lifecycle::build_cache_dir(state));
+    let driver = args.ssh.driver(state, &args.dir.dir);
     let ctx = Arc::new(Context::new(store, driver, config, state, snapshot));
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,

@@ -14,7 +14,6 @@ use crate::controller::context::{Config, Context};
 use crate::controller::daemon::{self, DaemonOptions, Signals};
 use crate::controller::metrics::Metrics;
 use crate::controller::{lifecycle, preview};
-use crate::driver::host::HostDriver;
 use crate::source::Source;
 use crate::spec::HumanDuration;
 use crate::store::Store;
@@ -41,6 +40,8 @@ pub struct Args {
     pub dir: DirArg,
     #[command(flatten)]
     pub state: StateArg,
+    #[command(flatten)]
+    pub ssh: super::SshArgs,
     /// Objects reconciled at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -61,7 +62,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let runtime = super::runtime()?;
     // Before anything else: a stop signal during start-up stops cleanly.
-    let signals = runtime.block_on(async { Signals::install() }).context("install signal handlers")?;
+    let signals = runtime
+        .block_on(async { Signals::install() })
+        .context("install signal handlers")?;
     let mut source = Source::new(&args.dir.dir);
     let (assembled, _stats, snapshot) =
         lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
@@ -75,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let state = &args.state.state;
     super::create_state_dir(state)?;
     let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
-    let driver = HostDriver::new(lifecycle::build_cache_dir(state));
+    let driver = args.ssh.driver(state, &args.dir.dir);
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,

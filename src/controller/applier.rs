@@ -480,7 +480,6 @@ fn after(now: Instant, delay: Duration) -> Instant {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on a missing value")]
 mod tests {
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};

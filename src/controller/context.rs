@@ -43,6 +43,8 @@ pub struct Config {
     pub vm_start_timeout: Duration,
     /// How often a VM is observed again.
     pub vm_resync: Duration,
+    /// Complete generations kept on a target (besides current and the one before).
+    pub keep_generations: usize,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             vm_stop_grace: Duration::from_secs(30),
             vm_start_timeout: Duration::from_secs(30),
             vm_resync: Duration::from_secs(60),
+            keep_generations: 5,
         }
     }
 }

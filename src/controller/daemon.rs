@@ -118,11 +118,16 @@ pub async fn run<D: Drivers>(
         }
     };
 
-    let Signals { term: mut sigterm, int: mut sigint } = signals;
+    let Signals {
+        term: mut sigterm,
+        int: mut sigint,
+    } = signals;
     let mut manual = manual;
     let mut stop_signals = 0;
     let grace = options.applier.shutdown_grace;
     let mut handle = handle;
+    let mut indexed_for = ctx.snapshot();
+    let mut dependents = lifecycle::dependents_index(&indexed_for.desired);
     tracing::info!(objects = ctx.snapshot().desired.len(), revision = %ctx.snapshot().revision.short(), "converge is running");
 
     loop {
@@ -147,8 +152,16 @@ pub async fn run<D: Drivers>(
             }
             Some(done) = finished.recv() => {
                 if matches!(done.outcome, Outcome::Succeeded(_)) && !lifecycle::is_waiting(&ctx, &done.key) {
-                    for dependent in lifecycle::dependents_of(&ctx, &done.key) {
-                        let _ = requests.send(Request::Now(dependent));
+                    let snapshot = ctx.snapshot();
+                    if !Arc::ptr_eq(&snapshot, &indexed_for) {
+                        dependents = lifecycle::dependents_index(&snapshot.desired);
+                        indexed_for = snapshot;
+                    }
+                    for dependent in dependents.get(&done.key).into_iter().flatten() {
+                        let ready = ctx.store.status(dependent).ok().flatten().is_some_and(|s| s.is_ready());
+                        if !ready {
+                            let _ = requests.send(Request::Now(dependent.clone()));
+                        }
                     }
                 }
             }

@@ -4,7 +4,7 @@
 //!
 //! Shared by `reconcile --once` and the daemon, so both behave the same.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -94,26 +94,20 @@ pub fn forget_removed<D>(ctx: &Context<D>, desired: &DesiredState) -> Vec<Object
     removed
 }
 
-/// Machines that wait (role `after`) for `ready` and are not Ready themselves.
-pub fn dependents_of<D>(ctx: &Context<D>, ready: &ObjectKey) -> Vec<ObjectKey> {
-    if ready.kind != Kind::Machine {
-        return Vec::new();
+/// For every machine, the machines that wait for it (role `after`): the
+/// reverse of each roles document's `after`, built once per desired state so
+/// waking dependents is not a scan of the fleet per finished reconcile.
+pub fn dependents_index(desired: &DesiredState) -> HashMap<ObjectKey, Vec<ObjectKey>> {
+    let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
+    for (name, roles) in &desired.roles {
+        for earlier in &roles.after {
+            index
+                .entry(ObjectKey::machine(earlier.clone()))
+                .or_default()
+                .push(ObjectKey::machine(name.clone()));
+        }
     }
-    let snapshot = ctx.snapshot();
-    snapshot
-        .desired
-        .roles
-        .iter()
-        .filter(|(_, roles)| roles.after.contains(&ready.name))
-        .map(|(name, _)| ObjectKey::machine(name.clone()))
-        .filter(|key| {
-            !ctx.store
-                .status(key)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.is_ready())
-        })
-        .collect()
+    index
 }
 
 /// Whether `key` last ended waiting for dependencies.

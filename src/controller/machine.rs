@@ -17,7 +17,7 @@ use super::context::{Context, Snapshot};
 use super::reconcile::{ReconcileError, jittered};
 use crate::driver::build::{Artifact, BuildRequest, cache_key};
 use crate::driver::capability::{DriverError, Drivers};
-use crate::driver::machine::{GenerationId, MachineFacts};
+use crate::driver::machine::{ConfirmOutcome, Confirmation, GenerationId, MachineFacts};
 use crate::plan::{self, ChangeKind};
 use crate::spec::{DriftPolicy, MachineSpec, Object, ObjectKey, RollbackPolicy};
 use crate::store::records::{
@@ -205,7 +205,8 @@ pub async fn reconcile<D: Drivers>(
     // An unchanged artifact still needs activating when how it is activated
     // changed (mode, health checks): the plan says so, execution must agree.
     let activation_changed = applied_record.as_ref().is_some_and(|r| {
-        r.spec.pointer("/spec/activation") != serde_json::to_value(&object.spec.activation).ok().as_ref()
+        r.spec.pointer("/spec/activation")
+            != serde_json::to_value(&object.spec.activation).ok().as_ref()
     });
     let applied_view = status.last_applied.as_ref().map(|a| plan::Applied {
         document: applied_record.as_ref().map(|r| &r.spec),
@@ -673,8 +674,41 @@ async fn run_steps<D: Drivers>(
     };
 
     // Switch, activate, health-check.
-    let failure = activate_and_check(ctx, object, &generation, mode, steps).await;
-    let Some(failure) = failure else {
+    let checked =
+        activate_and_check(ctx, object, &generation, previous.as_ref(), mode, steps).await;
+    let Some(Failure {
+        error: failure,
+        confirmation,
+    }) = checked
+    else {
+        // Old generations go, so months of deploys do not fill the target;
+        // the new one and the one before are always kept.
+        let protect: Vec<GenerationId> = std::iter::once(generation.clone())
+            .chain(previous.clone())
+            .collect();
+        let started = Instant::now();
+        match ctx
+            .driver
+            .prune(
+                target,
+                ctx.config.keep_generations,
+                &protect,
+                ctx.config.switch_timeout,
+            )
+            .await
+        {
+            Ok(removed) if !removed.is_empty() => {
+                let names: Vec<String> = removed.iter().map(ToString::to_string).collect();
+                steps.push(
+                    "prune",
+                    started,
+                    true,
+                    format!("removed {}", names.join(", ")),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %error_chain(&e), "failed to prune old generations"),
+        }
         return Outcome {
             result: AttemptResult::Succeeded,
             applied: Some(applied_record(
@@ -688,6 +722,67 @@ async fn run_steps<D: Drivers>(
             error: None,
         };
     };
+
+    // The target's watchdog may act (or have acted) on its own: claim the
+    // confirmation before deciding anything, so it and converge never both
+    // roll back. A watchdog that already fired means the target rolled back.
+    if let Some(confirmation) = &confirmation {
+        let started = Instant::now();
+        match ctx
+            .driver
+            .confirm(target, confirmation, ctx.config.switch_timeout)
+            .await
+        {
+            Ok(ConfirmOutcome::Confirmed) => steps.push(
+                "claim confirmation",
+                started,
+                true,
+                "watchdog disarmed before rolling back",
+            ),
+            Ok(ConfirmOutcome::AlreadyRolledBack { rollback }) => {
+                let message = format!(
+                    "{}; the machine rolled itself back ({rollback:?})",
+                    failure.message
+                );
+                steps.push("claim confirmation", started, false, message.clone());
+                return target_rolled_back(
+                    failure,
+                    message,
+                    previous.as_ref(),
+                    generation,
+                    artifact_hash,
+                );
+            }
+            Err(e) => {
+                let message = format!(
+                    "{}; could not reach the machine to roll back ({}); its watchdog rolls it back after confirmTimeout",
+                    failure.message,
+                    error_chain(&e)
+                );
+                steps.push("claim confirmation", started, false, message.clone());
+                return Outcome {
+                    result: AttemptResult::Failed {
+                        reason: failure.reason.clone(),
+                        message: message.clone(),
+                    },
+                    generation: Some(generation),
+                    artifact: Some(artifact_hash),
+                    applied: None,
+                    error: Some(ReconcileError { message, ..failure }),
+                };
+            }
+        }
+    }
+    if failure.reason == TARGET_ROLLED_BACK {
+        let message = failure.message.clone();
+        return target_rolled_back(
+            failure,
+            message,
+            previous.as_ref(),
+            generation,
+            artifact_hash,
+        );
+    }
 
     // Roll back to what was current before, if allowed and possible.
     let rollback_target = previous.filter(|p| *p != generation);
@@ -765,17 +860,57 @@ fn applied_record(
     }
 }
 
-/// Switches to `generation`, activates it and runs the health checks.
-/// Returns the failure, if any (a transient error: the retry may succeed).
+/// Reason of a failure where the target's own watchdog rolled back (the
+/// activation was not confirmed in time).
+const TARGET_ROLLED_BACK: &str = "NotConfirmed";
+
+/// Why an activation did not stand, and the watchdog armed for it (if any).
+struct Failure {
+    error: ReconcileError,
+    confirmation: Option<Confirmation>,
+}
+
+/// The outcome of an attempt the target rolled back by itself.
+fn target_rolled_back(
+    failure: ReconcileError,
+    message: String,
+    previous: Option<&GenerationId>,
+    generation: GenerationId,
+    artifact_hash: String,
+) -> Outcome {
+    Outcome {
+        result: AttemptResult::RolledBack {
+            reason: failure.reason.clone(),
+            message: message.clone(),
+            to_generation: previous.map(GenerationId::number),
+        },
+        generation: Some(generation),
+        artifact: Some(artifact_hash),
+        applied: None,
+        error: Some(ReconcileError::transient("RolledBack", message)),
+    }
+}
+
+/// Switches to `generation`, activates it (arming the target's confirmation
+/// watchdog for modes that change the running system), runs the health
+/// checks, and confirms over a new connection. Returns the failure, if any
+/// (transient: a retry may succeed).
 async fn activate_and_check<D: Drivers>(
     ctx: &Context<D>,
     object: &Object<MachineSpec>,
     generation: &GenerationId,
+    previous: Option<&GenerationId>,
     mode: &str,
     steps: &mut Steps,
-) -> Option<ReconcileError> {
+) -> Option<Failure> {
     let spec = &object.spec;
     let target = &spec.target;
+    let fail = |error: ReconcileError, confirmation: Option<Confirmation>| {
+        Some(Failure {
+            error,
+            confirmation,
+        })
+    };
     let started = Instant::now();
     if let Err(e) = ctx
         .driver
@@ -783,7 +918,7 @@ async fn activate_and_check<D: Drivers>(
         .await
     {
         steps.push("switch", started, false, error_chain(&e));
-        return Some(driver_error("SwitchFailed", &e));
+        return fail(driver_error("SwitchFailed", &e), None);
     }
     steps.push(
         "switch",
@@ -793,30 +928,38 @@ async fn activate_and_check<D: Drivers>(
     );
 
     let started = Instant::now();
-    match ctx
+    let activated = ctx
         .driver
-        .activate(
+        .activate_confirmed(
             target,
             generation,
+            previous.filter(|p| *p != generation),
             mode,
             spec.activation.timeout.value.get(),
+            spec.activation.confirm_timeout.value.get(),
         )
-        .await
-    {
-        Ok(result) if result.succeeded() => steps.push("activate", started, true, result.log),
-        Ok(result) => {
+        .await;
+    let confirmation = match activated {
+        Ok((result, confirmation)) if result.succeeded() => {
+            steps.push("activate", started, true, result.log);
+            confirmation
+        }
+        Ok((result, confirmation)) => {
             let message = format!(
                 "activate {mode} of generation {generation} exited with code {}",
                 result.code
             );
             steps.push("activate", started, false, result.log);
-            return Some(ReconcileError::transient("ActivationFailed", message));
+            return fail(
+                ReconcileError::transient("ActivationFailed", message),
+                confirmation,
+            );
         }
         Err(e) => {
             steps.push("activate", started, false, error_chain(&e));
-            return Some(driver_error("ActivationFailed", &e));
+            return fail(driver_error("ActivationFailed", &e), None);
         }
-    }
+    };
 
     for check in &spec.activation.health_checks {
         let started = Instant::now();
@@ -840,10 +983,47 @@ async fn activate_and_check<D: Drivers>(
                 } else {
                     "Unreachable"
                 };
-                return Some(ReconcileError::transient(
-                    reason,
-                    format!("{name} failed: {}", error_chain(&e)),
-                ));
+                return fail(
+                    ReconcileError::transient(
+                        reason,
+                        format!("{name} failed: {}", error_chain(&e)),
+                    ),
+                    confirmation,
+                );
+            }
+        }
+    }
+
+    // Prove the machine is reachable afresh; otherwise it rolls itself back.
+    if let Some(c) = &confirmation {
+        let started = Instant::now();
+        match ctx
+            .driver
+            .confirm(target, c, ctx.config.switch_timeout)
+            .await
+        {
+            Ok(ConfirmOutcome::Confirmed) => {
+                steps.push("confirm", started, true, "reached over a new connection")
+            }
+            Ok(ConfirmOutcome::AlreadyRolledBack { rollback }) => {
+                let message = format!(
+                    "generation {generation} was not confirmed within confirmTimeout; the machine rolled itself back ({rollback:?})"
+                );
+                steps.push("confirm", started, false, message.clone());
+                return fail(ReconcileError::transient(TARGET_ROLLED_BACK, message), None);
+            }
+            Err(e) => {
+                let message = format!(
+                    "could not reach the machine over a new connection after activating generation {generation}: {}; it rolls itself back after confirmTimeout",
+                    error_chain(&e)
+                );
+                steps.push("confirm", started, false, message.clone());
+                // Kept: the caller tries to claim it before any rollback of
+                // its own, so converge and the watchdog never both act.
+                return fail(
+                    ReconcileError::transient("Unreachable", message),
+                    confirmation.clone(),
+                );
             }
         }
     }

@@ -22,3 +22,6 @@ pub mod runner;
 pub mod scheduler;
 pub mod triggers;
 pub mod vm;
+
+#[cfg(test)]
+mod tests;

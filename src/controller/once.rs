@@ -7,7 +7,7 @@
 //! Over the whole run stands one timeout: past it, running steps are aborted
 //! and the report says the run timed out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,15 +91,19 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
         .iter()
         .map(|k| (k.clone(), Progress::Running))
         .collect();
+    let mut running = progress.len();
     let mut attempts: BTreeMap<ObjectKey, u32> = BTreeMap::new();
-    let mut failed: BTreeSet<ObjectKey> = BTreeSet::new();
+    // Machine -> the machines that wait for it (role `after`), built once.
+    let dependents = lifecycle::dependents_index(&snapshot.desired);
+    // Dependents ended because a machine they wait for failed, with why.
+    let mut blocked: BTreeMap<ObjectKey, String> = BTreeMap::new();
     for key in &keys {
         let _ = requests.send(Request::Now(key.clone()));
     }
 
     let deadline = options.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
-    while progress.values().any(|p| *p == Progress::Running) {
+    while running > 0 {
         let next = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, finished.recv()).await {
                 Ok(next) => next,
@@ -114,39 +118,54 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
             break;
         };
         let key = done.key;
+        // A key already ended in this run (e.g. blocked by a failed
+        // dependency) may still be polled by the loop: its reports no
+        // longer count.
+        if progress.get(&key) != Some(&Progress::Running) {
+            continue;
+        }
         let count = attempts.entry(key.clone()).or_insert(0);
-        match done.outcome {
+        let failed = match done.outcome {
             Outcome::Succeeded(_) if lifecycle::is_waiting(&ctx, &key) => {
                 // Waiting on dependencies is not an attempt.
+                continue;
             }
             Outcome::Succeeded(_) => {
                 *count += 1;
                 progress.insert(key.clone(), Progress::Done);
-                for dependent in lifecycle::dependents_of(&ctx, &key) {
-                    let _ = requests.send(Request::Now(dependent));
+                running -= 1;
+                for dependent in dependents.get(&key).into_iter().flatten() {
+                    let _ = requests.send(Request::Now(dependent.clone()));
                 }
+                false
             }
             Outcome::Failed { transient, .. } => {
                 *count += 1;
-                if !transient || *count >= attempts_allowed {
-                    progress.insert(key.clone(), Progress::Done);
-                    failed.insert(key.clone());
-                }
+                !transient || *count >= attempts_allowed
             }
             Outcome::Panicked { message, .. } => {
                 *count += 1;
                 tracing::error!(object = %key, %message, "reconcile panicked");
-                if *count >= attempts_allowed {
-                    progress.insert(key.clone(), Progress::Done);
-                    failed.insert(key.clone());
+                *count >= attempts_allowed
+            }
+            Outcome::Aborted => true,
+        };
+        if failed {
+            progress.insert(key.clone(), Progress::Done);
+            running -= 1;
+            // Everything waiting on it, directly or through others, ends too.
+            let mut stack = vec![(key.clone(), key.clone())];
+            while let Some((failed_key, root)) = stack.pop() {
+                for dependent in dependents.get(&failed_key).into_iter().flatten() {
+                    if progress.get(dependent) == Some(&Progress::Running) {
+                        progress.insert(dependent.clone(), Progress::Done);
+                        running -= 1;
+                        blocked.insert(dependent.clone(), format!("not converged: {root} failed"));
+                        stack.push((dependent.clone(), root.clone()));
+                    }
                 }
             }
-            Outcome::Aborted => {
-                progress.insert(key.clone(), Progress::Done);
-                failed.insert(key.clone());
-            }
         }
-        fail_dependents_of_failed(&ctx, &mut progress, &failed);
     }
 
     // Everything ended (or the clock ran out): stop the loop.
@@ -156,17 +175,27 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
         Phase::Graceful
     });
     drop(requests);
-    let summary = handle.await.ok();
-    if let Some(summary) = &summary {
+    if let Ok(summary) = handle.await {
         for key in &summary.aborted {
             tracing::warn!(object = %key, "aborted by the run's timeout");
         }
     }
-    // Drain reports that raced with the shutdown.
-    while let Ok(done) = finished.try_recv() {
-        if matches!(done.outcome, Outcome::Aborted) {
-            failed.insert(done.key);
+    // Written after the loop stopped, so no late dependency poll overwrites them.
+    for (key, message) in &blocked {
+        let mut status = ctx.store.status(key).ok().flatten().unwrap_or_default();
+        let now = now_ms();
+        status.set_condition(
+            ConditionKind::Ready,
+            false,
+            "DependencyFailed",
+            message,
+            now,
+        );
+        status.set_condition(ConditionKind::Reconciling, false, "", "", now);
+        if let Err(e) = ctx.store.put_status(key, &status) {
+            tracing::error!(object = %key, error = %e, "failed to record status");
         }
+        tracing::warn!(object = %key, "{message}");
     }
 
     let rows = keys
@@ -180,69 +209,6 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
         forgotten,
         revision: snapshot.revision.short(),
     }
-}
-
-/// Machines still waiting for a machine that has failed for good end failed.
-fn fail_dependents_of_failed<D>(
-    ctx: &Context<D>,
-    progress: &mut BTreeMap<ObjectKey, Progress>,
-    failed: &BTreeSet<ObjectKey>,
-) {
-    if failed.is_empty() {
-        return;
-    }
-    let snapshot = ctx.snapshot();
-    // Iterate to a fixed point: a failure can cascade through several roles.
-    loop {
-        let mut changed = false;
-        for (name, roles) in &snapshot.desired.roles {
-            let key = ObjectKey::machine(name.clone());
-            if progress.get(&key) != Some(&Progress::Running) {
-                continue;
-            }
-            let blocked: Vec<String> = roles
-                .after
-                .iter()
-                .map(|d| ObjectKey::machine(d.clone()))
-                .filter(|d| {
-                    failed.contains(d)
-                        || progress.get(d) == Some(&Progress::Done) && !is_ready(ctx, d)
-                })
-                .map(|d| d.to_string())
-                .collect();
-            if blocked.is_empty() {
-                continue;
-            }
-            let mut status = ctx.store.status(&key).ok().flatten().unwrap_or_default();
-            let now = now_ms();
-            let message = format!("not converged: {} failed", blocked.join(", "));
-            status.set_condition(
-                ConditionKind::Ready,
-                false,
-                "DependencyFailed",
-                &message,
-                now,
-            );
-            status.set_condition(ConditionKind::Reconciling, false, "", "", now);
-            if let Err(e) = ctx.store.put_status(&key, &status) {
-                tracing::error!(object = %key, error = %e, "failed to record status");
-            }
-            tracing::warn!(object = %key, "{message}");
-            progress.insert(key, Progress::Done);
-            changed = true;
-        }
-        if !changed {
-            break;
-        }
-    }
-}
-
-fn is_ready<D>(ctx: &Context<D>, key: &ObjectKey) -> bool {
-    ctx.store
-        .status(key)
-        .ok()
-        .flatten()
-        .is_some_and(|s| s.is_ready())
 }
 
 fn row<D>(ctx: &Context<D>, key: &ObjectKey, attempts: u32) -> Row {

@@ -177,7 +177,6 @@ fn unfinished(error: JoinError) -> Unfinished {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on a missing value")]
 mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};

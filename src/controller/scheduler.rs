@@ -136,7 +136,6 @@ where
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on a missing value")]
 mod tests {
     use std::time::Duration;
 

@@ -12,7 +12,10 @@ use std::time::Duration;
 use std::path::Path;
 
 use super::build::{Artifact, BuildError, BuildRequest};
-use super::machine::{ActivationResult, GenerationId, InstallOutcome, MachineError, MachineFacts};
+use super::machine::{
+    ActivationResult, ConfirmOutcome, Confirmation, GenerationId, InstallOutcome, MachineError,
+    MachineFacts,
+};
 use super::qemu::{DiskGrowth, Started, StopOutcome, VmError, VmFacts};
 use super::{CommandOutput, TargetError};
 use crate::spec::{ByteSize, Disk, OnDelete, Target as TargetSpec, VmHost, VmSpec};
@@ -99,6 +102,40 @@ pub trait MachineDriver: Send + Sync + 'static {
         mode: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<ActivationResult, DriverError>> + Send;
+
+    /// Starts `activate MODE` detached, arms a confirmation watchdog on the
+    /// target when the mode changes the running system (the target rolls
+    /// back to `previous` unless confirmed within `confirm_timeout` after the
+    /// activation ends), and waits for the activation's result.
+    fn activate_confirmed(
+        &self,
+        target: &TargetSpec,
+        generation: &GenerationId,
+        previous: Option<&GenerationId>,
+        mode: &str,
+        timeout: Duration,
+        confirm_timeout: Duration,
+    ) -> impl Future<Output = Result<(ActivationResult, Option<Confirmation>), DriverError>> + Send;
+
+    /// Claims an armed confirmation over a NEW connection: proves the machine
+    /// is still reachable after activation. Also the claim to make before
+    /// rolling back oneself, so the watchdog and converge never both act.
+    fn confirm(
+        &self,
+        target: &TargetSpec,
+        confirmation: &Confirmation,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ConfirmOutcome, DriverError>> + Send;
+
+    /// Removes old generations: keeps the `keep` newest complete ones, those
+    /// in `protect` and the one `current` points at. Returns what it removed.
+    fn prune(
+        &self,
+        target: &TargetSpec,
+        keep: usize,
+        protect: &[GenerationId],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<GenerationId>, DriverError>> + Send;
 
     /// Runs one health check; Ok only for exit code 0.
     fn health_check(

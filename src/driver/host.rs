@@ -2,18 +2,29 @@
 //! on the target a spec names.
 //!
 //! `target: {local: true}` runs on the controller's own host through
-//! [`LocalTarget`]. SSH targets plug in here (a later release); until then
-//! they are refused with a terminal error rather than guessed at.
+//! [`LocalTarget`], except observing, which reads the state directory
+//! in-process ([`machine::observe_local`]). `target: {host: …}` runs over
+//! OpenSSH through one pooled [`SshTarget`] (one master connection) per
+//! machine, rebuilt when the spec's SSH settings change. Waiting for an
+//! activation survives a dropped connection: the wait reconnects and reads
+//! the result the target wrote. Activations that change the running system
+//! are confirmed over a NEW connection, or the target rolls itself back.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::CommandOutput;
 use super::build::{Artifact, BuildRequest, CommandBuilder};
 use super::capability::{DriverError, MachineDriver, VmDriver};
 use super::local::LocalTarget;
-use super::machine::{self, ActivationResult, GenerationId, InstallOutcome, MachineFacts};
+use super::machine::{
+    self, ActivationAttempt, ActivationResult, ConfirmOutcome, Confirmation, GenerationId,
+    InstallOutcome, MachineError, MachineFacts,
+};
 use super::qemu::{self, DiskGrowth, Started, StopOutcome, VmFacts};
+use super::ssh::{SshOptions, SshTarget};
+use super::{CommandOutput, Target, TargetError};
 use crate::spec::{ByteSize, Disk, OnDelete, Target as TargetSpec, VmHost, VmSpec};
 
 /// VMs run on the controller's host only, for now.
@@ -26,28 +37,197 @@ fn local_hypervisor(host: &VmHost) -> Result<(), DriverError> {
     }
 }
 
+/// How converge uses OpenSSH, from the command line.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    /// Where master sockets and generated configs live; kept short (socket paths ≤ 107 bytes).
+    pub control_dir: PathBuf,
+    /// An ssh_config to use instead of the user's (`--ssh-config`).
+    pub ssh_config: Option<PathBuf>,
+    /// A known_hosts file for targets without `hostKey`/`knownHosts` (`--known-hosts`).
+    pub known_hosts: Option<PathBuf>,
+    /// Accept and remember unknown host keys (never changed ones).
+    pub accept_new_host_keys: bool,
+    /// Sessions at once per host.
+    pub max_sessions: usize,
+    pub connect_timeout: Duration,
+}
+
+impl SshSettings {
+    /// Defaults, with the control directory derived from the state directory.
+    pub fn for_state(state: &Path) -> SshSettings {
+        let tag = blake3::hash(state.to_string_lossy().as_bytes()).to_hex();
+        SshSettings {
+            control_dir: std::env::temp_dir().join(format!("cvssh-{}", &tag[..10])),
+            ssh_config: None,
+            known_hosts: None,
+            accept_new_host_keys: false,
+            max_sessions: 8,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A target of either kind, so the machine protocol runs unchanged on both.
+#[derive(Debug, Clone)]
+enum AnyTarget {
+    Local(LocalTarget),
+    Ssh(Arc<SshTarget>),
+}
+
+impl Target for AnyTarget {
+    fn describe(&self) -> String {
+        match self {
+            AnyTarget::Local(t) => t.describe(),
+            AnyTarget::Ssh(t) => t.describe(),
+        }
+    }
+
+    async fn run(
+        &self,
+        argv: &[String],
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<CommandOutput, TargetError> {
+        match self {
+            AnyTarget::Local(t) => t.run(argv, env, timeout).await,
+            AnyTarget::Ssh(t) => t.run(argv, env, timeout).await,
+        }
+    }
+
+    async fn upload_dir(
+        &self,
+        src: &Path,
+        dest: &str,
+        timeout: Duration,
+    ) -> Result<(), TargetError> {
+        match self {
+            AnyTarget::Local(t) => t.upload_dir(src, dest, timeout).await,
+            AnyTarget::Ssh(t) => t.upload_dir(src, dest, timeout).await,
+        }
+    }
+}
+
+impl AnyTarget {
+    /// The same target over a new connection (confirmation must prove the
+    /// machine is reachable afresh, not over the master that activated it).
+    fn fresh(&self) -> AnyTarget {
+        match self {
+            AnyTarget::Local(t) => AnyTarget::Local(t.clone()),
+            AnyTarget::Ssh(t) => AnyTarget::Ssh(Arc::new(t.fresh())),
+        }
+    }
+}
+
 /// Builds in `cache_dir`; reaches targets as their spec says.
 #[derive(Debug, Clone)]
 pub struct HostDriver {
     builder: CommandBuilder,
     local: LocalTarget,
+    /// The desired-state directory: relative `knownHosts`/`identityFile` resolve against it.
+    root: PathBuf,
+    ssh: SshSettings,
+    pool: Arc<Mutex<HashMap<String, Arc<SshTarget>>>>,
 }
 
 impl HostDriver {
-    pub fn new(cache_dir: impl Into<PathBuf>) -> HostDriver {
+    pub fn new(
+        cache_dir: impl Into<PathBuf>,
+        root: impl Into<PathBuf>,
+        ssh: SshSettings,
+    ) -> HostDriver {
         HostDriver {
             builder: CommandBuilder::new(cache_dir),
             local: LocalTarget::new("local"),
+            root: root.into(),
+            ssh,
+            pool: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    fn local_for(&self, target: &TargetSpec) -> Result<&LocalTarget, DriverError> {
-        if target.is_local() {
-            Ok(&self.local)
-        } else {
-            Err(DriverError::Unsupported {
-                what: "SSH targets (target.host)".to_owned(),
+    fn ssh_options(&self, spec: &TargetSpec) -> Result<SshOptions, DriverError> {
+        let Some(host) = &spec.host else {
+            return Err(DriverError::Unsupported {
+                what: "a target with neither `host` nor `local: true`".to_owned(),
+            });
+        };
+        let mut options = SshOptions::new(host.value.as_str(), &self.ssh.control_dir);
+        options.port = spec.port.as_ref().map_or(22, |p| p.value.get());
+        options.user = spec
+            .user
+            .as_ref()
+            .map_or_else(|| "root".to_owned(), |u| u.value.to_string());
+        options.host_key = spec.host_key.as_ref().map(|k| k.value.to_string());
+        options.known_hosts = spec
+            .known_hosts
+            .as_ref()
+            .and_then(|p| p.value.resolve(&self.root))
+            .or_else(|| self.ssh.known_hosts.clone());
+        options.identity_file = spec
+            .identity_file
+            .as_ref()
+            .and_then(|p| p.value.resolve(&self.root));
+        options.ssh_config = self.ssh.ssh_config.clone();
+        options.accept_new_host_keys = self.ssh.accept_new_host_keys;
+        options.max_sessions = self.ssh.max_sessions.max(1);
+        options.connect_timeout = self.ssh.connect_timeout;
+        Ok(options)
+    }
+
+    /// The target a spec names: local, or the pooled SSH target for its settings.
+    fn target_for(&self, spec: &TargetSpec) -> Result<AnyTarget, DriverError> {
+        if spec.is_local() {
+            return Ok(AnyTarget::Local(self.local.clone()));
+        }
+        let options = self.ssh_options(spec)?;
+        let key = format!("{options:?}");
+        let mut pool = match self.pool.lock() {
+            Ok(pool) => pool,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(t) = pool.get(&key) {
+            return Ok(AnyTarget::Ssh(t.clone()));
+        }
+        let target = Arc::new(SshTarget::new(options).map_err(|e| {
+            DriverError::Target(TargetError::Ssh {
+                target: spec
+                    .host
+                    .as_ref()
+                    .map(|h| h.value.to_string())
+                    .unwrap_or_default(),
+                source: Box::new(e),
             })
+        })?);
+        pool.insert(key, target.clone());
+        Ok(AnyTarget::Ssh(target))
+    }
+}
+
+/// Waits for an activation's result, reconnecting when the connection drops:
+/// the activation runs detached on the target and writes its result there,
+/// so converge reads it rather than guessing.
+async fn wait_reattaching(
+    t: &AnyTarget,
+    state_dir: &str,
+    attempt: &ActivationAttempt,
+    timeout: Duration,
+) -> Result<ActivationResult, MachineError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match machine::wait_activation(t, state_dir, attempt, left.max(Duration::from_millis(1)))
+            .await
+        {
+            Ok(result) => return Ok(result),
+            Err(e)
+                if e.is_transient()
+                    && !e.is_timeout()
+                    && Instant::now() + Duration::from_secs(1) < deadline =>
+            {
+                tracing::warn!(target = %t.describe(), error = %e, "lost the connection while waiting for the activation; reconnecting to read its result");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -58,8 +238,12 @@ impl MachineDriver for HostDriver {
         target: &TargetSpec,
         timeout: Duration,
     ) -> Result<MachineFacts, DriverError> {
-        let t = self.local_for(target)?;
-        Ok(machine::observe(t, target.state_dir(), timeout).await?)
+        match self.target_for(target)? {
+            // Local targets are read in-process: the same facts as the
+            // observe script, without a `sh` spawn per machine per reconcile.
+            AnyTarget::Local(_) => Ok(machine::observe_local(target.state_dir(), timeout).await?),
+            t => Ok(machine::observe(&t, target.state_dir(), timeout).await?),
+        }
     }
 
     async fn build(&self, request: &BuildRequest) -> Result<Artifact, DriverError> {
@@ -74,9 +258,9 @@ impl MachineDriver for HostDriver {
         generation: &GenerationId,
         timeout: Duration,
     ) -> Result<InstallOutcome, DriverError> {
-        let t = self.local_for(target)?;
+        let t = self.target_for(target)?;
         Ok(machine::install(
-            t,
+            &t,
             target.state_dir(),
             &artifact.path,
             roles_json,
@@ -92,8 +276,8 @@ impl MachineDriver for HostDriver {
         generation: &GenerationId,
         timeout: Duration,
     ) -> Result<(), DriverError> {
-        let t = self.local_for(target)?;
-        Ok(machine::switch(t, target.state_dir(), generation, timeout).await?)
+        let t = self.target_for(target)?;
+        Ok(machine::switch(&t, target.state_dir(), generation, timeout).await?)
     }
 
     async fn activate(
@@ -103,8 +287,68 @@ impl MachineDriver for HostDriver {
         mode: &str,
         timeout: Duration,
     ) -> Result<ActivationResult, DriverError> {
-        let t = self.local_for(target)?;
-        Ok(machine::activate(t, target.state_dir(), generation, mode, timeout).await?)
+        let t = self.target_for(target)?;
+        let attempt =
+            machine::start_activation(&t, target.state_dir(), generation, mode, timeout).await?;
+        Ok(wait_reattaching(&t, target.state_dir(), &attempt, timeout).await?)
+    }
+
+    async fn activate_confirmed(
+        &self,
+        target: &TargetSpec,
+        generation: &GenerationId,
+        previous: Option<&GenerationId>,
+        mode: &str,
+        timeout: Duration,
+        confirm_timeout: Duration,
+    ) -> Result<(ActivationResult, Option<Confirmation>), DriverError> {
+        let t = self.target_for(target)?;
+        let state_dir = target.state_dir();
+        let attempt = machine::start_activation(&t, state_dir, generation, mode, timeout).await?;
+        // Armed right after the start: an activation that cuts the network is
+        // exactly what the watchdog is for, so arming must not wait for it.
+        // Local targets have no network between converge and the machine to
+        // lose, so nothing to guard: no watchdog there.
+        let remote = matches!(t, AnyTarget::Ssh(_));
+        let confirmation = if remote && machine::needs_confirmation(mode) {
+            Some(
+                machine::arm_confirmation(
+                    &t,
+                    state_dir,
+                    &attempt,
+                    previous,
+                    mode,
+                    confirm_timeout,
+                    timeout,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let result = wait_reattaching(&t, state_dir, &attempt, timeout).await?;
+        Ok((result, confirmation))
+    }
+
+    async fn confirm(
+        &self,
+        target: &TargetSpec,
+        confirmation: &Confirmation,
+        timeout: Duration,
+    ) -> Result<ConfirmOutcome, DriverError> {
+        let t = self.target_for(target)?.fresh();
+        Ok(machine::confirm(&t, target.state_dir(), confirmation, timeout).await?)
+    }
+
+    async fn prune(
+        &self,
+        target: &TargetSpec,
+        keep: usize,
+        protect: &[GenerationId],
+        timeout: Duration,
+    ) -> Result<Vec<GenerationId>, DriverError> {
+        let t = self.target_for(target)?;
+        Ok(machine::prune(&t, target.state_dir(), keep, protect, timeout).await?)
     }
 
     async fn health_check(
@@ -113,8 +357,8 @@ impl MachineDriver for HostDriver {
         argv: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, DriverError> {
-        let t = self.local_for(target)?;
-        Ok(machine::health_check(t, argv, timeout).await?)
+        let t = self.target_for(target)?;
+        Ok(machine::health_check(&t, argv, timeout).await?)
     }
 }
 

@@ -16,7 +16,19 @@
 //! generations/<n>-<hash>/activations/<attempt>.{pid,log,status}
 //! generations/<n>-<hash>/activate.{log,status} -> the latest attempt's files
 //! current -> generations/<n>-<hash>         replaced by rename only
+//! confirm/<id>                              canary of an armed confirmation
+//! confirm/<id>.pid                          its watchdog: "<pid> <boot id>"
+//! confirm/<id>.confirmed | <id>.fired       who claimed the canary (by rename)
+//! confirm/<id>.result                       what the watchdog did, written last
 //! ```
+//!
+//! Magic rollback: after activating a mode that changes the running system,
+//! [`arm_confirmation`] leaves a watchdog on the target. Unless [`confirm`]
+//! claims the canary within the window (counted from the activation's end),
+//! the watchdog claims it, puts `current` back and re-activates the previous
+//! generation, all on the target, so it works when the controller cannot
+//! reach the machine any more. Both claims are renames of the same file, so
+//! exactly one wins.
 //!
 //! A generation directory without `.complete` is an install that was cut
 //! short; observe reports it, install starts it over, prune removes it.
@@ -49,6 +61,13 @@ const SWITCH_SCRIPT: &str = include_str!("scripts/switch.sh");
 const ACTIVATE_SCRIPT: &str = include_str!("scripts/activate.sh");
 const WAIT_ACTIVATION_SCRIPT: &str = include_str!("scripts/wait_activation.sh");
 const PRUNE_SCRIPT: &str = include_str!("scripts/prune.sh");
+const ARM_CONFIRMATION_SCRIPT: &str = include_str!("scripts/arm_confirmation.sh");
+const CONFIRM_WATCHDOG_SCRIPT: &str = include_str!("scripts/confirm_watchdog.sh");
+const CONFIRM_SCRIPT: &str = include_str!("scripts/confirm.sh");
+/// The confirmation watchdog counts its window in ticks of this length.
+const CONFIRM_TICK_MS: u128 = 100;
+/// Exit code of the arm script for "current does not point at the generation".
+const EXIT_NOT_CURRENT: i32 = 4;
 
 /// Exit code of the switch and activate scripts for "generation not complete".
 const EXIT_NOT_INSTALLED: i32 = 3;
@@ -279,6 +298,21 @@ pub enum MachineError {
         argv: Vec<String>,
         after: Duration,
     },
+    #[error(
+        "arm a confirmation for activation mode {mode:?}: only switch and test change the running system"
+    )]
+    NothingToConfirm { mode: String },
+    #[error(
+        "arm a confirmation for generation {generation} on {target}: current does not point at it"
+    )]
+    NotCurrent {
+        target: String,
+        generation: GenerationId,
+    },
+    #[error(
+        "find confirmation {id} on {target}: it was never armed there, or its files were removed"
+    )]
+    ConfirmationMissing { target: String, id: String },
 }
 
 impl MachineError {
@@ -300,13 +334,16 @@ impl MachineError {
             | Self::InvalidRoles { .. }
             | Self::Parse { .. }
             | Self::HealthCheckFailed { .. }
-            | Self::HealthCheckTimedOut { .. } => false,
+            | Self::HealthCheckTimedOut { .. }
+            | Self::NothingToConfirm { .. }
+            | Self::ConfirmationMissing { .. } => false,
             Self::Target { source, .. } => source.is_transient(),
             Self::Stage { source, .. } => io_is_transient(source),
             Self::Script { .. }
             | Self::NotInstalled { .. }
             | Self::ActivationTimedOut { .. }
-            | Self::ActivationLost { .. } => true,
+            | Self::ActivationLost { .. }
+            | Self::NotCurrent { .. } => true,
         }
     }
 
@@ -448,72 +485,229 @@ pub async fn observe<T: Target>(
     let state_dir = checked_state_dir(state_dir)?;
     let output = run_script(t, STEP, OBSERVE_SCRIPT, &[state_dir], timeout).await?;
     let output = require_success(t, STEP, None, output)?;
-    parse_facts(&output.stdout, state_dir, now_ms())
+    RawFacts::parse(&output.stdout)
+        .into_facts(state_dir, now_ms())
         .ok_or_else(|| parse_error(t, STEP, &output.stdout))
 }
 
-fn parse_facts(stdout: &str, state_dir: &str, observed_ms: u64) -> Option<MachineFacts> {
-    let mut hostname = None;
-    let mut boot_id = None;
-    let mut uptime_secs = None;
-    let mut kernel = None;
-    let mut current_text = None;
-    let mut current_complete = false;
-    let mut current_not_link = false;
-    let mut generations = Vec::new();
-    let mut incomplete = Vec::new();
-    for line in stdout.lines() {
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        match key {
-            "hostname" => hostname = Some(value.to_owned()),
-            "boot_id" => boot_id = Some(value.to_owned()),
-            // "12345.67": whole seconds are enough.
-            "uptime" => uptime_secs = value.split('.').next().and_then(|s| s.parse().ok()),
-            "kernel" => kernel = Some(value.to_owned()),
-            "current" => current_text = Some(value.to_owned()),
-            "current_complete" => current_complete = value == "1",
-            "current_not_link" => current_not_link = value == "1",
-            // Directories not named <n>-<hash> are not converge's: ignored.
-            "generation" => generations.extend(GenerationId::from_dir_name(value)),
-            "incomplete" => incomplete.extend(GenerationId::from_dir_name(value)),
-            _ => {}
-        }
-    }
-    generations.sort();
-    incomplete.sort();
-    let current = match current_text {
-        None if current_not_link => CurrentLink::Broken {
-            target: "<not a symlink>".to_owned(),
-            generation: None,
-        },
-        None => CurrentLink::Absent,
-        Some(text) => {
-            let absolute_prefix = format!("{state_dir}/generations/");
-            let generation = text
-                .strip_prefix("generations/")
-                .or_else(|| text.strip_prefix(absolute_prefix.as_str()))
-                .and_then(|name| GenerationId::from_dir_name(name.trim_end_matches('/')));
-            match generation {
-                Some(generation) if current_complete => CurrentLink::Generation { generation },
-                generation => CurrentLink::Broken {
-                    target: text,
-                    generation,
+/// [`observe`] for a state directory on the controller's own host, without
+/// a process: the same facts `observe.sh` prints, read in-process (a few
+/// small files and one directory listing, tens of microseconds instead of
+/// a `sh` spawn of milliseconds). The reads run on tokio's blocking pool
+/// within `timeout`, so a hung filesystem cannot stall the runtime.
+pub async fn observe_local(
+    state_dir: &str,
+    timeout: Duration,
+) -> Result<MachineFacts, MachineError> {
+    const STEP: &str = "observe facts";
+    const TARGET: &str = "local";
+    let state_dir = checked_state_dir(state_dir)?.to_owned();
+    let dir = state_dir.clone();
+    let read = tokio::task::spawn_blocking(move || RawFacts::read_local(Path::new(&dir)));
+    let raw = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(join_error)) => {
+            return Err(MachineError::Target {
+                step: STEP.to_owned(),
+                target: TARGET.to_owned(),
+                source: TargetError::Io {
+                    target: TARGET.to_owned(),
+                    action: "read facts under",
+                    path: state_dir.into(),
+                    source: std::io::Error::other(join_error),
                 },
-            }
+            });
+        }
+        Err(_elapsed) => {
+            return Err(MachineError::Target {
+                step: STEP.to_owned(),
+                target: TARGET.to_owned(),
+                source: TargetError::Timeout {
+                    target: TARGET.to_owned(),
+                    what: STEP.to_owned(),
+                    after: timeout,
+                },
+            });
         }
     };
-    Some(MachineFacts {
-        hostname: hostname?,
-        boot_id: boot_id?,
-        uptime_secs: uptime_secs?,
-        kernel: kernel?,
-        current,
-        generations,
-        incomplete,
-        observed_ms,
-    })
+    // A host fact that could not be read fails as the script's output would.
+    let unreadable = |what: String| MachineError::Parse {
+        step: STEP.to_owned(),
+        target: TARGET.to_owned(),
+        output: what,
+    };
+    let missing: Vec<&str> = [
+        ("hostname", raw.hostname.is_none()),
+        ("boot_id", raw.boot_id.is_none()),
+        ("uptime", raw.uptime_secs.is_none()),
+        ("kernel", raw.kernel.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(name, missing)| missing.then_some(name))
+    .collect();
+    if !missing.is_empty() {
+        return Err(unreadable(format!("could not read {}", missing.join(", "))));
+    }
+    raw.into_facts(&state_dir, now_ms())
+        .ok_or_else(|| unreadable("incomplete facts".to_owned()))
+}
+
+/// What `observe.sh` reports, before it is judged: one field per key of its
+/// output. Filled either by parsing the script's output or, on the
+/// controller's own host, by reading the same files in-process; both end in
+/// [`RawFacts::into_facts`], so they cannot judge differently.
+#[derive(Debug, Default)]
+struct RawFacts {
+    hostname: Option<String>,
+    boot_id: Option<String>,
+    uptime_secs: Option<u64>,
+    kernel: Option<String>,
+    /// The link text of `current`, when it is a symlink.
+    current_text: Option<String>,
+    /// `current/.complete` exists (through the link).
+    current_complete: bool,
+    /// `current` exists and is not a symlink.
+    current_not_link: bool,
+    /// Directory names under `generations/` with `.complete`, and without.
+    generations: Vec<String>,
+    incomplete: Vec<String>,
+}
+
+/// "12345.67": whole seconds are enough.
+fn uptime_secs(text: &str) -> Option<u64> {
+    text.split('.').next().and_then(|s| s.parse().ok())
+}
+
+impl RawFacts {
+    /// Reads `observe.sh`'s `key=value` lines; unknown keys are ignored.
+    fn parse(stdout: &str) -> RawFacts {
+        let mut raw = RawFacts::default();
+        for line in stdout.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            match key {
+                "hostname" => raw.hostname = Some(value.to_owned()),
+                "boot_id" => raw.boot_id = Some(value.to_owned()),
+                "uptime" => raw.uptime_secs = uptime_secs(value),
+                "kernel" => raw.kernel = Some(value.to_owned()),
+                "current" => raw.current_text = Some(value.to_owned()),
+                "current_complete" => raw.current_complete = value == "1",
+                "current_not_link" => raw.current_not_link = value == "1",
+                "generation" => raw.generations.push(value.to_owned()),
+                "incomplete" => raw.incomplete.push(value.to_owned()),
+                _ => {}
+            }
+        }
+        raw
+    }
+
+    /// What `observe.sh` would print for `state_dir` on this host, read
+    /// in-process. Mirrors the script line by line: a file it cannot read
+    /// leaves its field empty (and the facts unparseable), an unreadable
+    /// `generations/` lists nothing, names are whole directory entries.
+    fn read_local(state_dir: &Path) -> RawFacts {
+        use std::fs;
+        // `read -r` and `$(...)` drop surrounding blanks and trailing newlines.
+        let first_line = |path: &str| {
+            fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.lines().next().map(|l| l.trim().to_owned()))
+        };
+        let mut raw = RawFacts {
+            // `uname -n` and `uname -r` read the UTS namespace these files show.
+            hostname: first_line("/proc/sys/kernel/hostname"),
+            boot_id: first_line("/proc/sys/kernel/random/boot_id"),
+            uptime_secs: first_line("/proc/uptime")
+                .and_then(|l| l.split_whitespace().next().and_then(uptime_secs)),
+            kernel: first_line("/proc/sys/kernel/osrelease"),
+            ..RawFacts::default()
+        };
+        let current = state_dir.join("current");
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let text = fs::read_link(&current)
+                    .map(|t| t.to_string_lossy().trim_end_matches('\n').to_owned())
+                    .unwrap_or_default();
+                raw.current_text = Some(text);
+                raw.current_complete = current.join(".complete").exists();
+            }
+            Ok(_) => raw.current_not_link = true,
+            Err(_) => {}
+        }
+        let Ok(entries) = fs::read_dir(state_dir.join("generations")) else {
+            return raw;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            // The glob `*` skips hidden entries; `[ -d ] && [ ! -L ]` keeps real directories.
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || name.contains('\n') {
+                continue;
+            }
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir {
+                continue;
+            }
+            if entry.path().join(".complete").exists() {
+                raw.generations.push(name.to_owned());
+            } else {
+                raw.incomplete.push(name.to_owned());
+            }
+        }
+        raw
+    }
+
+    /// Judges the raw report: generations named `<n>-<hash>` only (other
+    /// directories are not converge's), `current` healthy only when it links
+    /// to a complete generation. `None` when a host fact is missing.
+    fn into_facts(self, state_dir: &str, observed_ms: u64) -> Option<MachineFacts> {
+        let mut generations: Vec<GenerationId> = self
+            .generations
+            .iter()
+            .filter_map(|n| GenerationId::from_dir_name(n))
+            .collect();
+        let mut incomplete: Vec<GenerationId> = self
+            .incomplete
+            .iter()
+            .filter_map(|n| GenerationId::from_dir_name(n))
+            .collect();
+        generations.sort();
+        incomplete.sort();
+        let current = match self.current_text {
+            None if self.current_not_link => CurrentLink::Broken {
+                target: "<not a symlink>".to_owned(),
+                generation: None,
+            },
+            None => CurrentLink::Absent,
+            Some(text) => {
+                let absolute_prefix = format!("{state_dir}/generations/");
+                let generation = text
+                    .strip_prefix("generations/")
+                    .or_else(|| text.strip_prefix(absolute_prefix.as_str()))
+                    .and_then(|name| GenerationId::from_dir_name(name.trim_end_matches('/')));
+                match generation {
+                    Some(generation) if self.current_complete => {
+                        CurrentLink::Generation { generation }
+                    }
+                    generation => CurrentLink::Broken {
+                        target: text,
+                        generation,
+                    },
+                }
+            }
+        };
+        Some(MachineFacts {
+            hostname: self.hostname?,
+            boot_id: self.boot_id?,
+            uptime_secs: self.uptime_secs?,
+            kernel: self.kernel?,
+            current,
+            generations,
+            incomplete,
+            observed_ms,
+        })
+    }
 }
 
 /// Puts `generation` on the target: its artifact (the local tree `artifact`,
@@ -850,6 +1044,305 @@ pub async fn rollback<T: Target>(
     activate(t, state_dir, to, mode, deadline.left(t, &step)?).await
 }
 
+/// Whether activating in `mode` changes what runs now, so that a lost
+/// machine must be rolled back (switch and test; not boot or dry-activate).
+pub fn needs_confirmation(mode: &str) -> bool {
+    matches!(mode, "switch" | "test")
+}
+
+/// An armed confirmation: what the watchdog on the target watches. Store it
+/// (it serializes) to ask [`confirmation_state`] again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// Names the canary `confirm/<id>`; `[0-9a-f-]` only.
+    pub id: String,
+    /// The activation being confirmed.
+    pub attempt: ActivationAttempt,
+    /// What the watchdog goes back to; `None`: it removes `current`.
+    pub previous: Option<GenerationId>,
+    /// The mode the previous generation is re-activated in.
+    pub mode: String,
+    /// The window, counted from the end of the activation.
+    pub timeout: Duration,
+    /// The id the watchdog's re-activation of `previous` gets.
+    pub rollback_id: String,
+}
+
+impl Confirmation {
+    /// The watchdog's re-activation of `previous`, for [`wait_activation`]
+    /// (it exists only once the watchdog fired).
+    pub fn rollback_attempt(&self) -> Option<ActivationAttempt> {
+        self.previous.as_ref().map(|generation| ActivationAttempt {
+            generation: generation.clone(),
+            id: self.rollback_id.clone(),
+        })
+    }
+}
+
+/// What [`confirm`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfirmOutcome {
+    /// The canary was claimed in time (now or by an earlier call): the
+    /// watchdog will not fire.
+    Confirmed,
+    /// Too late: the watchdog fired first. The deploy failed; report it.
+    AlreadyRolledBack { rollback: Rollback },
+}
+
+/// Where an armed confirmation stands, read without changing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfirmationState {
+    /// Not claimed yet; the watchdog runs.
+    Pending,
+    /// Not claimed, and the watchdog is gone (killed, or the host rebooted):
+    /// nothing will roll back on its own. The controller decides.
+    WatchdogLost,
+    Confirmed,
+    /// The watchdog fired.
+    Fired {
+        rollback: Rollback,
+    },
+}
+
+/// What a watchdog that fired did (or is doing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    pub action: RollbackAction,
+    /// How the confirmed activation ended, as the watchdog saw it; `None`
+    /// when its runner was lost, or while the record is not written yet.
+    pub activation_code: Option<i32>,
+    /// Target clock, Unix seconds, when the watchdog fired; `None` while in progress.
+    pub fired_unix: Option<u64>,
+}
+
+/// The watchdog's action once it fired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollbackAction {
+    /// Fired; switching back and re-activating is still under way.
+    InProgress,
+    /// `current` points at `to` again and `to` was re-activated as
+    /// `attempt`; `code` is its exit code (`None`: its runner was lost).
+    RolledBack {
+        to: GenerationId,
+        attempt: ActivationAttempt,
+        code: Option<i32>,
+    },
+    /// There was no previous generation: `current` was removed.
+    CurrentRemoved,
+    /// `current` had already moved to `current` (another deploy or a manual
+    /// switch), so nothing was changed.
+    Superseded { current: String },
+    /// Rolling back failed on the target.
+    Failed { reason: String },
+}
+
+fn checked_id(id: &str) -> Result<&str, MachineError> {
+    let valid =
+        !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if valid {
+        Ok(id)
+    } else {
+        Err(MachineError::InvalidAttempt { id: id.to_owned() })
+    }
+}
+
+/// Arms magic rollback for `attempt` (a [`start_activation`] of the
+/// generation `current` points at, in a mode that [`needs_confirmation`]).
+/// One round trip; returns once the watchdog runs on the target, detached
+/// from this connection.
+///
+/// The watchdog waits for the activation to end, then `confirm_timeout` for
+/// [`confirm`]. Unclaimed by then, it switches `current` back to `previous`
+/// and re-activates it in `mode` (or removes `current` when `previous` is
+/// `None`), unless `current` has moved on meanwhile. Arming right after
+/// [`start_activation`], before waiting for it, covers an activation that
+/// cuts the controller off. The controller must claim the canary either way:
+/// with [`confirm`] once satisfied, or with [`confirm`] before rolling back
+/// by itself, so that two rollbacks never race.
+pub async fn arm_confirmation<T: Target>(
+    t: &T,
+    state_dir: &str,
+    attempt: &ActivationAttempt,
+    previous: Option<&GenerationId>,
+    mode: &str,
+    confirm_timeout: Duration,
+    timeout: Duration,
+) -> Result<Confirmation, MachineError> {
+    let step = format!("arm confirmation of generation {}", attempt.generation);
+    let state_dir = checked_state_dir(state_dir)?;
+    let mode = checked_mode(mode)?;
+    checked_id(&attempt.id)?;
+    if !needs_confirmation(mode) {
+        return Err(MachineError::NothingToConfirm {
+            mode: mode.to_owned(),
+        });
+    }
+    let confirmation = Confirmation {
+        id: unique_suffix(),
+        attempt: attempt.clone(),
+        previous: previous.cloned(),
+        mode: mode.to_owned(),
+        timeout: confirm_timeout,
+        rollback_id: unique_suffix(),
+    };
+    let ticks = confirm_timeout
+        .as_millis()
+        .div_ceil(CONFIRM_TICK_MS)
+        .max(1)
+        .to_string();
+    let generation = attempt.generation.to_string();
+    let previous_name = previous.map(ToString::to_string).unwrap_or_default();
+    let output = run_script(
+        t,
+        &step,
+        ARM_CONFIRMATION_SCRIPT,
+        &[
+            state_dir,
+            &confirmation.id,
+            &generation,
+            &attempt.id,
+            &previous_name,
+            mode,
+            &ticks,
+            &confirmation.rollback_id,
+            CONFIRM_WATCHDOG_SCRIPT,
+            ACTIVATE_SCRIPT,
+        ],
+        timeout,
+    )
+    .await?;
+    if output.code == Some(EXIT_NOT_CURRENT) {
+        return Err(MachineError::NotCurrent {
+            target: t.describe(),
+            generation: attempt.generation.clone(),
+        });
+    }
+    let not_installed = previous
+        .filter(|_| {
+            output.code == Some(EXIT_NOT_INSTALLED) && output.stderr.contains(&previous_name)
+        })
+        .unwrap_or(&attempt.generation);
+    let output = require_success(t, &step, Some(not_installed), output)?;
+    if output.stdout.trim() != "armed" {
+        return Err(parse_error(t, &step, &output.stdout));
+    }
+    Ok(confirmation)
+}
+
+/// Claims the canary of `confirmation`, so the watchdog never fires. One
+/// round trip; safe to repeat (a confirmation already claimed by an earlier
+/// call, whose answer was lost, is [`ConfirmOutcome::Confirmed`] again).
+/// When the watchdog fired first: [`ConfirmOutcome::AlreadyRolledBack`].
+/// Call it over a new connection to prove the machine still accepts them.
+pub async fn confirm<T: Target>(
+    t: &T,
+    state_dir: &str,
+    confirmation: &Confirmation,
+    timeout: Duration,
+) -> Result<ConfirmOutcome, MachineError> {
+    let step = format!("confirm generation {}", confirmation.attempt.generation);
+    match read_confirmation(t, &step, state_dir, confirmation, "confirm", timeout).await? {
+        ConfirmationState::Confirmed => Ok(ConfirmOutcome::Confirmed),
+        ConfirmationState::Fired { rollback } => Ok(ConfirmOutcome::AlreadyRolledBack { rollback }),
+        // The canary is still there although the rename was tried.
+        ConfirmationState::Pending | ConfirmationState::WatchdogLost => Err(MachineError::Script {
+            step,
+            target: t.describe(),
+            code: Some(1),
+            stderr: "could not rename the canary".to_owned(),
+        }),
+    }
+}
+
+/// Reads where `confirmation` stands, changing nothing (one round trip):
+/// after a restart, or to learn how a rollback ended.
+pub async fn confirmation_state<T: Target>(
+    t: &T,
+    state_dir: &str,
+    confirmation: &Confirmation,
+    timeout: Duration,
+) -> Result<ConfirmationState, MachineError> {
+    let step = format!(
+        "read the confirmation of generation {}",
+        confirmation.attempt.generation
+    );
+    read_confirmation(t, &step, state_dir, confirmation, "state", timeout).await
+}
+
+async fn read_confirmation<T: Target>(
+    t: &T,
+    step: &str,
+    state_dir: &str,
+    confirmation: &Confirmation,
+    phase: &str,
+    timeout: Duration,
+) -> Result<ConfirmationState, MachineError> {
+    let state_dir = checked_state_dir(state_dir)?;
+    let id = checked_id(&confirmation.id)?;
+    let output = run_script(t, step, CONFIRM_SCRIPT, &[state_dir, id, phase], timeout).await?;
+    let output = require_success(t, step, None, output)?;
+    let fields: Vec<(&str, &str)> = output
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .collect();
+    let field = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let state = match field("state") {
+        Some("pending") => ConfirmationState::Pending,
+        Some("watchdog-lost") => ConfirmationState::WatchdogLost,
+        Some("confirmed") => ConfirmationState::Confirmed,
+        Some("firing") => ConfirmationState::Fired {
+            rollback: Rollback {
+                action: RollbackAction::InProgress,
+                activation_code: None,
+                fired_unix: None,
+            },
+        },
+        Some("fired") => {
+            let action = match field("action") {
+                Some("rolled-back") => {
+                    let to = field("previous").and_then(GenerationId::from_dir_name);
+                    let attempt_id = field("rollback_attempt").unwrap_or_default();
+                    match to {
+                        Some(to) => RollbackAction::RolledBack {
+                            attempt: ActivationAttempt {
+                                generation: to.clone(),
+                                id: attempt_id.to_owned(),
+                            },
+                            to,
+                            code: field("rollback_status").and_then(|c| c.parse().ok()),
+                        },
+                        None => return Err(parse_error(t, step, &output.stdout)),
+                    }
+                }
+                Some("current-removed") => RollbackAction::CurrentRemoved,
+                Some("superseded") => RollbackAction::Superseded {
+                    current: field("current").unwrap_or_default().to_owned(),
+                },
+                Some("failed") => RollbackAction::Failed {
+                    reason: field("reason").unwrap_or_default().to_owned(),
+                },
+                _ => return Err(parse_error(t, step, &output.stdout)),
+            };
+            ConfirmationState::Fired {
+                rollback: Rollback {
+                    action,
+                    activation_code: field("activation").and_then(|c| c.parse().ok()),
+                    fired_unix: field("fired").and_then(|f| f.parse().ok()),
+                },
+            }
+        }
+        Some("missing") => {
+            return Err(MachineError::ConfirmationMissing {
+                target: t.describe(),
+                id: id.to_owned(),
+            });
+        }
+        _ => return Err(parse_error(t, step, &output.stdout)),
+    };
+    Ok(state)
+}
+
 /// Removes old generations and returns the ones removed: keeps the `keep`
 /// newest complete generations, every generation in `protect` and the one
 /// `current` points at (even through a broken link); removes the other
@@ -993,6 +1486,84 @@ exit "$code"
         assert!(facts.observed_ms > 1_600_000_000_000);
         let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
         assert_eq!(facts.boot_id, boot_id.trim());
+    }
+
+    /// Observes `m` through the script and in-process and asserts both
+    /// report the same facts (uptime may tick between the two reads).
+    async fn assert_observers_agree(m: &Machine, case: &str) -> MachineFacts {
+        let script = observe(&m.target, &m.state_dir, T)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: script observe: {e}"));
+        let native = observe_local(&m.state_dir, T)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: in-process observe: {e}"));
+        assert!(
+            native.uptime_secs.abs_diff(script.uptime_secs) <= 1,
+            "{case}: uptime {} vs {}",
+            native.uptime_secs,
+            script.uptime_secs
+        );
+        let normalized = MachineFacts {
+            observed_ms: script.observed_ms,
+            uptime_secs: script.uptime_secs,
+            ..native
+        };
+        assert_eq!(normalized, script, "{case}");
+        normalized
+    }
+
+    #[tokio::test]
+    async fn observe_local_reports_exactly_what_the_observe_script_reports() {
+        let m = Machine::new();
+        let state = m.state();
+        let facts = assert_observers_agree(&m, "state dir missing").await;
+        assert_eq!(facts.current, CurrentLink::Absent);
+        fs::create_dir_all(state.join("generations")).expect("mkdir");
+        assert_observers_agree(&m, "empty").await;
+
+        let good = m.installed(1, "v1", 0).await;
+        switch(&m.target, &m.state_dir, &good, T)
+            .await
+            .expect("switch");
+        let facts = assert_observers_agree(&m, "healthy").await;
+        assert_eq!(facts.current_generation(), Some(&good));
+
+        // Entries neither observer may count, and one incomplete generation.
+        let generations = state.join("generations");
+        fs::create_dir_all(generations.join("2-abc/artifact")).expect("mkdir");
+        fs::create_dir_all(generations.join("not-ours")).expect("mkdir");
+        fs::create_dir_all(generations.join(".5-hidden")).expect("mkdir");
+        fs::write(generations.join("3-def"), "a file").expect("write");
+        std::os::unix::fs::symlink(good.to_string(), generations.join("4-aaa")).expect("symlink");
+        let facts = assert_observers_agree(&m, "incomplete and foreign entries").await;
+        assert_eq!(facts.generations, std::slice::from_ref(&good));
+        assert_eq!(facts.incomplete.len(), 1);
+
+        let current = state.join("current");
+        let relink = |target: &str| {
+            fs::remove_file(&current).expect("rm current");
+            std::os::unix::fs::symlink(target, &current).expect("symlink");
+        };
+        relink("generations/2-abc");
+        assert_observers_agree(&m, "current -> incomplete").await;
+        relink("generations/9-gone");
+        assert_observers_agree(&m, "current -> missing").await;
+        relink("/tmp");
+        assert_observers_agree(&m, "current -> foreign").await;
+        let absolute = format!("{}/generations/{good}/", m.state_dir);
+        relink(&absolute);
+        let facts = assert_observers_agree(&m, "current -> absolute path").await;
+        assert_eq!(facts.current_generation(), Some(&good));
+        fs::remove_file(&current).expect("rm current");
+        fs::create_dir(&current).expect("mkdir current");
+        let facts = assert_observers_agree(&m, "current is a directory").await;
+        assert!(matches!(
+            facts.current,
+            CurrentLink::Broken {
+                generation: None,
+                ..
+            }
+        ));
     }
 
     #[tokio::test]
@@ -1215,6 +1786,17 @@ exit "$code"
         assert_send(health_check(&t, &[], T));
         assert_send(rollback(&t, "/x", &generation, "switch", T));
         assert_send(prune(&t, "/x", 1, &[], T));
+        let confirmation = Confirmation {
+            id: "1".to_owned(),
+            attempt: attempt.clone(),
+            previous: None,
+            mode: "switch".to_owned(),
+            timeout: T,
+            rollback_id: "2".to_owned(),
+        };
+        assert_send(arm_confirmation(&t, "/x", &attempt, None, "switch", T, T));
+        assert_send(confirm(&t, "/x", &confirmation, T));
+        assert_send(confirmation_state(&t, "/x", &confirmation, T));
     }
 
     #[tokio::test]
@@ -1605,6 +2187,477 @@ exit "$code"
             Some(("", "running"))
         );
         assert_eq!(split_status("garbage\n"), None);
+    }
+
+    /// Polls until the watchdog has finished (fired and recorded), or panics.
+    async fn wait_fired<T: Target>(t: &T, state_dir: &str, c: &Confirmation) -> Rollback {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match confirmation_state(t, state_dir, c, T).await.expect("state") {
+                ConfirmationState::Fired { rollback }
+                    if rollback.action != RollbackAction::InProgress =>
+                {
+                    return rollback;
+                }
+                other => assert!(Instant::now() < deadline, "never fired: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// g1 active and current; g2 installed, switched to and activated (its
+    /// activation started, not waited for).
+    async fn deployed_pair(m: &Machine) -> (GenerationId, GenerationId, ActivationAttempt) {
+        let g1 = m.installed(1, "v1", 0).await;
+        let g2 = m.installed(2, "v2", 0).await;
+        switch(&m.target, &m.state_dir, &g1, T)
+            .await
+            .expect("switch");
+        activate(&m.target, &m.state_dir, &g1, "switch", T)
+            .await
+            .expect("activate");
+        switch(&m.target, &m.state_dir, &g2, T)
+            .await
+            .expect("switch");
+        let attempt = start_activation(&m.target, &m.state_dir, &g2, "switch", T)
+            .await
+            .expect("start");
+        (g1, g2, attempt)
+    }
+
+    fn confirm_files(m: &Machine, c: &Confirmation) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(m.state().join("confirm"))
+            .expect("list")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&c.id))
+            .map(|n| n[c.id.len()..].to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_in_time_means_no_rollback() {
+        let m = Machine::new();
+        let (g1, g2, attempt) = deployed_pair(&m).await;
+        let c = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "switch",
+            Duration::from_millis(700),
+            T,
+        )
+        .await
+        .expect("arm");
+        assert_eq!(
+            wait_activation(&m.target, &m.state_dir, &attempt, T)
+                .await
+                .expect("wait")
+                .code,
+            0
+        );
+        assert_eq!(
+            confirmation_state(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("state"),
+            ConfirmationState::Pending
+        );
+        assert_eq!(
+            confirm(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("confirm"),
+            ConfirmOutcome::Confirmed
+        );
+        // Repeating a confirm whose answer was lost is harmless.
+        assert_eq!(
+            confirm(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("confirm"),
+            ConfirmOutcome::Confirmed
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            confirmation_state(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("state"),
+            ConfirmationState::Confirmed
+        );
+        let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+        assert_eq!(facts.current_generation(), Some(&g2));
+        assert_eq!(m.runs(), [g1.to_string(), g2.to_string()]);
+        assert_eq!(confirm_files(&m, &c), [".confirmed", ".pid"]);
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_activation_rolls_back_to_the_previous_generation() {
+        let m = Machine::new();
+        let (g1, g2, attempt) = deployed_pair(&m).await;
+        let c = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "switch",
+            Duration::from_millis(300),
+            T,
+        )
+        .await
+        .expect("arm");
+        // The controller restarts: the confirmation comes back from the store.
+        let c: Confirmation =
+            serde_json::from_str(&serde_json::to_string(&c).expect("ser")).expect("de");
+        let rollback = wait_fired(&m.target, &m.state_dir, &c).await;
+        let expected_attempt = c.rollback_attempt().expect("a previous generation");
+        assert_eq!(
+            rollback.action,
+            RollbackAction::RolledBack {
+                to: g1.clone(),
+                attempt: expected_attempt.clone(),
+                code: Some(0)
+            }
+        );
+        assert_eq!(rollback.activation_code, Some(0));
+        assert!(rollback.fired_unix.is_some());
+        let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+        assert_eq!(
+            facts.current_generation(),
+            Some(&g1),
+            "current is back at the previous generation"
+        );
+        assert_eq!(
+            m.runs(),
+            [g1.to_string(), g2.to_string(), g1.to_string()],
+            "previous re-activated"
+        );
+        let result = wait_activation(&m.target, &m.state_dir, &expected_attempt, T)
+            .await
+            .expect("wait");
+        assert!(
+            result.log.contains(&format!("generation={g1}")),
+            "{}",
+            result.log
+        );
+        // A late confirm learns it lost: the deploy failed.
+        match confirm(&m.target, &m.state_dir, &c, T)
+            .await
+            .expect("confirm")
+        {
+            ConfirmOutcome::AlreadyRolledBack { rollback: late } => assert_eq!(late, rollback),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(confirm_files(&m, &c), [".fired", ".pid", ".result"]);
+    }
+
+    #[tokio::test]
+    async fn confirm_and_the_watchdog_racing_have_exactly_one_winner() {
+        let m = Machine::new();
+        let (g1, g2, first) = deployed_pair(&m).await;
+        wait_activation(&m.target, &m.state_dir, &first, T)
+            .await
+            .expect("wait");
+        let (mut confirmed, mut rolled_back) = (0, 0);
+        for round in 0..16u64 {
+            // current must point at g2 again for each round.
+            switch(&m.target, &m.state_dir, &g2, T)
+                .await
+                .expect("switch");
+            let attempt = start_activation(&m.target, &m.state_dir, &g2, "switch", T)
+                .await
+                .expect("start");
+            wait_activation(&m.target, &m.state_dir, &attempt, T)
+                .await
+                .expect("wait");
+            let runs_before = m.runs().len();
+            let c = arm_confirmation(
+                &m.target,
+                &m.state_dir,
+                &attempt,
+                Some(&g1),
+                "switch",
+                Duration::from_millis(200),
+                T,
+            )
+            .await
+            .expect("arm");
+            // Aim at the watchdog's deadline from both sides of it.
+            tokio::time::sleep(Duration::from_millis(150 + round * 8)).await;
+            let outcome = confirm(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("confirm");
+            // Let a watchdog that might (wrongly) act as well do so.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let files = confirm_files(&m, &c);
+            let current = observe(&m.target, &m.state_dir, T)
+                .await
+                .expect("observe")
+                .current;
+            match outcome {
+                ConfirmOutcome::Confirmed => {
+                    confirmed += 1;
+                    assert_eq!(files, [".confirmed", ".pid"], "round {round}");
+                    assert_eq!(
+                        current,
+                        CurrentLink::Generation {
+                            generation: g2.clone()
+                        },
+                        "round {round}"
+                    );
+                    assert_eq!(
+                        m.runs().len(),
+                        runs_before,
+                        "round {round}: nothing re-activated"
+                    );
+                }
+                ConfirmOutcome::AlreadyRolledBack { .. } => {
+                    rolled_back += 1;
+                    let rollback = wait_fired(&m.target, &m.state_dir, &c).await;
+                    assert!(
+                        matches!(rollback.action, RollbackAction::RolledBack { .. }),
+                        "round {round}"
+                    );
+                    assert_eq!(
+                        confirm_files(&m, &c),
+                        [".fired", ".pid", ".result"],
+                        "round {round}"
+                    );
+                    let current = observe(&m.target, &m.state_dir, T)
+                        .await
+                        .expect("observe")
+                        .current;
+                    assert_eq!(
+                        current,
+                        CurrentLink::Generation {
+                            generation: g1.clone()
+                        },
+                        "round {round}"
+                    );
+                    assert_eq!(
+                        m.runs().len(),
+                        runs_before + 1,
+                        "round {round}: re-activated once"
+                    );
+                }
+            }
+        }
+        println!("race: {confirmed} confirmed, {rolled_back} rolled back");
+        assert_eq!(confirmed + rolled_back, 16);
+    }
+
+    #[tokio::test]
+    async fn without_a_previous_generation_the_watchdog_removes_current() {
+        let m = Machine::new();
+        let g1 = m.installed(1, "v1", 0).await;
+        switch(&m.target, &m.state_dir, &g1, T)
+            .await
+            .expect("switch");
+        let attempt = start_activation(&m.target, &m.state_dir, &g1, "test", T)
+            .await
+            .expect("start");
+        let c = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            None,
+            "test",
+            Duration::from_millis(200),
+            T,
+        )
+        .await
+        .expect("arm");
+        assert_eq!(c.rollback_attempt(), None);
+        let rollback = wait_fired(&m.target, &m.state_dir, &c).await;
+        assert_eq!(rollback.action, RollbackAction::CurrentRemoved);
+        let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+        assert_eq!(facts.current, CurrentLink::Absent);
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_leaves_a_current_that_moved_on_alone() {
+        let m = Machine::new();
+        let (g1, _g2, attempt) = deployed_pair(&m).await;
+        let g3 = m.installed(3, "v3", 0).await;
+        let c = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "switch",
+            Duration::from_millis(400),
+            T,
+        )
+        .await
+        .expect("arm");
+        switch(&m.target, &m.state_dir, &g3, T)
+            .await
+            .expect("switch");
+        let rollback = wait_fired(&m.target, &m.state_dir, &c).await;
+        assert_eq!(
+            rollback.action,
+            RollbackAction::Superseded {
+                current: format!("generations/{g3}")
+            }
+        );
+        let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+        assert_eq!(facts.current_generation(), Some(&g3));
+    }
+
+    #[tokio::test]
+    async fn the_confirmation_window_starts_when_the_activation_ends() {
+        let m = Machine::new();
+        let (g1, g2, _) = deployed_pair(&m).await;
+        let artifact = m
+            .state()
+            .join("generations")
+            .join(g2.to_string())
+            .join("artifact");
+        let slow = format!(
+            "#!/bin/sh\nsleep 1\n{}",
+            ACTIVATE.trim_start_matches("#!/bin/sh\n")
+        );
+        fs::write(artifact.join("activate"), slow).expect("write");
+        let attempt = start_activation(&m.target, &m.state_dir, &g2, "switch", T)
+            .await
+            .expect("start");
+        let armed = Instant::now();
+        let c = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "switch",
+            Duration::from_millis(300),
+            T,
+        )
+        .await
+        .expect("arm");
+        tokio::time::sleep(Duration::from_millis(900).saturating_sub(armed.elapsed())).await;
+        assert_eq!(
+            confirmation_state(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("state"),
+            ConfirmationState::Pending,
+            "the window must not run while the activation does"
+        );
+        wait_fired(&m.target, &m.state_dir, &c).await;
+        assert!(
+            armed.elapsed() >= Duration::from_millis(1300),
+            "{:?}",
+            armed.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_killed_watchdog_is_reported_lost() {
+        let m = Machine::new();
+        let (g1, _g2, attempt) = deployed_pair(&m).await;
+        let c = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "switch",
+            Duration::from_secs(60),
+            T,
+        )
+        .await
+        .expect("arm");
+        let pid = fs::read_to_string(m.state().join("confirm").join(format!("{}.pid", c.id)))
+            .expect("pid");
+        let pid = pid.split_whitespace().next().expect("pid").to_owned();
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = confirmation_state(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("state");
+            if state == ConfirmationState::WatchdogLost {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{state:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Claiming still works, so the controller can roll back by itself.
+        assert_eq!(
+            confirm(&m.target, &m.state_dir, &c, T)
+                .await
+                .expect("confirm"),
+            ConfirmOutcome::Confirmed
+        );
+    }
+
+    #[tokio::test]
+    async fn arming_refuses_what_it_cannot_watch() {
+        let m = Machine::new();
+        let (g1, g2, attempt) = deployed_pair(&m).await;
+        let window = Duration::from_secs(1);
+        let error = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "boot",
+            window,
+            T,
+        )
+        .await
+        .expect_err("boot changes nothing now");
+        assert!(matches!(error, MachineError::NothingToConfirm { .. }) && !error.is_transient());
+        switch(&m.target, &m.state_dir, &g1, T)
+            .await
+            .expect("switch");
+        let error = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&g1),
+            "switch",
+            window,
+            T,
+        )
+        .await
+        .expect_err("current moved");
+        assert!(
+            matches!(error, MachineError::NotCurrent { .. }),
+            "{error:?}"
+        );
+        switch(&m.target, &m.state_dir, &g2, T)
+            .await
+            .expect("switch");
+        let missing = GenerationId::new(9, "abc").expect("generation");
+        let error = arm_confirmation(
+            &m.target,
+            &m.state_dir,
+            &attempt,
+            Some(&missing),
+            "switch",
+            window,
+            T,
+        )
+        .await
+        .expect_err("previous not installed");
+        assert!(
+            matches!(&error, MachineError::NotInstalled { generation, .. } if *generation == missing),
+            "{error:?}"
+        );
+        let bogus = Confirmation {
+            id: "abc".to_owned(),
+            attempt: attempt.clone(),
+            previous: None,
+            mode: "switch".to_owned(),
+            timeout: window,
+            rollback_id: "def".to_owned(),
+        };
+        let error = confirm(&m.target, &m.state_dir, &bogus, T)
+            .await
+            .expect_err("never armed");
+        assert!(matches!(error, MachineError::ConfirmationMissing { .. }) && !error.is_transient());
+        assert!(!m.state().join("confirm").exists(), "nothing was armed");
     }
 
     /// Step timings on this host: `cargo test --release -- --ignored --nocapture timings`.

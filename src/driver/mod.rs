@@ -2,7 +2,7 @@
 //! machine. This file holds the capability seam the rest of the crate depends
 //! on: the [`Target`] trait (run a command, upload a directory tree), its
 //! error type, and the bounded [`CommandOutput`]. Concrete targets live in
-//! their own files (`local.rs` now, SSH later) and the machine protocol in
+//! their own files (`local.rs`, `ssh.rs`) and the machine protocol in
 //! `machine.rs` is written once over [`Target`]. Nothing here may know about
 //! specs, plans or the store, and nothing here builds a shell string: commands
 //! are argv vectors, and where a shell is needed it runs a constant script with
@@ -15,6 +15,9 @@ pub mod host;
 pub mod local;
 pub mod machine;
 pub mod qemu;
+pub mod ssh;
+#[cfg(test)]
+mod ssh_e2e;
 
 use std::future::Future;
 use std::io;
@@ -118,6 +121,14 @@ pub enum TargetError {
         #[source]
         source: io::Error,
     },
+    /// Connecting to or talking with an SSH target failed; the source says
+    /// whether a retry can help (a wrong host key cannot, a dropped link can).
+    #[error("reach {target} over ssh")]
+    Ssh {
+        target: String,
+        #[source]
+        source: Box<ssh::SshError>,
+    },
     #[error("reach {target}")]
     Unreachable {
         target: String,
@@ -133,6 +144,7 @@ impl TargetError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Timeout { .. } | Self::Unreachable { .. } => true,
+            Self::Ssh { source, .. } => source.is_transient(),
             Self::Spawn { source, .. } | Self::Wait { source, .. } | Self::Io { source, .. } => {
                 io_is_transient(source)
             }

@@ -1,8 +1,6 @@
 //! Data-driven plan tests: each case renders the plan as text and compares it
 //! with an insta snapshot.
 
-#![expect(clippy::unwrap_used, reason = "tests")]
-
 use serde_json::json;
 
 use super::*;
