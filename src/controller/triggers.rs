@@ -80,11 +80,14 @@ pub fn watch_dir(
     };
     // notify checks for quiet windows every tick; its default (a quarter of
     // the window) adds up to 25% of the window to every reload's delay.
-    let tick = (debounce / 10).max(std::time::Duration::from_millis(5)).min(debounce);
-    let mut debouncer = new_debouncer(debounce, Some(tick), handler).map_err(|source| WatchError {
-        path: root.to_path_buf(),
-        source,
-    })?;
+    let tick = (debounce / 10)
+        .max(std::time::Duration::from_millis(5))
+        .min(debounce);
+    let mut debouncer =
+        new_debouncer(debounce, Some(tick), handler).map_err(|source| WatchError {
+            path: root.to_path_buf(),
+            source,
+        })?;
     debouncer
         .watch(root, RecursiveMode::Recursive)
         .map_err(|source| WatchError {

@@ -204,7 +204,10 @@ fn roles_select_machines_by_name_by_tag_and_by_all() {
     // a peer learns its controller, the controller its peers; members of a
     // machine's own role are not listed (that would grow quadratically).
     let doc = document(&desired, "laptop");
-    assert_eq!(doc["services"]["vpn"]["otherRoles"], json!({"controller": ["gw"]}));
+    assert_eq!(
+        doc["services"]["vpn"]["otherRoles"],
+        json!({"controller": ["gw"]})
+    );
     assert_eq!(doc["services"]["monitoring"]["otherRoles"], json!({}));
     let hub = document(&desired, "gw");
     assert_eq!(
