@@ -203,6 +203,13 @@ impl HostDriver {
     }
 }
 
+/// How many times in a row waiting for an activation may lose the
+/// connection before the target counts as unreachable. Each loss takes at
+/// most a ConnectTimeout or the ServerAlive bound, so a frozen or vanished
+/// host fails in tens of seconds, not after the whole activation timeout
+/// (its watchdog rolls it back meanwhile if it was armed).
+const MAX_RECONNECTS: u32 = 2;
+
 /// Waits for an activation's result, reconnecting when the connection drops:
 /// the activation runs detached on the target and writes its result there,
 /// so converge reads it rather than guessing.
@@ -213,6 +220,7 @@ async fn wait_reattaching(
     timeout: Duration,
 ) -> Result<ActivationResult, MachineError> {
     let deadline = Instant::now() + timeout;
+    let mut lost = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match machine::wait_activation(t, state_dir, attempt, left.max(Duration::from_millis(1)))
@@ -222,9 +230,11 @@ async fn wait_reattaching(
             Err(e)
                 if e.is_transient()
                     && !e.is_timeout()
+                    && lost < MAX_RECONNECTS
                     && Instant::now() + Duration::from_secs(1) < deadline =>
             {
-                tracing::warn!(target = %t.describe(), error = %e, "lost the connection while waiting for the activation; reconnecting to read its result");
+                lost += 1;
+                tracing::warn!(target = %t.describe(), error = %e, lost, "lost the connection while waiting for the activation; reconnecting to read its result");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => return Err(e),

@@ -1,0 +1,64 @@
+//! The listening sshd of a host is killed while its activation runs: the
+//! established master may finish the activation, but no new connection can
+//! confirm it. The run ends in bounded time, either converged or with a
+//! clean failure of that host only; after sshd is back, a rerun converges.
+
+use std::time::Duration;
+
+use super::support::{Fleet, wait_for};
+
+#[test]
+fn a_listener_killed_during_activation_fails_cleanly_and_a_rerun_converges() {
+    let fleet = Fleet::new(4);
+    fleet.write_all(
+        4,
+        &["v1", "sleep-on=host0:3"],
+        "  activation: {confirmTimeout: 5s}\n",
+    );
+    let testbed = &fleet.testbed;
+    let starts = fleet.host_state(0).join("starts");
+    let run = std::thread::scope(|scope| {
+        let killer = scope.spawn(|| {
+            wait_for(
+                "host0's activation to start",
+                Duration::from_secs(60),
+                || starts.exists().then_some(()),
+            );
+            testbed.host(0).kill_sshd();
+        });
+        let run = fleet.reconcile_within(
+            &["--attempts", "2", "--retry-delay", "300ms"],
+            Duration::from_secs(60),
+        );
+        killer.join().expect("the killer thread");
+        run
+    });
+    eprintln!(
+        "sshd killed during activation: exit {:?} after {:.2?}",
+        run.code, run.elapsed
+    );
+    assert!(
+        matches!(run.code, Some(0 | 3)),
+        "exit {:?}\n{}",
+        run.code,
+        run.stderr
+    );
+    if run.code == Some(3) {
+        let (ready, _, _) = fleet.ready(0);
+        assert!(!ready, "exit 3 but host0 is Ready");
+    }
+    fleet.assert_ready(1..4);
+
+    testbed.host(0).restart_sshd();
+    fleet
+        .reconcile_within(&["--attempts", "2"], Duration::from_secs(60))
+        .assert_code(0);
+    fleet.assert_ready(0..4);
+    let current = fleet.assert_current_complete(0);
+    let ledger = fleet.ledger(0);
+    assert!(
+        ledger.last().is_some_and(|l| l.starts_with(&current)),
+        "host0's last activation is its current generation {current}: {ledger:?}"
+    );
+    fleet.finish();
+}
