@@ -3,7 +3,12 @@
 //!
 //! Run in release: `cargo run --release --bin bench-load`. Prints numbers;
 //! BENCHMARKS.md records them. Options: `--all-service` adds one service
-//! whose role selects every machine (`tags: [all]`).
+//! whose role selects every machine (`tags: [all]`); `--memory` only loads
+//! once and prints what a loaded `Source` holds.
+//!
+//! Reloads must give exactly what a cold load gives: after the reload runs,
+//! the bench edits a service and a machine's tags, compares a digest of
+//! everything the reload returned with a cold load's, and fails if they differ.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use converge::source::{LoadStats, Source};
 use converge::spec::parse::{ParsedFile, ParsedObject, parse_file};
 use converge::spec::roles::{self, Members};
-use converge::spec::{Name, ServiceSpec, assemble};
+use converge::spec::{Assembled, CheckedFile, Name, Resolution, ServiceSpec, assemble_with};
 
 const MACHINE_FILES: usize = 500;
 const MACHINES_PER_FILE: usize = 16;
@@ -178,8 +183,19 @@ fn write(root: &Path, relative: &str, text: &str) -> std::io::Result<()> {
     std::fs::write(&path, text)
 }
 
-/// Writes the directory; returns the machine file to rewrite for reloads.
-fn generate(root: &Path, all_service: bool) -> std::io::Result<PathBuf> {
+/// The files the reloads rewrite.
+struct Generated {
+    /// Machines m0112..m0127.
+    machine_file: PathBuf,
+    /// Services svc009..svc011; svc010 has an `observer` role (843 members).
+    service_file: PathBuf,
+}
+
+/// The service file whose svc010 the service reloads edit.
+const EDITED_SERVICE_FILE: usize = 3;
+
+/// Writes the directory; returns the files to rewrite for reloads.
+fn generate(root: &Path, all_service: bool) -> std::io::Result<Generated> {
     for f in 0..MACHINE_FILES {
         write(
             root,
@@ -196,27 +212,40 @@ fn generate(root: &Path, all_service: bool) -> std::io::Result<PathBuf> {
             .collect();
         write(root, &format!("vms/vms-{f:03}.yaml"), &docs.join("---\n"))?;
     }
-    // 100 files of three services and 100 of two.
-    let mut j = 0;
     for f in 0..SERVICE_FILES {
-        let n = if f < SERVICES - 2 * SERVICE_FILES {
-            3
-        } else {
-            2
-        };
-        let docs: Vec<String> = (j..j + n).map(|s| service_doc(s, all_service)).collect();
-        j += n;
         write(
             root,
             &format!("services/svc-{f:03}.yaml"),
-            &docs.join("---\n"),
+            &service_file_text(f, all_service),
         )?;
     }
-    assert_eq!(j, SERVICES);
+    assert_eq!(services_of(SERVICE_FILES - 1).end, SERVICES);
     // A checkout's files are older than the controller's last load.
     let old = SystemTime::now() - Duration::from_secs(3600);
     backdate(root, old)?;
-    Ok(root.join("machines/site-07/batch-007.yaml"))
+    Ok(Generated {
+        machine_file: root.join("machines/site-07/batch-007.yaml"),
+        service_file: root.join(format!("services/svc-{EDITED_SERVICE_FILE:03}.yaml")),
+    })
+}
+
+/// The services of service file `f`: 100 files of three services, then 100 of two.
+fn services_of(f: usize) -> std::ops::Range<usize> {
+    let threes = SERVICES - 2 * SERVICE_FILES;
+    let start = if f < threes {
+        3 * f
+    } else {
+        3 * threes + 2 * (f - threes)
+    };
+    let n = if f < threes { 3 } else { 2 };
+    start..start + n
+}
+
+fn service_file_text(f: usize, all_service: bool) -> String {
+    services_of(f)
+        .map(|j| service_doc(j, all_service))
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 fn backdate(dir: &Path, when: SystemTime) -> std::io::Result<()> {
@@ -234,13 +263,33 @@ fn backdate(dir: &Path, when: SystemTime) -> std::io::Result<()> {
     Ok(())
 }
 
-fn peak_rss_mib() -> f64 {
+/// A memory figure of this process from /proc, like `VmHWM:` (peak RSS).
+fn rss_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Identifies everything a load yields: diagnostics, spec hashes and roles
+/// (documents, hashes, `after`, services).
+fn result_digest(assembled: &Assembled) -> String {
+    let mut digest = blake3::Hasher::new();
+    for d in &assembled.diagnostics {
+        digest.update(format!("{d:?}\n").as_bytes());
+    }
+    if let Some(desired) = &assembled.desired {
+        for (key, hash) in desired.spec_hashes() {
+            digest.update(format!("{key} {hash}\n").as_bytes());
+        }
+        for (name, r) in &desired.roles {
+            digest.update(format!("{name} {} {:?} {:?}\n", r.hash, r.after, r.services).as_bytes());
+            digest.update(&r.document);
+        }
+    }
+    digest.finalize().to_hex().to_string()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -282,7 +331,20 @@ fn main() -> Result<(), Error> {
     let root = std::env::temp_dir().join(format!("converge-bench-load-{}", std::process::id()));
     let _guard = TempDir(root.clone());
     let started = Instant::now();
-    let changed_file = generate(&root, all_service)?;
+    let Generated {
+        machine_file: changed_file,
+        service_file,
+    } = generate(&root, all_service)?;
+    if std::env::args().any(|a| a == "--memory") {
+        return memory(&root);
+    }
+    let edited_service = |port: usize| {
+        service_file_text(EDITED_SERVICE_FILE, all_service).replacen(
+            "port: 10010",
+            &format!("port: {port}"),
+            1,
+        )
+    };
     let mut report = String::new();
     let _ = writeln!(
         report,
@@ -366,6 +428,53 @@ fn main() -> Result<(), Error> {
         "    reload, nothing changed:       {}",
         summary(&mut unchanged)
     );
+    // Edits that change roles inputs: a service's settings (its 843 members
+    // are resolved again), and one machine's tags (every role is selected
+    // again, and the members of the four services it leaves or joins are
+    // resolved again).
+    let mut service_edit = Vec::new();
+    for run in 0..10 {
+        let port = if run % 2 == 0 { 9999 } else { 10_010 };
+        std::fs::write(&service_file, edited_service(port))?;
+        let t = Instant::now();
+        let (assembled, _) = source.load()?;
+        service_edit.push(t.elapsed());
+        assert!(assembled.desired.is_some(), "reload stayed valid");
+    }
+    let _ = writeln!(
+        report,
+        "    reload, one service changed:   {}",
+        summary(&mut service_edit)
+    );
+    let mut tag_edit = Vec::new();
+    for run in 0..10 {
+        let mut text = machine_file(7, "5m");
+        if run % 2 == 0 {
+            // m0112 moves from rack 112 to rack 113: it leaves two services'
+            // client role and joins two others'.
+            text = text.replacen("rack-112,", "rack-113,", 1);
+        }
+        std::fs::write(&changed_file, text)?;
+        let t = Instant::now();
+        let (assembled, _) = source.load()?;
+        tag_edit.push(t.elapsed());
+        assert!(assembled.desired.is_some(), "reload stayed valid");
+    }
+    let _ = writeln!(
+        report,
+        "    reload, one machine's tags:    {}",
+        summary(&mut tag_edit)
+    );
+    // Back to the generated files, for the breakdown and the roles digest.
+    std::fs::write(&service_file, edited_service(10_010))?;
+    std::fs::write(&changed_file, machine_file(7, "5m"))?;
+    source.load()?;
+    // What loading needs; the breakdown below holds more at once.
+    let _ = writeln!(
+        report,
+        "peak RSS of the loads and reloads above: {:.1} MiB",
+        rss_mib("VmHWM:")
+    );
 
     // Breakdown of one load, from outside the library.
     let t = Instant::now();
@@ -375,8 +484,26 @@ fn main() -> Result<(), Error> {
     let t = Instant::now();
     let parsed: Vec<ParsedFile> = raw.iter().map(|(p, b)| parse_file(p, b)).collect();
     let parse_time = t.elapsed();
+    let kinds = parsed
+        .iter()
+        .flat_map(|f| f.objects.iter())
+        .fold([0usize; 3], |mut acc, o| {
+            match o.object {
+                ParsedObject::Machine(_) => acc[0] += 1,
+                ParsedObject::VirtualMachine(_) => acc[1] += 1,
+                ParsedObject::Service(_) => acc[2] += 1,
+            }
+            acc
+        });
+    let objects: usize = parsed.iter().map(|f| f.objects.len()).sum();
     let t = Instant::now();
-    let assembled = assemble(&root, parsed.iter());
+    let checked: Vec<CheckedFile> = parsed
+        .into_iter()
+        .map(|f| CheckedFile::new(&root, f))
+        .collect();
+    let check_time = t.elapsed();
+    let t = Instant::now();
+    let assembled = assemble_with(checked.iter(), &mut Resolution::default());
     let assemble_time = t.elapsed();
     let desired = assembled
         .desired
@@ -417,10 +544,13 @@ fn main() -> Result<(), Error> {
         .collect();
     let select_time = t.elapsed();
     let t = Instant::now();
-    let resolved = roles::resolve(&names, &services);
+    let inputs: BTreeMap<&Name, (&ServiceSpec, &Members)> = services
+        .iter()
+        .map(|(name, (spec, members))| (name, (*spec, members)))
+        .collect();
+    let resolved = roles::resolve(&names, &inputs);
     let resolve_time = t.elapsed();
     let doc_bytes: usize = resolved.values().map(|r| r.document.len()).sum();
-    let objects: usize = parsed.iter().map(|f| f.objects.len()).sum();
     let _ = writeln!(
         report,
         "breakdown of one load (single-threaded, from outside):"
@@ -438,7 +568,12 @@ fn main() -> Result<(), Error> {
     );
     let _ = writeln!(
         report,
-        "    assemble (validate + roles):   {:8.2} ms",
+        "    CheckedFile::new (all):        {:8.2} ms  (build, hash, single-object checks)",
+        ms(check_time)
+    );
+    let _ = writeln!(
+        report,
+        "    assemble_with, cold:           {:8.2} ms  (cross-object checks + roles)",
         ms(assemble_time)
     );
     let _ = writeln!(
@@ -453,17 +588,6 @@ fn main() -> Result<(), Error> {
         resolved.len(),
         doc_bytes as f64 / (1024.0 * 1024.0)
     );
-    let kinds = parsed
-        .iter()
-        .flat_map(|f| f.objects.iter())
-        .fold([0usize; 3], |mut acc, o| {
-            match o.object {
-                ParsedObject::Machine(_) => acc[0] += 1,
-                ParsedObject::VirtualMachine(_) => acc[1] += 1,
-                ParsedObject::Service(_) => acc[2] += 1,
-            }
-            acc
-        });
     let _ = writeln!(
         report,
         "    parsed kinds: {} machines, {} VMs, {} services",
@@ -480,7 +604,56 @@ fn main() -> Result<(), Error> {
         "roles digest: {}",
         &digest.finalize().to_hex()[..16]
     );
-    let _ = writeln!(report, "peak RSS (VmHWM): {:.1} MiB", peak_rss_mib());
+    let _ = writeln!(
+        report,
+        "peak RSS (VmHWM), with the breakdown (three copies of the roles documents): {:.1} MiB",
+        rss_mib("VmHWM:")
+    );
+    drop((checked, desired, resolved, raw));
+
+    // The incremental result must be the cold one, exactly.
+    std::fs::write(&service_file, edited_service(9999))?;
+    std::fs::write(
+        &changed_file,
+        machine_file(7, "7m").replacen("rack-112,", "rack-113,", 1),
+    )?;
+    let incremental = result_digest(&source.load()?.0);
+    let cold_again = result_digest(&Source::new(&root).load()?.0);
+    if incremental != cold_again {
+        return Err("an incremental reload differs from a cold load".into());
+    }
+    let _ = writeln!(
+        report,
+        "    after these edits, the reloaded result equals a cold load's: {}",
+        &incremental[..16]
+    );
     print!("{report}");
+    Ok(())
+}
+
+/// `--memory`: what one Source holds after one load (its cache and the
+/// desired state it returned), over the process before loading.
+fn memory(root: &Path) -> Result<(), Error> {
+    let before = rss_mib("VmRSS:");
+    let mut source = Source::new(root);
+    let (assembled, _) = source.load()?;
+    let desired = assembled
+        .desired
+        .ok_or("the generated directory is invalid")?;
+    let after = rss_mib("VmRSS:");
+    let objects = desired.len();
+    let documents: usize = desired.roles.values().map(|r| r.document.len()).sum();
+    println!(
+        "RSS before loading {before:.1} MiB, after one load (Source + DesiredState) {after:.1} MiB, peak {:.1} MiB",
+        rss_mib("VmHWM:")
+    );
+    println!(
+        "held: {:.1} MiB for {objects} objects = {:.1} KiB per object, of which roles documents {:.1} MiB ({:.1} KiB per machine)",
+        after - before,
+        (after - before) * 1024.0 / objects as f64,
+        documents as f64 / (1024.0 * 1024.0),
+        documents as f64 / 1024.0 / desired.machines.len() as f64,
+    );
+    drop((desired, source));
     Ok(())
 }

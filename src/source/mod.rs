@@ -2,9 +2,11 @@
 //!
 //! Walks the directory (recursively, `.yaml`/`.yml` only; hidden files and
 //! directories, editor backups and temporary files ignored), reads each file
-//! and hands the bytes to [`crate::spec::parse`]. Parsed files are cached by
-//! fingerprint (size, mtime, inode), so a reload after one file changed
-//! parses only that file. It never decides what the result means: an invalid
+//! and hands the bytes to [`crate::spec::parse`]. Parsed and checked files
+//! are cached by fingerprint (size, mtime, inode), so a reload after one file
+//! changed parses and checks only that file; the previous
+//! [`Resolution`] is kept too, so roles are resolved again only when their
+//! inputs changed. It never decides what the result means: an invalid
 //! directory is returned as diagnostics, and the caller keeps its last valid
 //! desired state.
 
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::spec::parse::{ParsedFile, parse_file};
-use crate::spec::{Assembled, Diagnostic, Severity, assemble};
+use crate::spec::{Assembled, CheckedFile, Diagnostic, Resolution, Severity, assemble_with};
 
 /// Directories nested deeper than this are not walked.
 const MAX_DEPTH: usize = 32;
@@ -59,7 +61,7 @@ struct CachedFile {
     fingerprint: Fingerprint,
     /// Modified within [`RACY_WINDOW`] of being read: not reused.
     racy: bool,
-    parsed: ParsedFile,
+    checked: CheckedFile,
 }
 
 /// What one load did, for logs and benchmarks.
@@ -71,11 +73,13 @@ pub struct LoadStats {
     pub micros: u128,
 }
 
-/// A desired-state directory and the cache of its parsed files.
+/// A desired-state directory, the cache of its parsed files, and the roles
+/// resolution of the last load.
 #[derive(Debug)]
 pub struct Source {
     root: PathBuf,
     files: BTreeMap<PathBuf, CachedFile>,
+    resolution: Resolution,
 }
 
 impl Source {
@@ -83,6 +87,7 @@ impl Source {
         Source {
             root: root.into(),
             files: BTreeMap::new(),
+            resolution: Resolution::default(),
         }
     }
 
@@ -142,23 +147,21 @@ impl Source {
                     diagnostics: vec![file_error(&relative, format!("cannot read file: {e}"))],
                 },
             };
+            let checked = CheckedFile::new(&self.root, parsed);
             next.insert(
                 relative,
                 CachedFile {
                     fingerprint,
                     racy,
-                    parsed,
+                    checked,
                 },
             );
         }
         self.files = next;
-        let walk_file = ParsedFile {
-            objects: Vec::new(),
-            diagnostics: walk_errors,
-        };
-        let assembled = assemble(
-            &self.root,
-            self.files.values().map(|c| &c.parsed).chain([&walk_file]),
+        let walk_file = CheckedFile::from_diagnostics(walk_errors);
+        let assembled = assemble_with(
+            self.files.values().map(|c| &c.checked).chain([&walk_file]),
+            &mut self.resolution,
         );
         stats.micros = started.elapsed().as_micros();
         Ok((assembled, stats))

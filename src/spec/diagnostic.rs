@@ -71,6 +71,15 @@ impl Origin {
         }
     }
 
+    /// Whether both origins are the same document of the same file text: then
+    /// everything read from them, values and locations, is the same too
+    /// (parsing is deterministic), so every diagnostic about them is.
+    pub(crate) fn is_same_document(&self, other: &Origin) -> bool {
+        self.line_offset == other.line_offset
+            && self.file == other.file
+            && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+    }
+
     /// The file position of a document-relative location.
     pub fn position(&self, loc: Loc) -> (u32, u32) {
         if loc.is_known() {

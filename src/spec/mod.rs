@@ -18,6 +18,7 @@ pub mod schema;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 pub use at::{At, Loc};
 pub use diagnostic::{Diagnostic, Origin, Related, Severity};
@@ -26,7 +27,7 @@ pub use model::*;
 pub use names::{Name, NameError};
 pub use quantity::{ByteSize, HumanDuration, Port, QuantityError};
 pub use roles::MachineRoles;
-pub use validate::{Assembled, assemble};
+pub use validate::{Assembled, CheckedFile, Resolution, assemble, assemble_with};
 
 /// One validated object.
 #[derive(Debug, Clone)]
@@ -44,13 +45,18 @@ pub struct Object<S> {
 
 /// A complete, valid desired state: every object of a directory, and each
 /// machine's resolved roles.
+///
+/// Objects are shared (`Arc`) with the source's cache of parsed files and
+/// with the previous desired state: a reload builds new objects only for the
+/// files that changed, and cloning a desired state copies no spec.
 #[derive(Debug, Clone, Default)]
 pub struct DesiredState {
-    pub machines: BTreeMap<Name, Object<MachineSpec>>,
-    pub vms: BTreeMap<Name, Object<VmSpec>>,
-    pub services: BTreeMap<Name, Object<ServiceSpec>>,
-    /// Every machine's roles document (machines without roles get an empty one).
-    pub roles: BTreeMap<Name, MachineRoles>,
+    pub machines: BTreeMap<Name, Arc<Object<MachineSpec>>>,
+    pub vms: BTreeMap<Name, Arc<Object<VmSpec>>>,
+    pub services: BTreeMap<Name, Arc<Object<ServiceSpec>>>,
+    /// Every machine's roles document (machines without roles get an empty
+    /// one), shared with the next load when it does not change.
+    pub roles: BTreeMap<Name, Arc<MachineRoles>>,
 }
 
 impl DesiredState {

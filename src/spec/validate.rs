@@ -7,9 +7,17 @@
 //! returns either a complete [`DesiredState`] or every diagnostic found. A
 //! directory with any error yields no desired state at all: the caller keeps
 //! the last valid one. Pure: paths are checked lexically, nothing is read.
+//!
+//! Assembling is incremental when the caller keeps two things between loads:
+//! a [`CheckedFile`] per file (its objects built, hashed and checked on their
+//! own, once per parse) and the [`Resolution`] of the previous assembly (role
+//! members, roles documents and the diagnostics about them, with the inputs
+//! they came from). Both are reused only where their inputs are unchanged, so
+//! the result is always exactly that of assembling from scratch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::at::{At, Loc};
 use super::diagnostic::{Diagnostic, Origin, Severity};
@@ -18,7 +26,7 @@ use super::model::{Document, MachineSpec, NetworkMode, Protocol, ServiceSpec, Vm
 use super::names::Name;
 use super::parse::{Located, ParsedFile, ParsedObject};
 use super::quantity::{ByteSize, HumanDuration};
-use super::roles::{self, MachineRoles, Members};
+use super::roles::{self, MachineRoles, Members, ServicePieces};
 use super::{DesiredState, Object};
 
 /// Name no Machine may take: `host: local` of a VM means the controller's host.
@@ -43,123 +51,252 @@ impl Assembled {
     }
 }
 
-/// Validates and assembles the objects of all `files` under `root`.
-pub fn assemble<'a>(root: &Path, files: impl IntoIterator<Item = &'a ParsedFile>) -> Assembled {
-    let mut diags: Vec<Diagnostic> = Vec::new();
-    let mut machines: BTreeMap<Name, Object<MachineSpec>> = BTreeMap::new();
-    let mut vms: BTreeMap<Name, Object<VmSpec>> = BTreeMap::new();
-    let mut services: BTreeMap<Name, Object<ServiceSpec>> = BTreeMap::new();
+/// One file's objects, each built (with its spec hash) and checked on its
+/// own: everything assembling does that depends on one document only. It
+/// depends on the desired-state directory's path too (paths are checked
+/// against it), so it is reused only for the same root.
+#[derive(Debug, Clone, Default)]
+pub struct CheckedFile {
+    /// What parsing the file reported.
+    diagnostics: Vec<Diagnostic>,
+    /// In document order.
+    objects: Vec<CheckedObject>,
+}
 
-    for file in files {
-        diags.extend(file.diagnostics.iter().cloned());
-        for Located { object, origin } in &file.objects {
-            match object {
-                ParsedObject::Machine(doc) => {
-                    check_machine(root, doc, origin, &mut diags);
-                    insert_unique(&mut machines, doc, origin, &mut diags);
+#[derive(Debug, Clone)]
+struct CheckedObject {
+    object: AnyObject,
+    /// What the checks of this object alone found.
+    diagnostics: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Clone)]
+enum AnyObject {
+    Machine(Arc<Object<MachineSpec>>),
+    Vm(Arc<Object<VmSpec>>),
+    Service(Arc<Object<ServiceSpec>>),
+}
+
+impl CheckedFile {
+    /// Builds and checks the objects of `parsed`, a file of the directory `root`.
+    pub fn new(root: &Path, parsed: ParsedFile) -> CheckedFile {
+        let objects = parsed
+            .objects
+            .into_iter()
+            .map(|Located { object, origin }| {
+                let mut diagnostics = Vec::new();
+                let object = match object {
+                    ParsedObject::Machine(doc) => {
+                        check_machine(root, &doc, &origin, &mut diagnostics);
+                        AnyObject::Machine(build(doc, origin, Kind::Machine))
+                    }
+                    ParsedObject::VirtualMachine(doc) => {
+                        check_vm(root, &doc, &origin, &mut diagnostics);
+                        AnyObject::Vm(build(doc, origin, Kind::VirtualMachine))
+                    }
+                    ParsedObject::Service(doc) => {
+                        check_service(&doc, &origin, &mut diagnostics);
+                        AnyObject::Service(build(doc, origin, Kind::Service))
+                    }
+                };
+                CheckedObject {
+                    object,
+                    diagnostics,
                 }
-                ParsedObject::VirtualMachine(doc) => {
-                    check_vm(root, doc, origin, &mut diags);
-                    insert_unique(&mut vms, doc, origin, &mut diags);
-                }
-                ParsedObject::Service(doc) => {
-                    check_service(doc, origin, &mut diags);
-                    insert_unique(&mut services, doc, origin, &mut diags);
-                }
-            }
+            })
+            .collect();
+        CheckedFile {
+            diagnostics: parsed.diagnostics,
+            objects,
         }
     }
 
-    check_vm_references(&machines, &vms, &mut diags);
-    let members = resolve_members(&machines, &services, &mut diags);
-    let machine_names: Vec<&Name> = machines.keys().collect();
-    let service_inputs: BTreeMap<Name, (&ServiceSpec, Members)> = services
-        .iter()
-        .map(|(name, object)| {
-            let m = members.get(name).cloned().unwrap_or_default();
-            (name.clone(), (&object.spec, m))
-        })
+    /// A file that holds no object, only these diagnostics (about the
+    /// directory itself, say).
+    pub fn from_diagnostics(diagnostics: Vec<Diagnostic>) -> CheckedFile {
+        CheckedFile {
+            diagnostics,
+            objects: Vec::new(),
+        }
+    }
+}
+
+/// Validates and assembles the objects of all `files` under `root`, from scratch.
+pub fn assemble<'a>(root: &Path, files: impl IntoIterator<Item = &'a ParsedFile>) -> Assembled {
+    let checked: Vec<CheckedFile> = files
+        .into_iter()
+        .map(|file| CheckedFile::new(root, file.clone()))
         .collect();
-    let resolved = roles::resolve(&machine_names, &service_inputs);
-    check_machine_cycles(&resolved, &services, &members, &mut diags);
+    assemble_with(checked.iter(), &mut Resolution::default())
+}
+
+/// Validates and assembles the objects of all `files`, reusing what
+/// `previous` (the resolution of the last assembly, or an empty one) holds
+/// where its inputs are unchanged, and leaving this assembly's resolution in
+/// its place. The result is the same as [`assemble`]'s from scratch.
+pub fn assemble_with<'a>(
+    files: impl IntoIterator<Item = &'a CheckedFile>,
+    previous: &mut Resolution,
+) -> Assembled {
+    let Gathered {
+        mut diags,
+        machines,
+        vms,
+        services,
+    } = gather(files);
+    check_vm_references(&machines, &vms, &mut diags);
+    let resolution = std::mem::take(previous).update(&machines, &services);
+    resolution.diagnostics(&mut diags);
 
     diags.sort_by(|a, b| {
         (a.severity, &a.file, a.line, a.column).cmp(&(b.severity, &b.file, b.line, b.column))
     });
     diags.dedup();
     let has_errors = diags.iter().any(Diagnostic::is_error);
-    let desired = (!has_errors).then_some(DesiredState {
+    let desired = (!has_errors).then(|| DesiredState {
         machines,
         vms,
         services,
-        roles: resolved,
+        roles: resolution.roles.clone(),
     });
+    *previous = resolution;
     Assembled {
         desired,
         diagnostics: diags,
     }
 }
 
-trait HasDocument {
-    type Spec: Clone + serde::Serialize;
-    fn kind() -> Kind;
+/// Every object by kind and name (the first definition of a name wins),
+/// and the diagnostics found so far, in the order of checking one object at
+/// a time: each file's, each object's own, and each duplicate's.
+struct Gathered {
+    diags: Vec<Diagnostic>,
+    machines: BTreeMap<Name, Arc<Object<MachineSpec>>>,
+    vms: BTreeMap<Name, Arc<Object<VmSpec>>>,
+    services: BTreeMap<Name, Arc<Object<ServiceSpec>>>,
 }
 
-impl HasDocument for MachineSpec {
-    type Spec = MachineSpec;
-    fn kind() -> Kind {
-        Kind::Machine
+fn gather<'a>(files: impl IntoIterator<Item = &'a CheckedFile>) -> Gathered {
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut machines = Defined::default();
+    let mut vms = Defined::default();
+    let mut services = Defined::default();
+    // Each object in the order met, and where in `diags` its duplicate
+    // diagnostic (if it is one) belongs: after its own checks' diagnostics.
+    let mut seq = 0;
+    for file in files {
+        diags.extend(file.diagnostics.iter().cloned());
+        for checked in &file.objects {
+            diags.extend(checked.diagnostics.iter().cloned());
+            let at = diags.len();
+            match &checked.object {
+                AnyObject::Machine(object) => machines.push(object, at, seq),
+                AnyObject::Vm(object) => vms.push(object, at, seq),
+                AnyObject::Service(object) => services.push(object, at, seq),
+            }
+            seq += 1;
+        }
+    }
+    // Duplicates are found by sorting; their diagnostics go back to where
+    // they were met, so the order is that of checking one object at a time.
+    let mut duplicates = Vec::new();
+    let machines = machines.unique(&mut duplicates);
+    let vms = vms.unique(&mut duplicates);
+    let services = services.unique(&mut duplicates);
+    if !duplicates.is_empty() {
+        duplicates.sort_by_key(|(at, seq, _)| (*at, *seq));
+        let mut merged = Vec::with_capacity(diags.len() + duplicates.len());
+        let mut duplicates = duplicates.into_iter().peekable();
+        for (i, d) in std::mem::take(&mut diags).into_iter().enumerate() {
+            while let Some((_, _, duplicate)) = duplicates.next_if(|(at, _, _)| *at <= i) {
+                merged.push(duplicate);
+            }
+            merged.push(d);
+        }
+        merged.extend(duplicates.map(|(_, _, duplicate)| duplicate));
+        diags = merged;
+    }
+
+    Gathered {
+        diags,
+        machines,
+        vms,
+        services,
     }
 }
 
-impl HasDocument for VmSpec {
-    type Spec = VmSpec;
-    fn kind() -> Kind {
-        Kind::VirtualMachine
+/// An object as assembling keeps it, built from its document.
+fn build<S: serde::Serialize>(doc: Document<S>, origin: Origin, kind: Kind) -> Arc<Object<S>> {
+    let spec_hash = spec_hash(&doc);
+    let Document { metadata, spec, .. } = doc;
+    Arc::new(Object {
+        key: ObjectKey::new(kind, metadata.name.value),
+        tags: metadata.tags.into_iter().map(|t| t.value).collect(),
+        spec,
+        origin,
+        name_loc: metadata.name.loc,
+        spec_hash,
+    })
+}
+
+/// The objects of one kind, in the order assembling meets them (file by
+/// file, document by document), with where their diagnostics go.
+struct Defined<'a, S> {
+    /// Each object, the length of the diagnostics when it was met, and its
+    /// place in the order of all objects.
+    objects: Vec<(&'a Arc<Object<S>>, usize, usize)>,
+}
+
+impl<S> Default for Defined<'_, S> {
+    fn default() -> Self {
+        Defined {
+            objects: Vec::new(),
+        }
     }
 }
 
-impl HasDocument for ServiceSpec {
-    type Spec = ServiceSpec;
-    fn kind() -> Kind {
-        Kind::Service
+impl<'a, S> Defined<'a, S> {
+    fn push(&mut self, object: &'a Arc<Object<S>>, at: usize, seq: usize) {
+        self.objects.push((object, at, seq));
+    }
+
+    /// The objects by name, the first definition of each name winning; a
+    /// later one is a duplicate: (where its diagnostic goes, its place, the
+    /// diagnostic).
+    fn unique(
+        mut self,
+        duplicates: &mut Vec<(usize, usize, Diagnostic)>,
+    ) -> BTreeMap<Name, Arc<Object<S>>> {
+        // Stable: the first definition of a name stays first.
+        self.objects.sort_by(|a, b| a.0.key.name.cmp(&b.0.key.name));
+        let mut first: Option<&Arc<Object<S>>> = None;
+        let mut unique = Vec::with_capacity(self.objects.len());
+        for (object, at, seq) in self.objects {
+            match first {
+                Some(first) if first.key.name == object.key.name => {
+                    duplicates.push((at, seq, duplicate(first, object)));
+                }
+                _ => {
+                    first = Some(object);
+                    unique.push((object.key.name.clone(), Arc::clone(object)));
+                }
+            }
+        }
+        unique.into_iter().collect()
     }
 }
 
-fn insert_unique<S: HasDocument<Spec = S> + Clone + serde::Serialize>(
-    into: &mut BTreeMap<Name, Object<S>>,
-    doc: &Document<S>,
-    origin: &Origin,
-    diags: &mut Vec<Diagnostic>,
-) {
-    let name = &doc.metadata.name;
-    if let Some(first) = into.get(&name.value) {
-        diags.push(
-            origin
-                .error(
-                    name.loc,
-                    format!(
-                        "duplicate {} name `{}`: names must be unique per kind; rename one of them",
-                        S::kind(),
-                        name.value
-                    ),
-                )
-                .with_related(first.origin.related(first.name_loc, "first defined")),
-        );
-        return;
-    }
-    let spec_hash = spec_hash(doc);
-    into.insert(
-        name.value.clone(),
-        Object {
-            key: ObjectKey::new(S::kind(), name.value.clone()),
-            tags: doc.metadata.tags.iter().map(|t| t.value.clone()).collect(),
-            spec: doc.spec.clone(),
-            origin: origin.clone(),
-            name_loc: name.loc,
-            spec_hash,
-        },
-    );
+fn duplicate<S>(first: &Object<S>, object: &Object<S>) -> Diagnostic {
+    object
+        .origin
+        .error(
+            object.name_loc,
+            format!(
+                "duplicate {} name `{}`: names must be unique per kind; rename one of them",
+                object.key.kind, object.key.name
+            ),
+        )
+        .with_related(first.origin.related(first.name_loc, "first defined"))
 }
 
 /// blake3 of the document's canonical JSON (locations excluded), hex.
@@ -528,39 +665,61 @@ fn check_service(doc: &Document<ServiceSpec>, origin: &Origin, diags: &mut Vec<D
 /// Finds one cycle in a directed graph given as (node, successors).
 fn find_cycle(graph: impl Iterator<Item = (Name, Vec<Name>)>) -> Option<Vec<Name>> {
     let graph: BTreeMap<Name, Vec<Name>> = graph.collect();
+    find_cycle_from(graph.keys(), |node| {
+        graph
+            .get_key_value(node)
+            .map(|(name, successors)| (name, successors.iter()))
+    })
+}
+
+/// Finds one cycle reachable from `starts` (tried in order), depth first.
+/// `node(n)` gives the node named `n` and its successors in order, or `None`
+/// when there is no such node (an edge to it is ignored). Deterministic: the
+/// same graph and starts give the same cycle. A cycle is found exactly when
+/// one is reachable from the starts.
+fn find_cycle_from<'g, I>(
+    starts: impl Iterator<Item = &'g Name>,
+    node: impl Fn(&Name) -> Option<(&'g Name, I)>,
+) -> Option<Vec<Name>>
+where
+    I: Iterator<Item = &'g Name>,
+{
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Active,
         Done,
     }
     let mut marks: BTreeMap<&Name, Mark> = BTreeMap::new();
-    for start in graph.keys() {
+    for start in starts {
         if marks.contains_key(start) {
             continue;
         }
-        // Iterative DFS: (node, index of next successor), with the active path.
-        let mut stack: Vec<(&Name, usize)> = vec![(start, 0)];
+        let Some((start, successors)) = node(start) else {
+            continue;
+        };
+        // Iterative DFS: the active path, each node with its successors not
+        // yet followed.
+        let mut stack: Vec<(&Name, I)> = vec![(start, successors)];
         marks.insert(start, Mark::Active);
-        while let Some((node, next)) = stack.last_mut() {
-            let successors = graph.get(*node).map(Vec::as_slice).unwrap_or(&[]);
-            if let Some(succ) = successors.get(*next) {
-                *next += 1;
-                match marks.get(succ) {
-                    Some(Mark::Active) => {
-                        let from = stack.iter().position(|(n, _)| *n == succ).unwrap_or(0);
-                        return Some(stack[from..].iter().map(|(n, _)| (*n).clone()).collect());
-                    }
-                    Some(Mark::Done) => {}
-                    None => {
-                        if let Some((key, _)) = graph.get_key_value(succ) {
-                            marks.insert(key, Mark::Active);
-                            stack.push((key, 0));
-                        }
+        while let Some((current, successors)) = stack.last_mut() {
+            let current: &Name = current;
+            let Some(succ) = successors.next() else {
+                marks.insert(current, Mark::Done);
+                stack.pop();
+                continue;
+            };
+            match marks.get(succ) {
+                Some(Mark::Active) => {
+                    let from = stack.iter().position(|(n, _)| *n == succ).unwrap_or(0);
+                    return Some(stack[from..].iter().map(|(n, _)| (*n).clone()).collect());
+                }
+                Some(Mark::Done) => {}
+                None => {
+                    if let Some((key, successors)) = node(succ) {
+                        marks.insert(key, Mark::Active);
+                        stack.push((key, successors));
                     }
                 }
-            } else {
-                marks.insert(*node, Mark::Done);
-                stack.pop();
             }
         }
     }
@@ -568,15 +727,15 @@ fn find_cycle(graph: impl Iterator<Item = (Name, Vec<Name>)>) -> Option<Vec<Name
 }
 
 fn check_vm_references(
-    machines: &BTreeMap<Name, Object<MachineSpec>>,
-    vms: &BTreeMap<Name, Object<VmSpec>>,
+    machines: &BTreeMap<Name, Arc<Object<MachineSpec>>>,
+    vms: &BTreeMap<Name, Arc<Object<VmSpec>>>,
     diags: &mut Vec<Diagnostic>,
 ) {
     let mut hosted: BTreeMap<&Name, (&Object<VmSpec>, Loc)> = BTreeMap::new();
     // (hypervisor, host port, protocol) -> the VM that forwards it first.
     type Slot<'a> = (Option<&'a Name>, u16, Protocol);
     let mut forwards: BTreeMap<Slot<'_>, (&Object<VmSpec>, Loc)> = BTreeMap::new();
-    for vm in vms.values() {
+    for vm in vms.values().map(Arc::as_ref) {
         let spec = &vm.spec;
         if let VmHost::Machine(host) = &spec.host.value {
             if !machines.contains_key(host) {
@@ -629,88 +788,314 @@ fn check_vm_references(
     }
 }
 
-/// Computes which machines each role selects, reporting unknown machines,
-/// tags that select nothing, and per-machine settings for machines outside
-/// the role.
-fn resolve_members(
-    machines: &BTreeMap<Name, Object<MachineSpec>>,
-    services: &BTreeMap<Name, Object<ServiceSpec>>,
-    diags: &mut Vec<Diagnostic>,
-) -> BTreeMap<Name, Members> {
-    // Machines by tag, built once, so a role costs what it selects rather
-    // than a pass over every machine.
-    let mut by_tag: BTreeMap<&Name, Vec<&Name>> = BTreeMap::new();
-    for (name, machine) in machines {
-        for tag in &machine.tags {
-            by_tag.entry(tag).or_default().push(name);
-        }
-    }
-    let mut out = BTreeMap::new();
-    for (service_name, service) in services {
-        let mut members = Members::new();
-        for (role_name, role) in &service.spec.roles {
-            for m in &role.machines {
-                if !machines.contains_key(&m.value) {
-                    diags.push(service.origin.error(m.loc, format!("role `{}` names machine `{}`, which is not a Machine in this directory", role_name.value, m.value)));
-                }
-            }
-            for tag in &role.tags {
-                let used = tag.value.as_str() == "all" || by_tag.contains_key(&tag.value);
-                if !used {
-                    diags.push(service.origin.warning(
-                        tag.loc,
-                        format!(
-                            "tag `{}` of role `{}` selects no machine",
-                            tag.value, role_name.value
-                        ),
-                    ));
-                }
-            }
-            // Named machines plus those carrying any of the tags (`all`: every
-            // machine), as `roles::select` defines it.
-            let mut selected: BTreeSet<Name> = role
+/// The part of assembling that depends only on the machines' names and tags
+/// and on the services: which machines each role selects (with the
+/// diagnostics about that), every machine's roles document, and the check
+/// for `after` cycles across services. It is kept from one assembly to the
+/// next together with the inputs it came from, and an assembly recomputes
+/// only what its change can touch:
+///
+/// - a service's members and their diagnostics are reused when it is the
+///   same document (same file text, same place) and no machine was added,
+///   removed or retagged; otherwise they are selected again;
+/// - a machine's roles document is a function of the services the machine is
+///   a member of, their specs and their members (see [`roles::resolve`]), so
+///   it is resolved again only for the members, old and new, of the services
+///   whose spec or members changed (added and removed ones included), and
+///   for new machines;
+/// - the cycle check looks at the whole graph, and is redone whenever
+///   anything it reads may have changed.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    /// The machines it was computed for, in name order.
+    machines: Vec<Arc<Object<MachineSpec>>>,
+    /// Machines by tag, as positions in `machines`.
+    by_tag: BTreeMap<Name, Vec<usize>>,
+    services: BTreeMap<Name, Arc<Object<ServiceSpec>>>,
+    /// Per service, the members of each role and the diagnostics found
+    /// selecting them.
+    members: BTreeMap<Name, (Members, Vec<Diagnostic>)>,
+    roles: BTreeMap<Name, Arc<MachineRoles>>,
+    /// Per service, the parts of its members' documents that they share.
+    pieces: BTreeMap<Name, ServicePieces>,
+    cycle: Option<Diagnostic>,
+}
+
+impl Resolution {
+    /// The resolution for `machines` and `services`, reusing `self` (the
+    /// previous one) where its inputs are unchanged.
+    fn update(
+        mut self,
+        machines: &BTreeMap<Name, Arc<Object<MachineSpec>>>,
+        services: &BTreeMap<Name, Arc<Object<ServiceSpec>>>,
+    ) -> Resolution {
+        // Role selection reads the machines' names and tags only.
+        let same_machines = self.machines.len() == machines.len()
+            && self
                 .machines
                 .iter()
-                .map(|m| &m.value)
-                .filter(|m| machines.contains_key(*m))
-                .cloned()
-                .collect();
-            for tag in &role.tags {
-                if tag.value.as_str() == "all" {
-                    selected.extend(machines.keys().cloned());
-                } else if let Some(tagged) = by_tag.get(&tag.value) {
-                    selected.extend(tagged.iter().map(|m| (*m).clone()));
+                .zip(machines.values())
+                .all(|(old, new)| {
+                    Arc::ptr_eq(old, new) || (old.key.name == new.key.name && old.tags == new.tags)
+                });
+        let mut old_members = std::mem::take(&mut self.members);
+        let reusable = |name: &Name, service: &Arc<Object<ServiceSpec>>| {
+            same_machines
+                && old_members.contains_key(name)
+                && self.services.get(name).is_some_and(|old| {
+                    Arc::ptr_eq(old, service) || old.origin.is_same_document(&service.origin)
+                })
+        };
+        let reselect: BTreeSet<&Name> = services
+            .iter()
+            .filter(|(name, service)| !reusable(name, service))
+            .map(|(name, _)| name)
+            .collect();
+        let by_tag = if same_machines {
+            std::mem::take(&mut self.by_tag)
+        } else {
+            tag_index(machines)
+        };
+        let order: Vec<&Name> = if reselect.is_empty() {
+            Vec::new()
+        } else {
+            machines.keys().collect()
+        };
+
+        let mut members: BTreeMap<Name, (Members, Vec<Diagnostic>)> = BTreeMap::new();
+        // Machines whose roles documents may differ from the previous ones.
+        // With no previous documents, that is every machine.
+        let cold = self.roles.is_empty();
+        let mut affected: BTreeSet<&Name> = BTreeSet::new();
+        for (name, service) in services {
+            let old_entry = old_members.remove(name);
+            let entry = match old_entry {
+                Some(entry) if !reselect.contains(name) => entry,
+                old_entry => {
+                    let mut diags = Vec::new();
+                    let selected = select_members(service, machines, &order, &by_tag, &mut diags);
+                    let same_roles = self
+                        .services
+                        .get(name)
+                        .is_some_and(|old| old.spec == service.spec)
+                        && old_entry.as_ref().is_some_and(|(old, _)| *old == selected);
+                    if !same_roles {
+                        self.pieces.remove(name);
+                    }
+                    if !same_roles && !cold {
+                        if let Some((old, _)) = &old_entry {
+                            mark(old, machines, &mut affected);
+                        }
+                        mark(&selected, machines, &mut affected);
+                    }
+                    (selected, diags)
                 }
-            }
-            for machine in role.per_machine.keys() {
-                if !selected.contains(&machine.value) {
-                    diags.push(service.origin.error(
-                        machine.loc,
-                        format!("perMachine names `{}`, which role `{}` does not select: add it to `machines` or give it a tag of the role", machine.value, role_name.value),
-                    ));
-                }
-            }
-            members.insert(role_name.value.clone(), selected);
+            };
+            members.insert(name.clone(), entry);
         }
-        out.insert(service_name.clone(), members);
+        // What is left are removed services: their old members lose them.
+        let removed_services = !old_members.is_empty();
+        for (name, (old, _)) in &old_members {
+            self.pieces.remove(name);
+            if !cold {
+                mark(old, machines, &mut affected);
+            }
+        }
+
+        let mut roles = std::mem::take(&mut self.roles);
+        if cold {
+            affected.extend(machines.keys());
+        } else if !same_machines {
+            roles.retain(|name, _| machines.contains_key(name));
+            // A new machine gets its document, empty if it plays no role.
+            affected.extend(machines.keys().filter(|name| !roles.contains_key(*name)));
+        }
+        // Machines that may wait for others differently than before.
+        let mut rewired: Vec<Name> = Vec::new();
+        if !affected.is_empty() {
+            let wanted: Vec<&Name> = affected.into_iter().collect();
+            let inputs: BTreeMap<&Name, (&ServiceSpec, &Members)> = services
+                .iter()
+                .filter_map(|(name, service)| {
+                    let (selected, _) = members.get(name)?;
+                    Some((name, (&service.spec, selected)))
+                })
+                .collect();
+            for (machine, resolved) in roles::resolve_with(&wanted, &inputs, &mut self.pieces) {
+                if roles
+                    .get(&machine)
+                    .is_none_or(|old| old.after != resolved.after)
+                {
+                    rewired.push(machine.clone());
+                }
+                roles.insert(machine, Arc::new(resolved));
+            }
+        }
+
+        let all_reused =
+            same_machines && reselect.is_empty() && !removed_services && rewired.is_empty();
+        let cycle = if all_reused {
+            self.cycle
+        } else if !cold
+            && self.cycle.is_none()
+            && find_cycle_from(rewired.iter(), |m| after_of(&roles, m)).is_none()
+        {
+            // The previous graph had no cycle, so a new one would pass
+            // through a machine whose `after` changed; none does.
+            None
+        } else {
+            machine_cycle(&roles, services, &members)
+        };
+        let mut kept = self.machines;
+        if same_machines {
+            // Mostly the same objects: replace only the rebuilt ones.
+            for (old, new) in kept.iter_mut().zip(machines.values()) {
+                if !Arc::ptr_eq(old, new) {
+                    *old = Arc::clone(new);
+                }
+            }
+        } else {
+            kept = machines.values().cloned().collect();
+        }
+        Resolution {
+            machines: kept,
+            by_tag,
+            services: services.clone(),
+            members,
+            roles,
+            pieces: self.pieces,
+            cycle,
+        }
     }
-    out
+
+    /// Appends the diagnostics of role selection and the cycle check, in the
+    /// order a from-scratch assembly finds them.
+    fn diagnostics(&self, into: &mut Vec<Diagnostic>) {
+        for (_, diags) in self.members.values() {
+            into.extend(diags.iter().cloned());
+        }
+        into.extend(self.cycle.iter().cloned());
+    }
+}
+
+/// Adds the machines of `set` that still exist to `affected`.
+fn mark<'m>(
+    set: &Members,
+    machines: &'m BTreeMap<Name, Arc<Object<MachineSpec>>>,
+    affected: &mut BTreeSet<&'m Name>,
+) {
+    for machine in set.values().flatten() {
+        if let Some((name, _)) = machines.get_key_value(machine) {
+            affected.insert(name);
+        }
+    }
+}
+
+/// Machines by tag, as positions in name order, built once, so a role costs
+/// what it selects rather than a pass over every machine.
+fn tag_index(machines: &BTreeMap<Name, Arc<Object<MachineSpec>>>) -> BTreeMap<Name, Vec<usize>> {
+    let mut by_tag: BTreeMap<Name, Vec<usize>> = BTreeMap::new();
+    for (position, machine) in machines.values().enumerate() {
+        for tag in &machine.tags {
+            match by_tag.get_mut(tag) {
+                Some(positions) => positions.push(position),
+                None => {
+                    by_tag.insert(tag.clone(), vec![position]);
+                }
+            }
+        }
+    }
+    by_tag
+}
+
+/// Computes which machines each role of `service` selects, reporting unknown
+/// machines, tags that select nothing, and per-machine settings for machines
+/// outside the role. `by_tag` holds positions in `order`, the machines'
+/// names in order.
+fn select_members(
+    service: &Object<ServiceSpec>,
+    machines: &BTreeMap<Name, Arc<Object<MachineSpec>>>,
+    order: &[&Name],
+    by_tag: &BTreeMap<Name, Vec<usize>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Members {
+    let mut members = Members::new();
+    for (role_name, role) in &service.spec.roles {
+        for m in &role.machines {
+            if !machines.contains_key(&m.value) {
+                diags.push(service.origin.error(
+                    m.loc,
+                    format!(
+                        "role `{}` names machine `{}`, which is not a Machine in this directory",
+                        role_name.value, m.value
+                    ),
+                ));
+            }
+        }
+        for tag in &role.tags {
+            let used = tag.value.as_str() == "all" || by_tag.contains_key(&tag.value);
+            if !used {
+                diags.push(service.origin.warning(
+                    tag.loc,
+                    format!(
+                        "tag `{}` of role `{}` selects no machine",
+                        tag.value, role_name.value
+                    ),
+                ));
+            }
+        }
+        // Named machines plus those carrying any of the tags (`all`: every
+        // machine), as `roles::select` defines it.
+        let mut selected: BTreeSet<Name> = role
+            .machines
+            .iter()
+            .map(|m| &m.value)
+            .filter(|m| machines.contains_key(*m))
+            .cloned()
+            .collect();
+        for tag in &role.tags {
+            if tag.value.as_str() == "all" {
+                selected.extend(machines.keys().cloned());
+            } else if let Some(tagged) = by_tag.get(&tag.value) {
+                selected.extend(
+                    tagged
+                        .iter()
+                        .filter_map(|position| order.get(*position))
+                        .map(|m| (*m).clone()),
+                );
+            }
+        }
+        for machine in role.per_machine.keys() {
+            if !selected.contains(&machine.value) {
+                diags.push(service.origin.error(
+                    machine.loc,
+                    format!("perMachine names `{}`, which role `{}` does not select: add it to `machines` or give it a tag of the role", machine.value, role_name.value),
+                ));
+            }
+        }
+        members.insert(role_name.value.clone(), selected);
+    }
+    members
+}
+
+/// The machine graph of `after`: a machine and the machines it waits for.
+fn after_of<'g>(
+    resolved: &'g BTreeMap<Name, Arc<MachineRoles>>,
+    machine: &Name,
+) -> Option<(&'g Name, std::collections::btree_set::Iter<'g, Name>)> {
+    resolved
+        .get_key_value(machine)
+        .map(|(name, roles)| (name, roles.after.iter()))
 }
 
 /// `after` across services can make machines wait for each other in a circle
 /// even when each service alone is acyclic.
-fn check_machine_cycles(
-    resolved: &BTreeMap<Name, MachineRoles>,
-    services: &BTreeMap<Name, Object<ServiceSpec>>,
-    members: &BTreeMap<Name, Members>,
-    diags: &mut Vec<Diagnostic>,
-) {
-    let graph = resolved
-        .iter()
-        .map(|(m, r)| (m.clone(), r.after.iter().cloned().collect()));
-    let Some(cycle) = find_cycle(graph) else {
-        return;
-    };
+fn machine_cycle(
+    resolved: &BTreeMap<Name, Arc<MachineRoles>>,
+    services: &BTreeMap<Name, Arc<Object<ServiceSpec>>>,
+    members: &BTreeMap<Name, (Members, Vec<Diagnostic>)>,
+) -> Option<Diagnostic> {
+    let cycle = find_cycle_from(resolved.keys(), |machine| after_of(resolved, machine))?;
     let path: Vec<&str> = cycle
         .iter()
         .map(Name::as_str)
@@ -723,7 +1108,7 @@ fn check_machine_cycles(
     // Point at the `after` that makes the cycle's first machine wait for the second.
     let (waiter, awaited) = (&cycle[0], &cycle[1 % cycle.len()]);
     let place = services.iter().find_map(|(service_name, service)| {
-        let roles = members.get(service_name)?;
+        let (roles, _) = members.get(service_name)?;
         service.spec.roles.iter().find_map(|(role_name, role)| {
             if !roles.get(&role_name.value)?.contains(waiter) {
                 return None;
@@ -738,7 +1123,7 @@ fn check_machine_cycles(
                 .map(|earlier| (service, earlier.loc))
         })
     });
-    let d = match place {
+    Some(match place {
         Some((service, loc)) => service.origin.error(loc, message),
         None => Diagnostic {
             severity: Severity::Error,
@@ -749,8 +1134,7 @@ fn check_machine_cycles(
             source_line: None,
             related: Vec::new(),
         },
-    };
-    diags.push(d);
+    })
 }
 
 #[cfg(test)]

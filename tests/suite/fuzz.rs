@@ -71,7 +71,7 @@ fn check(file: &Path, bytes: &[u8], others: &[ParsedFile]) -> Result<(), TestCas
         "parse + assemble took {elapsed:?} on {} bytes",
         bytes.len()
     );
-    let lines = u32::try_from(bytes.split(|b| *b == b'\n').count()).unwrap_or(u32::MAX);
+    let lines = u32::try_from(yaml_lines(bytes)).unwrap_or(u32::MAX);
     for d in &parsed.diagnostics {
         prop_assert_eq!(&d.file, file);
         prop_assert!(
@@ -92,6 +92,24 @@ fn check(file: &Path, bytes: &[u8], others: &[ParsedFile]) -> Result<(), TestCas
     prop_assert_eq!(again.diagnostics, parsed.diagnostics);
     prop_assert_eq!(again.objects.len(), parsed.objects.len());
     Ok(())
+}
+
+/// How many lines YAML sees in `bytes`: a line break is LF, CR LF or a lone CR.
+fn yaml_lines(bytes: &[u8]) -> usize {
+    let lone_crs = bytes
+        .windows(2)
+        .filter(|w| w[0] == b'\r' && w[1] != b'\n')
+        .count()
+        + usize::from(bytes.last() == Some(&b'\r'));
+    1 + bytes.iter().filter(|b| **b == b'\n').count() + lone_crs
+}
+
+#[test]
+fn a_lone_carriage_return_is_a_line_break_for_diagnostics() {
+    // Found by `mutated_examples_never_panic_or_hang`: the parser reports the
+    // error after `\r` on line 2, which a count of `\n` alone called line 1 of 1.
+    assert_eq!(yaml_lines(b"! <<: yaml\r:"), 2);
+    check(Path::new("cr.yaml"), b"! <<: yaml\r:", &[]).expect("invariants hold");
 }
 
 #[derive(Debug, Clone)]

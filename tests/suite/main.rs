@@ -10,6 +10,7 @@
 
 mod examples;
 mod fuzz;
+mod incremental;
 mod invalid_inputs;
 mod roles;
 mod schemas;
