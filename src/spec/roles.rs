@@ -241,7 +241,8 @@ fn write_document(
     doc.extend_from_slice(b"{\"machine\":");
     serde_json::to_writer(&mut doc, machine.as_str())?;
     doc.extend_from_slice(b",\"services\":{");
-    for (i, group) in own.chunk_by(|a, b| a.service == b.service).enumerate() {
+    let mut first_service = true;
+    for group in own.chunk_by(|a, b| a.service == b.service) {
         let service = group[0].service;
         let (Some(&(service_name, spec, members)), Some(cached)) =
             (services.get(service), shared.get_mut(service))
@@ -254,9 +255,10 @@ fn write_document(
         let Some(cached) = cached.as_ref() else {
             continue;
         };
-        if i > 0 {
+        if !first_service {
             doc.push(b',');
         }
+        first_service = false;
         serde_json::to_writer(&mut doc, service_name.as_str())?;
         doc.extend_from_slice(b":{\"module\":");
         serde_json::to_writer(&mut doc, spec.module.value.as_str())?;

@@ -1145,6 +1145,112 @@ mod tests {
         Name::new(s).unwrap()
     }
 
+    /// Gathering as it was done before sorting: one object at a time into
+    /// maps, a duplicate's diagnostic pushed when it is met.
+    fn gather_one_at_a_time(files: &[CheckedFile]) -> (Vec<Diagnostic>, Vec<String>) {
+        fn insert<S>(
+            into: &mut BTreeMap<Name, Arc<Object<S>>>,
+            object: &Arc<Object<S>>,
+            diags: &mut Vec<Diagnostic>,
+        ) {
+            match into.get(&object.key.name) {
+                Some(first) => diags.push(duplicate(first, object)),
+                None => {
+                    into.insert(object.key.name.clone(), object.clone());
+                }
+            }
+        }
+        let (mut diags, mut machines, mut vms, mut services) = (
+            Vec::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        );
+        for file in files {
+            diags.extend(file.diagnostics.iter().cloned());
+            for checked in &file.objects {
+                diags.extend(checked.diagnostics.iter().cloned());
+                match &checked.object {
+                    AnyObject::Machine(o) => insert(&mut machines, o, &mut diags),
+                    AnyObject::Vm(o) => insert(&mut vms, o, &mut diags),
+                    AnyObject::Service(o) => insert(&mut services, o, &mut diags),
+                }
+            }
+        }
+        let kept = machines
+            .values()
+            .map(|o| o.origin.describe(o.name_loc))
+            .chain(vms.values().map(|o| o.origin.describe(o.name_loc)))
+            .chain(services.values().map(|o| o.origin.describe(o.name_loc)))
+            .collect();
+        (diags, kept)
+    }
+
+    #[test]
+    fn duplicates_are_reported_in_the_order_of_checking_one_object_at_a_time() {
+        let machine = |name: &str| {
+            format!(
+                "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: {name}}}\nspec: {{target: {{}}, build: {{}}}}\n"
+            )
+        };
+        let vm = |name: &str| {
+            format!(
+                "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\nspec: {{host: local, memory: 1GiB, cpus: 0}}\n"
+            )
+        };
+        // A machine without target and build gets two diagnostics at its
+        // name (`local` a third), where its duplicate's diagnostic goes too.
+        let a = [
+            machine("local"),
+            vm("x"),
+            machine("b"),
+            machine("local"),
+            vm("x"),
+        ]
+        .join("---\n");
+        let b = [
+            machine("b"),
+            vm("x"),
+            machine("local"),
+            machine("c"),
+            machine("b"),
+        ]
+        .join("---\n");
+        let c = [vm("y"), machine("c")].join("---\n");
+        let files: Vec<CheckedFile> = [("a.yaml", a), ("b.yaml", b), ("c.yaml", c)]
+            .iter()
+            .map(|(path, text)| {
+                CheckedFile::new(
+                    Path::new("/d"),
+                    super::super::parse::parse_file(Path::new(path), text.as_bytes()),
+                )
+            })
+            .collect();
+        let gathered = gather(&files);
+        let (diags, kept) = gather_one_at_a_time(&files);
+        assert_eq!(gathered.diags, diags);
+        assert!(
+            diags
+                .iter()
+                .filter(|d| d.message.starts_with("duplicate"))
+                .count()
+                >= 6
+        );
+        let gathered_kept: Vec<String> = gathered
+            .machines
+            .values()
+            .map(|o| o.origin.describe(o.name_loc))
+            .chain(gathered.vms.values().map(|o| o.origin.describe(o.name_loc)))
+            .chain(
+                gathered
+                    .services
+                    .values()
+                    .map(|o| o.origin.describe(o.name_loc)),
+            )
+            .collect();
+        assert_eq!(gathered_kept, kept);
+    }
+
     #[test]
     fn find_cycle_finds_cycles_and_only_cycles() {
         let acyclic = vec![
