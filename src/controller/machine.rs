@@ -100,8 +100,9 @@ impl Steps {
     }
 }
 
-/// The machine-specific view the plan needs.
-fn plan_inputs<'a>(
+/// The machine-specific view the plan needs; `converge plan` uses the same,
+/// so the preview and the reconcile cannot disagree.
+pub(crate) fn plan_inputs<'a>(
     object: &'a Object<MachineSpec>,
     roles_hash: &'a str,
     build_input: &'a str,

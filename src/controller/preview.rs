@@ -56,26 +56,7 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         };
         let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(key).ok().flatten();
-        let view = plan::Desired {
-            document: serde_json::json!({
-                "apiVersion": crate::spec::API_VERSION,
-                "kind": "Machine",
-                "metadata": {"name": key.name.as_str(), "tags": object.tags.iter().map(|t| t.as_str()).collect::<Vec<_>>()},
-                "spec": serde_json::to_value(&object.spec).unwrap_or_default(),
-            }),
-            spec_hash: &object.spec_hash,
-            roles_hash: Some(&roles.hash),
-            build_input: Some(&snapshot.revision.build_input),
-            activation_mode: Some(object.spec.activation.mode.as_arg()),
-            health_checks: object.spec.activation.health_checks.len(),
-            vm_running: None,
-            drift_policy: match object.spec.drift {
-                crate::spec::DriftPolicy::Correct => "correct",
-                crate::spec::DriftPolicy::Warn => "warn",
-                crate::spec::DriftPolicy::Ignore => "ignore",
-            },
-            delete_on_removal: false,
-        };
+        let view = super::machine::plan_inputs(object, &roles.hash, &snapshot.revision.build_input);
         let applied = status.last_applied.as_ref().map(|a| plan::Applied {
             document: record.as_ref().map(|r| &r.spec),
             spec_hash: &a.spec_hash,
