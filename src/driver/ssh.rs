@@ -529,13 +529,29 @@ impl SshTarget {
             .await
             .map_err(|_| timed_out())??;
         tracing::debug!(target_host = %target, argv = %argv_summary(argv), "running command over ssh");
-        let mut command = Session::to_command(Arc::clone(&session), "sh");
-        command
-            .args(&wrapped)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = match timeout_at(deadline, command.spawn()).await {
+        let spawn = async {
+            let mut pause = REFUSED_PAUSE;
+            loop {
+                let mut command = Session::to_command(Arc::clone(&session), "sh");
+                command
+                    .args(&wrapped)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                match command.spawn().await {
+                    // sshd frees a closed channel's slot a moment after the
+                    // client sees it close, so a burst can briefly exceed
+                    // MaxSessions. Nothing ran: wait and open again.
+                    Err(error) if session_refused(&error) => {
+                        tracing::debug!(target_host = %target, ?pause, "sshd refused a session (MaxSessions); opening again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(REFUSED_PAUSE_MAX);
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let mut child = match timeout_at(deadline, spawn).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(source)) => {
                 self.lost_connection(&session, clone_error(&source)).await?;
@@ -668,12 +684,22 @@ impl SshTarget {
         let session = timeout_at(deadline, self.master())
             .await
             .map_err(|_| timed_out())??;
-        let sftp = match timeout_at(
-            deadline,
-            Sftp::from_clonable_session(Arc::clone(&session), SftpOptions::default()),
-        )
-        .await
-        {
+        let open = async {
+            let mut pause = REFUSED_PAUSE;
+            loop {
+                match Sftp::from_clonable_session(Arc::clone(&session), SftpOptions::default())
+                    .await
+                {
+                    // As for commands: a refused channel opened nothing.
+                    Err(error) if session_refused(&error) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(REFUSED_PAUSE_MAX);
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let sftp = match timeout_at(deadline, open).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(source)) => {
                 self.lost_connection(&session, openssh::Error::Disconnected)
@@ -802,6 +828,25 @@ fn idle_persist(d: Duration) -> ControlPersist {
 }
 
 /// openssh errors are not Clone; this keeps what matters for classifying.
+/// First pause before opening a session sshd refused; doubles up to the max.
+const REFUSED_PAUSE: Duration = Duration::from_millis(20);
+const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Whether the master reports that sshd refused to open a session channel
+/// (its `MaxSessions` reached): the request was never run, so it is safe to
+/// open again. The mux client's error type is not re-exported by `openssh`,
+/// so the master's own wording is matched.
+fn session_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.to_string().contains("open refused by peer") {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 fn clone_error(error: &openssh::Error) -> openssh::Error {
     match error {
         openssh::Error::Disconnected => openssh::Error::Disconnected,
@@ -1544,6 +1589,32 @@ mod tests {
         );
         let rebuilt = t.master_socket().await.expect("a master exists");
         assert_ne!(rebuilt, socket, "a dead master is replaced");
+    }
+
+    #[tokio::test]
+    async fn sessions_sshd_refuses_past_max_sessions_are_opened_again() {
+        let testbed = Testbed::new(1);
+        // A limit above sshd's MaxSessions (10): sshd itself refuses the
+        // extra channels, and each refused one must be opened again.
+        let mut options = testbed.ssh_options(0);
+        options.max_sessions = 24;
+        let t = SshTarget::new(options).expect("ssh target");
+        let nap = argv(&["sleep", "0.3"]);
+        let runs = (0..24).map(|_| t.run(&nap, &[], T));
+        for result in futures::future::join_all(runs).await {
+            assert!(result.expect("run past MaxSessions").succeeded());
+        }
+        let trees = tempfile::tempdir().expect("tempdir");
+        let src = trees.path().join("src");
+        sample_tree(&src);
+        let uploads = (0..12).map(|i| {
+            let dest = remote(&format!("refused-{i}"));
+            let (t, src) = (&t, &src);
+            async move { t.upload_dir(src, &dest, T).await }
+        });
+        for result in futures::future::join_all(uploads).await {
+            result.expect("upload past MaxSessions");
+        }
     }
 
     fn sample_tree(root: &Path) {
