@@ -338,6 +338,10 @@ impl Testbed {
 
     fn teardown(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        // Client-side processes that use this testbed's files (its client
+        // key): SSH masters that converge keeps for a next run
+        // (`--ssh-persist`) would otherwise wait for their idle exit.
+        kill_processes_mentioning(&self.dir);
         for host in &self.hosts {
             kill_netns_processes(&host.netns);
             host.stop_sshd();
@@ -655,6 +659,31 @@ pub fn cleanup_stale(prefix: &str) -> Vec<String> {
 /// Everything of a run still visible on this host: namespaces, links,
 /// processes whose command line names its directory, and mounts. Empty when
 /// the run left nothing behind.
+/// SIGKILLs every process but this one whose command line names `path`.
+fn kill_processes_mentioning(path: &Path) {
+    let needle = path.to_string_lossy().into_owned();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 pub fn leftovers(id: &str) -> Vec<String> {
     let run_prefix = format!("{PREFIX}{id}");
     let mut found = Vec::new();

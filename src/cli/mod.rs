@@ -86,6 +86,11 @@ pub struct StateArg {
     pub state: PathBuf,
 }
 
+/// How long a one-shot command's idle SSH masters stay up for the next one.
+pub(crate) const ONE_SHOT_SSH_PERSIST: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the daemon's idle SSH masters stay up (also across a restart).
+pub(crate) const DAEMON_SSH_PERSIST: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How converge reaches SSH targets; shared by commands that touch machines.
 #[derive(Debug, clap::Args)]
 pub struct SshArgs {
@@ -104,14 +109,22 @@ pub struct SshArgs {
     /// How long a new SSH connection may take.
     #[arg(long, default_value = "10s")]
     pub connect_timeout: crate::spec::HumanDuration,
+    /// How long an idle SSH connection stays open after this command ends,
+    /// for the next converge command to reuse instead of connecting again
+    /// (like Ansible's ControlPersist). Default 60s; `run` keeps idle
+    /// connections 10m. `0s` closes them when the command ends.
+    #[arg(long, value_name = "DURATION")]
+    pub ssh_persist: Option<crate::spec::HumanDuration>,
 }
 
 impl SshArgs {
     /// The real drivers, with builds cached and SSH sockets under `state`.
+    /// `default_persist` is the command's `--ssh-persist` default.
     pub(crate) fn driver(
         &self,
         state: &std::path::Path,
         root: &std::path::Path,
+        default_persist: std::time::Duration,
     ) -> crate::driver::host::HostDriver {
         let mut ssh = crate::driver::host::SshSettings::for_state(state);
         ssh.ssh_config.clone_from(&self.ssh_config);
@@ -119,6 +132,11 @@ impl SshArgs {
         ssh.accept_new_host_keys = self.accept_new_host_keys;
         ssh.max_sessions = self.ssh_sessions;
         ssh.connect_timeout = self.connect_timeout.get();
+        let persist = self.ssh_persist.map_or(default_persist, |d| d.get());
+        ssh.keep_masters = !persist.is_zero();
+        if ssh.keep_masters {
+            ssh.master_idle_exit = persist;
+        }
         crate::driver::host::HostDriver::new(
             crate::controller::lifecycle::build_cache_dir(state),
             root,

@@ -62,7 +62,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let state = &args.state.state;
             super::create_state_dir(state)?;
             let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
-            let driver = args.ssh.driver(state, &args.dir.dir);
+            let driver = args
+                .ssh
+                .driver(state, &args.dir.dir, super::ONE_SHOT_SSH_PERSIST);
             let ctx = Arc::new(Context::new(
                 store,
                 driver,

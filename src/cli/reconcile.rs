@@ -101,7 +101,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         builds: args.builds,
         ..Config::default()
     };
-    let driver = args.ssh.driver(state, &args.dir.dir);
+    let driver = args
+        .ssh
+        .driver(state, &args.dir.dir, super::ONE_SHOT_SSH_PERSIST);
     let ctx = Arc::new(Context::new(store, driver, config, state, snapshot));
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,

@@ -78,7 +78,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let state = &args.state.state;
     super::create_state_dir(state)?;
     let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
-    let driver = args.ssh.driver(state, &args.dir.dir);
+    let driver = args
+        .ssh
+        .driver(state, &args.dir.dir, super::DAEMON_SSH_PERSIST);
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,

@@ -51,6 +51,11 @@ pub struct SshSettings {
     /// Sessions at once per host.
     pub max_sessions: usize,
     pub connect_timeout: Duration,
+    /// How long an idle master stays up; when `keep_masters`, also after
+    /// this process ends, for the next converge process to resume.
+    pub master_idle_exit: Duration,
+    /// Leave masters running for the next process (`--ssh-persist`).
+    pub keep_masters: bool,
 }
 
 impl SshSettings {
@@ -64,6 +69,8 @@ impl SshSettings {
             accept_new_host_keys: false,
             max_sessions: 8,
             connect_timeout: Duration::from_secs(10),
+            master_idle_exit: Duration::from_secs(600),
+            keep_masters: false,
         }
     }
 }
@@ -171,6 +178,8 @@ impl HostDriver {
         options.accept_new_host_keys = self.ssh.accept_new_host_keys;
         options.max_sessions = self.ssh.max_sessions.max(1);
         options.connect_timeout = self.ssh.connect_timeout;
+        options.master_idle_exit = self.ssh.master_idle_exit;
+        options.keep_master = self.ssh.keep_masters && !self.ssh.master_idle_exit.is_zero();
         Ok(options)
     }
 

@@ -86,6 +86,13 @@ pub struct SshOptions {
     /// An idle master exits after this long, so masters of a controller that
     /// died do not linger (`ControlPersist`); the next call reconnects.
     pub master_idle_exit: Duration,
+    /// Hand the master on to the next converge process: it stays up when
+    /// this process ends (until idle for `master_idle_exit`), and a target
+    /// with the same options in a later process resumes it instead of paying
+    /// a new handshake (what Ansible's `ControlPersist=60s` does). Its socket
+    /// lives in `control_dir` (0700). Off by default; [`SshTarget::fresh`]
+    /// never resumes nor keeps.
+    pub keep_master: bool,
 }
 
 impl SshOptions {
@@ -107,6 +114,7 @@ impl SshOptions {
             max_sessions: 8,
             control_dir: control_dir.into(),
             master_idle_exit: Duration::from_secs(600),
+            keep_master: false,
         }
     }
 
@@ -264,10 +272,7 @@ impl SshTarget {
     /// use.
     pub fn new(options: SshOptions) -> Result<Self, SshError> {
         check_options(&options)?;
-        std::fs::create_dir_all(&options.control_dir).map_err(|source| SshError::Prepare {
-            path: options.control_dir.clone(),
-            source,
-        })?;
+        create_private_dir(&options.control_dir)?;
         let known_hosts_file = match (&options.host_key, &options.known_hosts) {
             (Some(key), _) => {
                 let line = known_hosts_line(&options.host, options.port, key)?;
@@ -298,8 +303,16 @@ impl SshTarget {
     /// A target for the same machine with the same options but its own
     /// master connection (built on first use).
     pub fn fresh(&self) -> Self {
+        let options = if self.options.keep_master {
+            Arc::new(SshOptions {
+                keep_master: false,
+                ..SshOptions::clone(&self.options)
+            })
+        } else {
+            Arc::clone(&self.options)
+        };
         Self {
-            options: Arc::clone(&self.options),
+            options,
             config_file: self.config_file.clone(),
             known_hosts_file: self.known_hosts_file.clone(),
             master: Mutex::new(None),
@@ -365,11 +378,96 @@ impl SshTarget {
                 return Ok(Arc::clone(session));
             }
             tracing::info!(target_host = %self.describe(), "ssh master connection is gone; connecting again");
+            if self.options.keep_master {
+                self.forget_kept(session.control_socket());
+            }
             *slot = None;
+        } else if self.options.keep_master {
+            if let Some(session) = self.resume_kept().await {
+                let session = Arc::new(session);
+                *slot = Some(Arc::clone(&session));
+                return Ok(session);
+            }
         }
-        let session = Arc::new(self.launch().await?);
+        let mut session = self.launch().await?;
+        if self.options.keep_master {
+            session = self.keep(session);
+        }
+        let session = Arc::new(session);
         *slot = Some(Arc::clone(&session));
         Ok(session)
+    }
+
+    /// The file naming the kept master for these options: the same
+    /// destination, client files and persistence share one master.
+    fn kept_pointer(&self) -> PathBuf {
+        let o = &self.options;
+        let identity = format!(
+            "{}\0{}\0{}\0{:?}\0{:?}\0{:?}\0{}\0{}",
+            o.user,
+            o.host,
+            o.port,
+            self.config_file,
+            self.known_hosts_file,
+            o.identity_file,
+            o.accept_new_host_keys,
+            o.master_idle_exit.as_secs(),
+        );
+        o.control_dir
+            .join(format!("keep-{}", short_hash(identity.as_bytes())))
+    }
+
+    /// Leaves `session`'s master running past this process and records its
+    /// socket for the next one. Returns a handle to the same master that
+    /// does not stop it when dropped.
+    fn keep(&self, session: Session) -> Session {
+        let (ctl, log) = session.detach();
+        let pointer = self.kept_pointer();
+        if let Err(error) = write_private(&pointer, ctl.as_os_str().as_encoded_bytes()) {
+            tracing::debug!(target_host = %self.describe(), %error, "recording a kept ssh master failed; the next run connects again");
+        }
+        Session::resume_mux(ctl, log)
+    }
+
+    /// The master an earlier process kept for these options, when it is
+    /// still alive; a dead one is cleaned up.
+    async fn resume_kept(&self) -> Option<Session> {
+        let pointer = self.kept_pointer();
+        let bytes = std::fs::read(&pointer).ok()?;
+        let ctl = PathBuf::from(String::from_utf8(bytes).ok()?);
+        // Only a socket converge made in this control directory.
+        let dir = ctl.parent()?;
+        if dir.parent() != Some(self.options.control_dir.as_path())
+            || ctl.file_name() != Some(std::ffi::OsStr::new("master"))
+        {
+            return None;
+        }
+        let log = dir.join("log");
+        let session = Session::resume_mux(ctl.clone().into_boxed_path(), Some(log.into()));
+        match tokio::time::timeout(CHECK_TIMEOUT, session.check()).await {
+            Ok(Ok(())) => {
+                tracing::debug!(target_host = %self.describe(), "resumed a kept ssh master");
+                Some(session)
+            }
+            _ => {
+                self.forget_kept(&ctl);
+                None
+            }
+        }
+    }
+
+    /// Removes a dead kept master's directory and, if it still names that
+    /// master, the pointer to it.
+    fn forget_kept(&self, ctl: &Path) {
+        let pointer = self.kept_pointer();
+        if std::fs::read(&pointer).is_ok_and(|b| b == ctl.as_os_str().as_encoded_bytes()) {
+            let _ = std::fs::remove_file(&pointer);
+        }
+        if let Some(dir) = ctl.parent() {
+            if dir.parent() == Some(self.options.control_dir.as_path()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 
     async fn launch(&self) -> Result<Session, TargetError> {
@@ -827,7 +925,6 @@ fn idle_persist(d: Duration) -> ControlPersist {
     }
 }
 
-/// openssh errors are not Clone; this keeps what matters for classifying.
 /// First pause before opening a session sshd refused; doubles up to the max.
 const REFUSED_PAUSE: Duration = Duration::from_millis(20);
 const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(500);
@@ -847,6 +944,7 @@ fn session_refused(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// openssh errors are not Clone; this keeps what matters for classifying.
 fn clone_error(error: &openssh::Error) -> openssh::Error {
     match error {
         openssh::Error::Disconnected => openssh::Error::Disconnected,
@@ -977,6 +1075,14 @@ fn client_config(o: &SshOptions, own_known_hosts: bool) -> Result<String, SshErr
             line("Include /etc/ssh/ssh_config");
         }
     }
+    // Defaults below the user's config, so a KexAlgorithms there wins.
+    // The post-quantum hybrid OpenSSH picks first costs ~70 ms of client CPU
+    // per handshake (sntrup761 key generation), curve25519 ~5 ms: a fleet of
+    // 20 connects 10× cheaper. This gives up protection of recorded traffic
+    // against a future quantum computer; set KexAlgorithms in the ssh_config
+    // converge reads to keep it (ARCHITECTURE.md, "SSH").
+    line("Match all");
+    line("KexAlgorithms ^curve25519-sha256,curve25519-sha256@libssh.org");
     Ok(c)
 }
 
@@ -984,6 +1090,17 @@ fn client_config(o: &SshOptions, own_known_hosts: bool) -> Result<String, SshErr
 fn short_hash(bytes: &[u8]) -> String {
     let hash = blake3::hash(bytes).to_hex();
     hash.as_str()[..16].to_owned()
+}
+
+/// Creates `dir` (and its parents) and makes it 0700: it holds master
+/// sockets, which give whoever can reach them a shell on the target.
+fn create_private_dir(dir: &Path) -> Result<(), SshError> {
+    let prepare = |source| SshError::Prepare {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(prepare)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(prepare)
 }
 
 /// Writes `bytes` to `path` (mode 0600) by a rename, so concurrent writers of
@@ -1592,6 +1709,101 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_kept_master_outlives_its_target_and_the_next_one_resumes_it() {
+        let testbed = Testbed::new(1);
+        let mut options = testbed.ssh_options(0);
+        options.keep_master = true;
+        options.master_idle_exit = Duration::from_secs(30);
+        let first = SshTarget::new(options.clone()).expect("target");
+        assert!(
+            first
+                .run(&argv(&["true"]), &[], T)
+                .await
+                .expect("run")
+                .succeeded()
+        );
+        let socket = first.master_socket().await.expect("a master");
+        drop(first); // as when a `reconcile --once` process ends
+        let pid_of = |socket: &Path| {
+            fs::read_dir("/proc")
+                .expect("proc")
+                .flatten()
+                .find_map(|p| {
+                    let cmdline = fs::read(p.path().join("cmdline")).ok()?;
+                    String::from_utf8_lossy(&cmdline)
+                        .contains(&*socket.to_string_lossy())
+                        .then(|| p.file_name().to_string_lossy().into_owned())
+                })
+        };
+        let master_pid = pid_of(&socket).expect("the kept master still runs");
+        let control_mode = fs::metadata(&options.control_dir)
+            .expect("control dir")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(control_mode, 0o700);
+
+        let second = SshTarget::new(options.clone()).expect("target");
+        assert!(
+            second
+                .run(&argv(&["true"]), &[], T)
+                .await
+                .expect("run")
+                .succeeded()
+        );
+        assert_eq!(
+            second.master_socket().await.as_ref(),
+            Some(&socket),
+            "the next target resumes the kept master"
+        );
+        // A fresh target still proves a new connection.
+        let fresh = second.fresh();
+        assert!(
+            fresh
+                .run(&argv(&["true"]), &[], T)
+                .await
+                .expect("run")
+                .succeeded()
+        );
+        let fresh_socket = fresh.master_socket().await.expect("a master");
+        assert_ne!(fresh_socket, socket);
+        drop(fresh);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            pid_of(&fresh_socket).is_none(),
+            "a fresh master is not kept"
+        );
+
+        // A kept master that died is cleaned up and replaced.
+        drop(second);
+        std::process::Command::new("kill")
+            .args(["-KILL", &master_pid])
+            .status()
+            .expect("kill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let third = SshTarget::new(options).expect("target");
+        assert!(
+            third
+                .run(&argv(&["true"]), &[], T)
+                .await
+                .expect("run")
+                .succeeded()
+        );
+        let replaced = third.master_socket().await.expect("a master");
+        assert_ne!(replaced, socket);
+        assert!(
+            !socket.parent().expect("dir").exists(),
+            "the dead master's directory is removed"
+        );
+        third.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            pid_of(&replaced).is_none(),
+            "disconnect stops a kept master"
+        );
+    }
+
+    #[tokio::test]
     async fn sessions_sshd_refuses_past_max_sessions_are_opened_again() {
         let testbed = Testbed::new(1);
         // A limit above sshd's MaxSessions (10): sshd itself refuses the
@@ -1986,6 +2198,37 @@ mod tests {
                 "missing `{expected}` in:\n{config}"
             );
         }
+        let kex = config
+            .lines()
+            .find_map(|l| l.strip_prefix("kexalgorithms "))
+            .expect("kexalgorithms");
+        assert!(
+            kex.starts_with("curve25519-sha256,curve25519-sha256@libssh.org,"),
+            "the cheap key exchange comes first: {kex}"
+        );
+        // A user who sets KexAlgorithms keeps it.
+        let pq_config = testbed.dir().join("pq_config");
+        fs::write(
+            &pq_config,
+            "Host *\n  KexAlgorithms sntrup761x25519-sha512@openssh.com\n",
+        )
+        .expect("write");
+        let mut pq = testbed.ssh_options(0);
+        pq.ssh_config = Some(pq_config);
+        let pq = SshTarget::new(pq).expect("target");
+        let pq_effective = effective_client_config(&pq).await.expect("ssh -G");
+        assert!(
+            pq_effective
+                .lines()
+                .any(|l| l == "kexalgorithms sntrup761x25519-sha512@openssh.com"),
+            "the user's KexAlgorithms wins:\n{pq_effective}"
+        );
+        assert!(
+            pq.run(&argv(&["true"]), &[], T)
+                .await
+                .expect("run")
+                .succeeded()
+        );
         let known_hosts = config
             .lines()
             .find_map(|l| l.strip_prefix("userknownhostsfile "))
