@@ -16,4 +16,6 @@ pub mod telemetry;
 
 /// Real SSH hosts in network namespaces, for tests.
 #[cfg(test)]
+pub(crate) mod guest;
+#[cfg(test)]
 pub(crate) mod testbed;

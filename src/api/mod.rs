@@ -2,7 +2,9 @@
 //! mode 0600, so only the owner (and root) can ask or command.
 //!
 //! Read endpoints answer from the store (which the daemon holds locked);
-//! `POST /v1/reconcile/{kind}/{name}` queues a reconcile; `/metrics` is
+//! `POST /v1/reconcile/{kind}/{name}` queues a reconcile;
+//! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
+//! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
 //! Prometheus text. Never listens on a TCP port.
 
 use std::os::unix::fs::PermissionsExt;
@@ -20,12 +22,18 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use crate::controller::metrics::Metrics;
+use crate::controller::vmops::{VmOp, VmOpOutcome};
 use crate::plan::Plan;
-use crate::spec::ObjectKey;
+use crate::spec::{Name, ObjectKey};
 use crate::store::Store;
 
 /// Computes a plan on request.
 pub type PlanFn = Arc<dyn Fn() -> BoxFuture<'static, Plan> + Send + Sync>;
+
+/// Carries out an operator verb on a VM: `Err` is a refusal or failure
+/// whose message says what to do (answered 409).
+pub type VmOpFn =
+    Arc<dyn Fn(Name, VmOp) -> BoxFuture<'static, Result<VmOpOutcome, String>> + Send + Sync>;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -34,6 +42,7 @@ pub struct ApiState {
     pub manual: mpsc::UnboundedSender<ObjectKey>,
     pub metrics: Arc<Metrics>,
     pub plan: PlanFn,
+    pub vm: VmOpFn,
 }
 
 /// Why the API could not start.
@@ -82,6 +91,10 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
         .route("/v1/events", get(events))
         .route("/v1/plan", get(plan))
         .route("/v1/reconcile/{kind}/{name}", post(reconcile))
+        .route("/v1/vm", get(vm_list))
+        .route("/v1/vm/{name}/snapshots", get(vm_snapshots))
+        .route("/v1/vm/{name}/snapshot/{snap}", post(vm_snapshot))
+        .route("/v1/vm/{name}/revert/{snap}", post(vm_revert))
         .route("/metrics", get(metrics))
         .with_state(state);
     axum::serve(listener, app).await
@@ -120,6 +133,48 @@ pub fn status_view(
         "status": status,
         "lastSeenMs": facts.map(|f| f.observed_ms),
     })))
+}
+
+/// One row per VM the store knows, for `converge vm list` (shared with the
+/// CLI's direct-store path): desired (from the last spec seen) and observed
+/// (from the last facts), and its Ready condition.
+pub fn vm_rows(store: &Store) -> Result<Vec<serde_json::Value>, crate::store::StoreError> {
+    let mut rows = Vec::new();
+    for (key, status) in store.statuses()? {
+        if key.kind != crate::spec::Kind::VirtualMachine {
+            continue;
+        }
+        let document = store.spec(&key)?.map(|r| r.spec).unwrap_or_default();
+        let spec = document.get("spec").cloned().unwrap_or_default();
+        let facts = store.facts(&key)?;
+        let observed_ms = facts.as_ref().map(|f| f.observed_ms);
+        let facts = facts.map(|f| f.facts).unwrap_or_default();
+        let ready = status.condition(crate::store::records::ConditionKind::Ready);
+        rows.push(serde_json::json!({
+            "name": key.name.as_str(),
+            "host": spec.get("host"),
+            "state": spec.get("state"),
+            "cpus": spec.get("cpus"),
+            "memory": spec.get("memory"),
+            "forwards": spec.pointer("/network/forwards"),
+            "running": facts.get("running"),
+            "pid": facts.get("pid"),
+            "qmpStatus": facts.get("qmpStatus"),
+            "disks": facts.get("disks"),
+            "ready": ready.map(|c| c.status),
+            "reason": ready.map(|c| c.reason.clone()),
+            "message": ready.map(|c| c.message.clone()),
+            "lastSeenMs": observed_ms,
+        }));
+    }
+    Ok(rows)
+}
+
+async fn vm_list(State(s): State<ApiState>) -> Response {
+    match vm_rows(&s.store) {
+        Ok(rows) => json(&rows),
+        Err(e) => store_failure(e),
+    }
 }
 
 async fn all_status(State(s): State<ApiState>) -> Response {
@@ -212,6 +267,37 @@ async fn reconcile(
         Ok(()) => (StatusCode::ACCEPTED, format!("queued {key}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
     }
+}
+
+async fn vm_op(s: &ApiState, name: &str, op: VmOp) -> Response {
+    let name = match Name::new(name) {
+        Ok(n) => n,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
+    match (s.vm)(name, op).await {
+        Ok(outcome) => json(&outcome),
+        Err(message) => (StatusCode::CONFLICT, message).into_response(),
+    }
+}
+
+async fn vm_snapshots(State(s): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
+    vm_op(&s, &name, VmOp::Snapshots).await
+}
+
+async fn vm_snapshot(
+    State(s): State<ApiState>,
+    UrlPath((name, snap)): UrlPath<(String, String)>,
+) -> Response {
+    vm_op(&s, &name, VmOp::Snapshot(snap)).await
+}
+
+async fn vm_revert(
+    State(s): State<ApiState>,
+    UrlPath((name, snap)): UrlPath<(String, String)>,
+) -> Response {
+    vm_op(&s, &name, VmOp::Revert(snap)).await
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {

@@ -89,7 +89,7 @@ fn path_of(prefix: &str, key: &ObjectKey) -> String {
     format!("/v1/{prefix}/{key}")
 }
 
-fn ms_ago(ms: Option<u64>) -> String {
+pub(crate) fn ms_ago(ms: Option<u64>) -> String {
     let Some(ms) = ms else {
         return "-".to_owned();
     };

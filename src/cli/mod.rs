@@ -12,6 +12,7 @@ mod run;
 mod schema;
 mod table;
 mod validate;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,7 @@ pub enum Command {
     Status(inspect::StatusArgs),
     History(inspect::HistoryArgs),
     Facts(inspect::FactsArgs),
+    Vm(vm::Args),
     Schema(schema::Args),
 }
 
@@ -204,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(args) => inspect::status(args),
         Command::History(args) => inspect::history(args),
         Command::Facts(args) => inspect::facts(args),
+        Command::Vm(args) => vm::run(args),
         Command::Schema(args) => schema::run(args),
     }
 }

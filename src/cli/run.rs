@@ -13,7 +13,7 @@ use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
 use crate::controller::daemon::{self, DaemonOptions, Signals};
 use crate::controller::metrics::Metrics;
-use crate::controller::{lifecycle, preview};
+use crate::controller::{lifecycle, preview, vmops};
 use crate::source::Source;
 use crate::spec::HumanDuration;
 use crate::store::Store;
@@ -106,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let listener = api::bind(&socket).context("start the local API")?;
         let metrics = Arc::new(Metrics::new());
         let plan_ctx = ctx.clone();
+        let vm_ctx = ctx.clone();
         let api_state = ApiState {
             store,
             manual: manual_tx,
@@ -113,6 +114,23 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             plan: Arc::new(move || {
                 let ctx = plan_ctx.clone();
                 async move { preview::plan(&ctx).await }.boxed()
+            }),
+            vm: Arc::new(move |name, op| {
+                let ctx = vm_ctx.clone();
+                async move {
+                    let desired = ctx.snapshot().desired.vms.contains_key(&name);
+                    vmops::operate(
+                        &ctx.store,
+                        &ctx.vm_locks,
+                        &ctx.vm_root,
+                        &name,
+                        Some(desired),
+                        &op,
+                    )
+                    .await
+                    .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+                }
+                .boxed()
             }),
         };
         let server = tokio::spawn(async move {

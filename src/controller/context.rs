@@ -80,6 +80,8 @@ pub struct Context<D> {
     pub wakeups: Option<mpsc::UnboundedSender<ObjectKey>>,
     /// VM processes already watched for exit, by key.
     pub watched: Mutex<HashMap<ObjectKey, u32>>,
+    /// Held by a VM's reconcile and by operator verbs on it.
+    pub vm_locks: super::vmops::VmLocks,
 }
 
 impl<D> Context<D> {
@@ -98,11 +100,12 @@ impl<D> Context<D> {
             driver,
             config,
             build_cache: state.join("builds"),
-            vm_root: state.join("vms"),
+            vm_root: super::lifecycle::vm_root(state),
             snapshot: RwLock::new(Arc::new(snapshot)),
             builds,
             wakeups: None,
             watched: Mutex::new(HashMap::new()),
+            vm_locks: super::vmops::VmLocks::default(),
         }
     }
 

@@ -173,3 +173,8 @@ pub fn store_dir(state: &Path) -> std::path::PathBuf {
 pub fn build_cache_dir(state: &Path) -> std::path::PathBuf {
     state.join("builds")
 }
+
+/// Where local VMs live under the state directory, one directory each.
+pub fn vm_root(state: &Path) -> std::path::PathBuf {
+    state.join("vms")
+}

@@ -22,6 +22,7 @@ pub mod runner;
 pub mod scheduler;
 pub mod triggers;
 pub mod vm;
+pub mod vmops;
 
 #[cfg(test)]
 mod tests;

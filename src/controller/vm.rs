@@ -52,6 +52,8 @@ pub async fn reconcile<D: Drivers>(
     ctx: &Context<D>,
     key: &ObjectKey,
 ) -> Result<Action, ReconcileError> {
+    // Operator verbs (snapshot, revert) wait while this runs, and it waits for them.
+    let _held = ctx.vm_locks.lock(&key.name).await;
     let snapshot = ctx.snapshot();
     let dir: PathBuf = ctx.vm_root.join(key.name.as_str());
     let Some(object) = snapshot.desired.vms.get(&key.name) else {
@@ -287,6 +289,20 @@ pub async fn reconcile<D: Drivers>(
         Ok(None)
     }
     .await;
+
+    // What the steps changed (a start, a stop, a new disk) shows in the
+    // facts now, not only at the next resync.
+    if !steps.is_empty() {
+        if let Ok(after) = ctx.driver.vm_observe(host, &dir, &spec.disks).await {
+            let record = FactsRecord {
+                observed_ms: after.observed_ms,
+                facts: serde_json::to_value(&after).unwrap_or(Value::Null),
+            };
+            if let Err(e) = ctx.store.put_facts(key, &record) {
+                tracing::warn!(object = %key, error = %e, "recording the VM's facts failed");
+            }
+        }
+    }
 
     let now = now_ms();
     let mut record = AttemptRecord {

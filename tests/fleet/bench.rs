@@ -176,8 +176,9 @@ fn post_reconcile(socket: &Path, key: &str) {
 
 /// Starts `converge run` on the converged fleet and, in rounds, asks it to
 /// reconcile all hosts at once (its masters are warm after the first
-/// round): from the trigger to the last attempt's end, read from the
-/// attempt records. Sorted.
+/// round). A no-op reconcile records no attempt, so its end is read from
+/// the facts it observed (`lastSeenMs`; what follows is a store write):
+/// from the trigger to the last host observed. Sorted.
 fn daemon_resync(fleet: &Fleet) -> Vec<Duration> {
     let state = fleet.state();
     let log = fleet.root().join("logs/daemon.log");
@@ -194,28 +195,36 @@ fn daemon_resync(fleet: &Fleet) -> Vec<Duration> {
         .spawn()
         .expect("start converge run");
     let socket = state.join("converge.sock");
-    let last_finished = |i: usize| -> Option<(u64, u64)> {
-        let rows = fleet.history(&format!("machine/host{i}"));
-        rows.first().map(|a: &Value| {
-            (
-                a["id"].as_u64().unwrap_or(0),
-                a["finished_ms"].as_u64().unwrap_or(0),
-            )
-        })
+    let last_seen = || -> Vec<u64> {
+        let run = fleet.converge_within(
+            &[
+                "status",
+                "--state",
+                state.to_str().expect("utf-8"),
+                "--output",
+                "json",
+            ],
+            COMMAND_LIMIT,
+        );
+        run.assert_code(0);
+        let views = run.json();
+        (0..N)
+            .map(|i| {
+                views
+                    .as_array()
+                    .and_then(|vs| vs.iter().find(|v| v["key"] == format!("machine/host{i}")))
+                    .and_then(|v: &Value| v["lastSeenMs"].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect()
     };
     wait_for("the daemon's API", COMMAND_LIMIT, || {
         std::os::unix::net::UnixStream::connect(&socket).ok()
     });
-    // The daemon's own start-up pass (each host observed once) comes first.
-    let mut seen: Vec<u64> = (0..N)
-        .map(|i| last_finished(i).map_or(0, |(id, _)| id))
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
+    // Let the daemon's own start-up pass (each host observed once) end.
+    std::thread::sleep(Duration::from_secs(3));
     let mut rounds = Vec::new();
     for round in 0..6 {
-        seen = (0..N)
-            .map(|i| last_finished(i).map_or(seen[i], |(id, _)| id))
-            .collect();
         let triggered = now_ms();
         std::thread::scope(|s| {
             for i in 0..N {
@@ -223,21 +232,16 @@ fn daemon_resync(fleet: &Fleet) -> Vec<Duration> {
                 s.spawn(move || post_reconcile(socket, &format!("machine/host{i}")));
             }
         });
-        // Polling spawns `converge history` processes: let the resync run alone first.
+        // Polling runs `converge status`: let the resync run alone first.
         std::thread::sleep(Duration::from_secs(1));
-        let finished: Vec<u64> = (0..N)
-            .map(|i| {
-                wait_for(&format!("host{i}'s resync"), COMMAND_LIMIT, || {
-                    last_finished(i)
-                        .filter(|(id, _)| *id > seen[i])
-                        .map(|(_, f)| f)
-                })
-            })
-            .collect();
-        let last = finished.iter().copied().max().unwrap_or(triggered);
+        let seen = wait_for("all hosts observed again", COMMAND_LIMIT, || {
+            let seen = last_seen();
+            seen.iter().all(|&ms| ms >= triggered).then_some(seen)
+        });
+        let last = seen.iter().copied().max().unwrap_or(triggered);
         let took = Duration::from_millis(last.saturating_sub(triggered));
         println!("resync round {round}: {took:?}");
-        // The first round may still find cold masters (the start-up pass).
+        // The first round may still find cold masters.
         if round > 0 {
             rounds.push(took);
         }

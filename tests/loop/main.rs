@@ -21,3 +21,4 @@ mod shutdown_signals;
 mod support;
 mod transient_retry_backoff;
 mod vm_quickstart;
+mod vm_verbs;

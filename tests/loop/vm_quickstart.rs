@@ -8,12 +8,12 @@ use std::process::Command;
 use super::support::{Fleet, processes_mentioning, ready_of};
 
 /// Kills the VM's QEMU by its pidfile, if it is still that QEMU, on drop.
-struct QemuGuard {
-    pidfile: PathBuf,
+pub struct QemuGuard {
+    pub pidfile: PathBuf,
 }
 
 impl QemuGuard {
-    fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         let pid: u32 = std::fs::read_to_string(&self.pidfile)
             .ok()?
             .trim()
@@ -34,7 +34,7 @@ impl Drop for QemuGuard {
 }
 
 /// Whether `pid` is a live process whose command line names `pidfile`.
-fn alive_with(pid: u32, pidfile: &Path) -> bool {
+pub fn alive_with(pid: u32, pidfile: &Path) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat
         .rsplit_once(')')
@@ -43,7 +43,7 @@ fn alive_with(pid: u32, pidfile: &Path) -> bool {
     !zombie && String::from_utf8_lossy(&cmdline).contains(pidfile.to_string_lossy().as_ref())
 }
 
-fn require(tool: &str) {
+pub fn require(tool: &str) {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
     assert!(
@@ -52,7 +52,7 @@ fn require(tool: &str) {
     );
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")

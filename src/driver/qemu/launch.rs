@@ -26,8 +26,11 @@ pub struct VmPaths {
     pub pidfile: PathBuf,
     /// `qmp.sock`, the monitor socket.
     pub qmp_socket: PathBuf,
-    /// `serial.log`, the guest's first serial port, truncated on each start.
+    /// `serial.log`, everything the guest's first serial port wrote since
+    /// the last start (truncated on each start).
     pub serial_log: PathBuf,
+    /// `console.sock`, the first serial port (`converge vm console`).
+    pub console_socket: PathBuf,
     /// `launch.json`, the spec hash and argv of the last start.
     pub launch_record: PathBuf,
 }
@@ -40,6 +43,7 @@ impl VmPaths {
             pidfile: dir.join("qemu.pid"),
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
+            console_socket: dir.join("console.sock"),
             launch_record: dir.join("launch.json"),
         }
     }
@@ -130,8 +134,15 @@ pub fn argv(spec: &VmSpec, name: &str, dir: &Path, root: &Path) -> Vec<String> {
             a.push(append.value.clone());
         }
     }
+    // The serial port is a socket an operator can attach to, logged to a file.
+    a.push("-chardev".to_owned());
+    a.push(format!(
+        "socket,id=serial0,path={},server=on,wait=off,logfile={}",
+        text(&paths.console_socket),
+        text(&paths.serial_log)
+    ));
     a.push("-serial".to_owned());
-    a.push(format!("file:{}", text(&paths.serial_log)));
+    a.push("chardev:serial0".to_owned());
     a.push("-qmp".to_owned());
     a.push(format!(
         "unix:{},server=on,wait=off",
@@ -222,8 +233,10 @@ mod tests {
             "/boot/initrd.img",
             "-append",
             "console=ttyS0 quiet",
+            "-chardev",
+            "socket,id=serial0,path=/s/vms/web1/console.sock,server=on,wait=off,logfile=/s/vms/web1/serial.log",
             "-serial",
-            "file:/s/vms/web1/serial.log",
+            "chardev:serial0",
             "-qmp",
             "unix:/s/vms/web1/qmp.sock,server=on,wait=off",
             "-daemonize",

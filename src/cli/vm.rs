@@ -1,0 +1,424 @@
+//! `converge vm ...`: operator verbs on VirtualMachines.
+//!
+//! `list`, `snapshots`, `snapshot` and `revert` ask a running daemon (which
+//! serializes them with the VM's reconcile); without one they open the
+//! store themselves, which proves nothing else reconciles meanwhile.
+//! `console` attaches to the VM's serial port socket directly; `history` is
+//! `converge history vm/NAME`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::{EXIT_FATAL, EXIT_OK, Output, StateArg};
+use crate::controller::lifecycle;
+use crate::controller::vmops::{self, VmLocks, VmOp, VmOpOutcome};
+use crate::spec::{HumanDuration, Name, ObjectKey};
+use crate::store::Store;
+
+/// Operate VMs: list them, attach to a console, snapshot and revert, show history.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  converge vm list\n  converge vm console builder\n  converge vm snapshot builder before-upgrade\n  converge vm revert builder before-upgrade\n  converge vm history builder"
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Each VM: desired and observed state, resources, forwards, condition.
+    List(ListArgs),
+    /// Attach to a running VM's serial console (detach with Ctrl-]).
+    ///
+    /// On a terminal the session is raw; with stdin from a pipe, what it
+    /// reads is sent and the output printed until the guest is quiet for
+    /// --quiet-for. `--log` prints what the guest wrote since it started.
+    Console(ConsoleArgs),
+    /// Take snapshot SNAP of every disk (with RAM and devices when running).
+    Snapshot(SnapArgs),
+    /// Revert every disk (and RAM when running) to snapshot SNAP.
+    ///
+    /// A running VM is only reverted to a snapshot taken while it ran.
+    Revert(SnapArgs),
+    /// List a VM's snapshots.
+    Snapshots(NameArgs),
+    /// A VM's reconcile attempts, newest first (`converge history vm/NAME`).
+    History(HistoryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub state: StateArg,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NameArgs {
+    /// The VM's name (metadata.name).
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapArgs {
+    /// The VM's name (metadata.name).
+    pub name: String,
+    /// The snapshot's name: letters, digits, `.`, `_`, `-`; not all digits.
+    pub snap: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    /// The VM's name (metadata.name).
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Print the serial output since the VM started, then exit.
+    #[arg(long)]
+    pub log: bool,
+    /// With stdin from a pipe: after it ends, exit once the guest has been
+    /// quiet this long.
+    #[arg(long, default_value = "2s")]
+    pub quiet_for: HumanDuration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The VM's name (metadata.name).
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// How many attempts.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Show each step's captured output.
+    #[arg(long)]
+    pub steps: bool,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    match args.command {
+        VmCommand::List(a) => list(a),
+        VmCommand::Console(a) => console(a),
+        VmCommand::Snapshot(a) => {
+            let op = VmOp::Snapshot(a.snap.clone());
+            operate(&a.name, &a.state, a.output, op)
+        }
+        VmCommand::Revert(a) => {
+            let op = VmOp::Revert(a.snap.clone());
+            operate(&a.name, &a.state, a.output, op)
+        }
+        VmCommand::Snapshots(a) => operate(&a.name, &a.state, a.output, VmOp::Snapshots),
+        VmCommand::History(a) => {
+            let name = parse_name(&a.name)?;
+            super::inspect::history(super::inspect::HistoryArgs {
+                key: ObjectKey::vm(name),
+                state: a.state,
+                limit: a.limit,
+                steps: a.steps,
+                output: a.output,
+            })
+        }
+    }
+}
+
+fn parse_name(name: &str) -> anyhow::Result<Name> {
+    Name::new(name).with_context(|| format!("VM name {name:?}"))
+}
+
+fn open_store(state: &StateArg) -> anyhow::Result<Store> {
+    let dir = lifecycle::store_dir(&state.state);
+    if !dir.exists() {
+        anyhow::bail!(
+            "no store at {}: nothing was reconciled with this --state yet",
+            dir.display()
+        );
+    }
+    Store::open(&dir).context("open the store (is a `converge reconcile --once` running?)")
+}
+
+fn list(args: ListArgs) -> anyhow::Result<u8> {
+    let rows: Vec<Value> = match super::client::request(&args.state.state, "GET", "/v1/vm")? {
+        Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
+        Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
+        None => crate::api::vm_rows(&open_store(&args.state)?)?,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.output == Output::Json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(EXIT_OK);
+    }
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let observed = match (r["running"].as_bool(), r["qmpStatus"].as_str()) {
+                (Some(true), Some(q)) => q.to_owned(),
+                (Some(true), None) => "running".to_owned(),
+                (Some(false), _) => "stopped".to_owned(),
+                (None, _) => "-".to_owned(),
+            };
+            let forwards = r["forwards"]
+                .as_array()
+                .map(|fs| {
+                    fs.iter()
+                        .map(|f| format!("{}->{}", text(&f["host"]), text(&f["guest"])))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "-".to_owned());
+            let ready = match r["ready"].as_bool() {
+                Some(true) => "True".to_owned(),
+                Some(false) => format!("False ({})", text(&r["reason"])),
+                None => "-".to_owned(),
+            };
+            vec![
+                text(&r["name"]),
+                text(&r["host"]),
+                text(&r["state"]),
+                observed,
+                text(&r["pid"]),
+                text(&r["cpus"]),
+                text(&r["memory"]),
+                forwards,
+                ready,
+            ]
+        })
+        .collect();
+    super::table::write(
+        &mut out,
+        &[
+            "NAME", "HOST", "DESIRED", "OBSERVED", "PID", "CPUS", "MEMORY", "FORWARDS", "READY",
+        ],
+        &table,
+    )?;
+    Ok(EXIT_OK)
+}
+
+fn operate(name: &str, state: &StateArg, output: Output, op: VmOp) -> anyhow::Result<u8> {
+    let name = parse_name(name)?;
+    let path = match &op {
+        VmOp::Snapshots => ("GET", format!("/v1/vm/{name}/snapshots")),
+        VmOp::Snapshot(snap) => ("POST", format!("/v1/vm/{name}/snapshot/{snap}")),
+        VmOp::Revert(snap) => ("POST", format!("/v1/vm/{name}/revert/{snap}")),
+    };
+    let outcome: VmOpOutcome = match super::client::request(&state.state, path.0, &path.1)? {
+        Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
+        Some((_, body)) => {
+            eprintln!("error: {}", body.trim());
+            return Ok(EXIT_FATAL);
+        }
+        None => {
+            let store = open_store(state)?;
+            let vm_root = lifecycle::vm_root(&state.state);
+            let runtime = super::runtime()?;
+            let done = runtime.block_on(vmops::operate(
+                &store,
+                &VmLocks::default(),
+                &vm_root,
+                &name,
+                None,
+                &op,
+            ));
+            store.flush().context("flush the store")?;
+            match done {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    eprintln!("error: {:#}", anyhow::Error::new(e));
+                    return Ok(EXIT_FATAL);
+                }
+            }
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if output == Output::Json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?;
+        return Ok(EXIT_OK);
+    }
+    if op != VmOp::Snapshots {
+        writeln!(out, "{}", outcome.message)?;
+    }
+    let rows: Vec<Vec<String>> = outcome
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                if s.with_ram { "disks+RAM" } else { "disks" }.to_owned(),
+                s.disks.join(","),
+                super::inspect::ms_ago(Some(s.taken_ms)),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        writeln!(out, "vm/{name} has no snapshots")?;
+    } else {
+        super::table::write(&mut out, &["SNAPSHOT", "HOLDS", "DISKS", "TAKEN"], &rows)?;
+    }
+    Ok(EXIT_OK)
+}
+
+/// Ctrl-]: detaches a terminal session, as telnet does.
+const DETACH: u8 = 0x1d;
+
+fn console(args: ConsoleArgs) -> anyhow::Result<u8> {
+    let name = parse_name(&args.name)?;
+    let dir = lifecycle::vm_root(&args.state.state).join(name.as_str());
+    let paths = crate::driver::qemu::launch::VmPaths::new(&dir);
+    if args.log {
+        let log = std::fs::read(&paths.serial_log).with_context(|| {
+            format!(
+                "read {} (has vm/{name} ever started here?)",
+                paths.serial_log.display()
+            )
+        })?;
+        std::io::stdout().lock().write_all(&log)?;
+        return Ok(EXIT_OK);
+    }
+    let stream = match UnixStream::connect(&paths.console_socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "error: vm/{name} has no console to attach to at {} ({e}): it is not running here; `converge vm list` shows its state",
+                paths.console_socket.display()
+            );
+            return Ok(EXIT_FATAL);
+        }
+    };
+    if is_terminal_stdin() {
+        interactive(stream, &name)
+    } else {
+        piped(stream, args.quiet_for.get())
+    }
+}
+
+fn is_terminal_stdin() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal()
+}
+
+/// Copies the socket to stdout until it closes or `stop` is set.
+fn pump_out(mut from: UnixStream) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+fn interactive(stream: UnixStream, name: &Name) -> anyhow::Result<u8> {
+    let saved = stty(&["-g"]).context("read the terminal's settings (stty -g)")?;
+    eprintln!("converge: attached to vm/{name}'s serial console; Ctrl-] detaches\r");
+    stty(&["raw", "-echo"]).context("put the terminal in raw mode")?;
+    let _out = pump_out(stream.try_clone()?);
+    let mut to = stream;
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 1024];
+    let result = loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                let chunk = &buf[..n];
+                if let Some(at) = chunk.iter().position(|&b| b == DETACH) {
+                    let _ = to.write_all(&chunk[..at]);
+                    break Ok(());
+                }
+                if let Err(e) = to.write_all(chunk) {
+                    break Err(e);
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = stty(&[saved.trim()]);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    eprintln!("\nconverge: detached from vm/{name}");
+    result.context("the console connection")?;
+    Ok(EXIT_OK)
+}
+
+fn stty(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("stty")
+        .args(args)
+        .stdin(std::process::Stdio::inherit())
+        .output()
+        .context("run stty")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "stty {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sends stdin, prints the guest's output, and returns once stdin ended and
+/// the guest was quiet for `quiet_for`.
+fn piped(stream: UnixStream, quiet_for: Duration) -> anyhow::Result<u8> {
+    let mut to = stream.try_clone()?;
+    let sender = std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let _ = std::io::copy(&mut stdin, &mut to);
+    });
+    let mut from = stream;
+    from.set_read_timeout(Some(quiet_for.max(Duration::from_millis(10))))?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = [0u8; 4096];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.write_all(&buf[..n])?;
+                out.flush()?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if sender.is_finished() {
+                    break;
+                }
+            }
+            Err(e) => return Err(e).context("read the console"),
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    Ok(EXIT_OK)
+}
