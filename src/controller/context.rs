@@ -45,6 +45,10 @@ pub struct Config {
     pub vm_resync: Duration,
     /// Complete generations kept on a target (besides current and the one before).
     pub keep_generations: usize,
+    /// How long after its VM started a Machine living inside it may take to
+    /// answer over SSH (the guest boots); retried every `guest_poll`.
+    pub guest_boot_timeout: Duration,
+    pub guest_poll: Duration,
 }
 
 impl Default for Config {
@@ -60,6 +64,8 @@ impl Default for Config {
             vm_start_timeout: Duration::from_secs(30),
             vm_resync: Duration::from_secs(60),
             keep_generations: 5,
+            guest_boot_timeout: Duration::from_secs(180),
+            guest_poll: Duration::from_secs(2),
         }
     }
 }

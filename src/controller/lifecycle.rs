@@ -94,11 +94,21 @@ pub fn forget_removed<D>(ctx: &Context<D>, desired: &DesiredState) -> Vec<Object
     removed
 }
 
-/// For every machine, the machines that wait for it (role `after`): the
-/// reverse of each roles document's `after`, built once per desired state so
-/// waking dependents is not a scan of the fleet per finished reconcile.
+/// For every machine, the machines that wait for it (role `after`), and for
+/// every VM with a `machine:`, that machine: the reverse of what each waits
+/// for, built once per desired state so waking dependents is not a scan of
+/// the fleet per finished reconcile.
 pub fn dependents_index(desired: &DesiredState) -> HashMap<ObjectKey, Vec<ObjectKey>> {
     let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
+    // A machine living in a VM waits for that VM.
+    for (vm_name, vm) in &desired.vms {
+        if let Some(machine) = &vm.spec.machine {
+            index
+                .entry(ObjectKey::vm(vm_name.clone()))
+                .or_default()
+                .push(ObjectKey::machine(machine.value.clone()));
+        }
+    }
     for (name, roles) in &desired.roles {
         for earlier in &roles.after {
             index

@@ -120,6 +120,58 @@ pub(crate) fn plan_inputs<'a>(
     }
 }
 
+/// Observes a machine that lives in VM `vm_name`, which is Ready (its QEMU
+/// runs): while the guest boots its SSH does not answer yet, so transient
+/// failures are retried every `guest_poll` until `guest_boot_timeout` after
+/// the VM's last start. Past that, the failure is an ordinary transient
+/// error (backoff).
+async fn observe_guest<D: Drivers>(
+    ctx: &Context<D>,
+    key: &ObjectKey,
+    spec: &MachineSpec,
+    vm_name: &crate::spec::Name,
+) -> Result<MachineFacts, ReconcileError> {
+    let started_ms = ctx
+        .store
+        .status(&ObjectKey::vm(vm_name.clone()))
+        .ok()
+        .flatten()
+        .and_then(|s| s.last_applied.map(|a| a.applied_ms))
+        .unwrap_or(0);
+    let boot = u64::try_from(ctx.config.guest_boot_timeout.as_millis()).unwrap_or(u64::MAX);
+    let deadline_ms = started_ms.saturating_add(boot);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match ctx
+            .driver
+            .observe(&spec.target, ctx.config.observe_timeout)
+            .await
+        {
+            Ok(facts) => {
+                if tries > 1 {
+                    tracing::info!(object = %key, vm = %vm_name, tries, "the guest answers");
+                }
+                return Ok(facts);
+            }
+            Err(e) if e.is_transient() && now_ms() < deadline_ms => {
+                tracing::debug!(object = %key, vm = %vm_name, error = %error_chain(&e), "the guest does not answer yet");
+                tokio::time::sleep(ctx.config.guest_poll).await;
+            }
+            Err(e) => {
+                let mut failure = driver_error("Unreachable", &e);
+                if e.is_transient() {
+                    failure.message = format!(
+                        "{} (it lives in vm/{vm_name}; its guest did not answer within {:?} of starting)",
+                        failure.message, ctx.config.guest_boot_timeout
+                    );
+                }
+                return Err(failure);
+            }
+        }
+    }
+}
+
 /// Reconciles `machine/NAME`.
 pub async fn reconcile<D: Drivers>(
     ctx: &Context<D>,
@@ -142,26 +194,45 @@ pub async fn reconcile<D: Drivers>(
         .map_err(store_error)?
         .unwrap_or_default();
 
-    // Machines of an earlier role (`after`) must be Ready first.
-    let waiting: Vec<String> = roles
+    // A machine living in a VM (its `machine:`) needs that VM running.
+    let host_vm = snapshot.desired.vms.iter().find(|(_, vm)| {
+        vm.spec
+            .machine
+            .as_ref()
+            .is_some_and(|m| m.value == key.name)
+    });
+    if let Some((vm_name, vm)) = host_vm {
+        if vm.spec.state == crate::spec::VmPowerState::Stopped {
+            return Err(ReconcileError::terminal(
+                "HostVmStopped",
+                format!(
+                    "it lives in vm/{vm_name}, whose spec says `state: stopped`; set it running to deploy this machine"
+                ),
+            ));
+        }
+    }
+    let is_ready = |dep_key: &ObjectKey| {
+        ctx.store
+            .status(dep_key)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.is_ready())
+    };
+    // Machines of an earlier role (`after`), and the VM it lives in, must be Ready first.
+    let mut waiting: Vec<String> = roles
         .after
         .iter()
-        .filter(|dep| {
-            let dep_key = ObjectKey::machine((*dep).clone());
-            !ctx.store
-                .status(&dep_key)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.is_ready())
-        })
-        .map(|dep| format!("machine/{dep}"))
+        .filter(|dep| !is_ready(&ObjectKey::machine((*dep).clone())))
+        .map(|dep| format!("machine/{dep} (role `after`)"))
         .collect();
+    if let Some((vm_name, _)) = host_vm {
+        if !is_ready(&ObjectKey::vm(vm_name.clone())) {
+            waiting.push(format!("vm/{vm_name} (it lives there)"));
+        }
+    }
     if !waiting.is_empty() {
         let now = now_ms();
-        let message = format!(
-            "waiting for {} to be Ready (role `after`)",
-            waiting.join(", ")
-        );
+        let message = format!("waiting for {} to be Ready", waiting.join(", "));
         status.set_condition(
             ConditionKind::Reconciling,
             true,
@@ -184,11 +255,14 @@ pub async fn reconcile<D: Drivers>(
     }
 
     let spec = &object.spec;
-    let facts = ctx
-        .driver
-        .observe(&spec.target, ctx.config.observe_timeout)
-        .await
-        .map_err(|e| driver_error("Unreachable", &e))?;
+    let facts = match host_vm {
+        Some((vm_name, _)) => observe_guest(ctx, key, spec, vm_name).await?,
+        None => ctx
+            .driver
+            .observe(&spec.target, ctx.config.observe_timeout)
+            .await
+            .map_err(|e| driver_error("Unreachable", &e))?,
+    };
     let facts_json = serde_json::to_value(&facts).unwrap_or(Value::Null);
     ctx.store
         .put_facts(

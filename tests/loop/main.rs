@@ -20,5 +20,6 @@ mod role_settings;
 mod shutdown_signals;
 mod support;
 mod transient_retry_backoff;
+mod vm_guest_machine;
 mod vm_quickstart;
 mod vm_verbs;
