@@ -20,6 +20,7 @@ mod role_settings;
 mod shutdown_signals;
 mod support;
 mod transient_retry_backoff;
+mod vm_bad_specs;
 mod vm_guest_machine;
 mod vm_quickstart;
 mod vm_verbs;
