@@ -1,6 +1,6 @@
 //! The plan of a whole desired state: what `converge plan` prints.
 //!
-//! Observes every machine (in parallel, bounded by the probe timeout), reads
+//! Observes every machine and VM (in parallel, bounded by the probe timeout), reads
 //! what was applied from the store, and runs the same pure `plan::diff` that
 //! reconcile uses. Changes nothing: no build, no step, no record written.
 
@@ -11,7 +11,7 @@ use futures::StreamExt;
 use super::context::Context;
 use crate::driver::capability::Drivers;
 use crate::plan::{self, Plan};
-use crate::spec::{Kind, ObjectKey};
+use crate::spec::{Kind, ObjectKey, OnDelete, VmPowerState};
 
 /// Objects observed at once while planning.
 const PARALLEL_OBSERVES: usize = 16;
@@ -68,6 +68,75 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         let observed = match facts {
             Ok(facts) => Some(plan::Observed {
                 current_generation: facts.current_generation().map(ToString::to_string),
+                ..plan::Observed::default()
+            }),
+            Err(e) => {
+                out.unobserved
+                    .push((key.clone(), super::machine::error_chain(&e)));
+                None
+            }
+        };
+        let (change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
+        out.changes.extend(change);
+        out.drift.extend(drift);
+    }
+
+    // VMs: observed on their host (process, disks), compared the same way.
+    let vms: Vec<_> = desired.vms.values().cloned().collect();
+    let vm_observed: Vec<_> = futures::stream::iter(vms)
+        .map(|object| {
+            let ctx = ctx.clone();
+            async move {
+                let dir = ctx.vm_root.join(object.key.name.as_str());
+                let result = ctx
+                    .driver
+                    .vm_observe(&object.spec.host.value, &dir, &object.spec.disks)
+                    .await;
+                (object, result)
+            }
+        })
+        .buffered(PARALLEL_OBSERVES)
+        .collect()
+        .await;
+    for (object, facts) in &vm_observed {
+        let key = &object.key;
+        let spec = &object.spec;
+        let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
+        let record = ctx.store.spec(key).ok().flatten();
+        let document = serde_json::json!({
+            "apiVersion": crate::spec::API_VERSION,
+            "kind": "VirtualMachine",
+            "metadata": {"name": key.name.as_str()},
+            "spec": serde_json::to_value(spec).unwrap_or(serde_json::Value::Null),
+        });
+        let view = plan::Desired {
+            document,
+            spec_hash: &object.spec_hash,
+            roles_hash: None,
+            build_input: None,
+            activation_mode: None,
+            health_checks: 0,
+            vm_running: Some(spec.state == VmPowerState::Running),
+            drift_policy: "correct",
+            delete_on_removal: spec.on_delete == OnDelete::Delete,
+        };
+        let applied = status.last_applied.as_ref().map(|a| plan::Applied {
+            document: record.as_ref().map(|r| &r.spec),
+            spec_hash: &a.spec_hash,
+            roles_hash: None,
+            build_input: None,
+            generation: None,
+            delete_on_removal: false,
+        });
+        let observed = match facts {
+            Ok(facts) => Some(plan::Observed {
+                vm_running: Some(facts.running),
+                vm_disks: facts
+                    .disks
+                    .iter()
+                    .filter(|d| d.exists)
+                    .map(|d| d.name.clone())
+                    .collect(),
                 ..plan::Observed::default()
             }),
             Err(e) => {

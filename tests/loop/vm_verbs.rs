@@ -147,6 +147,30 @@ fn operator_verbs_snapshot_revert_list_and_refuse_what_fights_the_spec() {
             .is_some()
     );
 
+    // `plan` previews VM changes, and which of them restart the VM.
+    fleet.write(
+        "box.yaml",
+        &vm_yaml("running").replace("memory: 64MiB", "memory: 96MiB"),
+    );
+    let dir = fleet.dir();
+    let plan = fleet.converge(&[
+        "plan",
+        "--detailed-exitcode",
+        "--dir",
+        dir.to_str().expect("utf-8"),
+        "--state",
+        state,
+    ]);
+    plan.assert_code(2);
+    assert!(plan.stdout.contains("~ vm/box"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains(r#"spec.memory: "64MiB" -> "96MiB"  # forces restart"#),
+        "{}",
+        plan.stdout
+    );
+    assert_eq!(guard.pid(), Some(pid), "plan changes nothing");
+
     // Clean up through converge: removed with onDelete: delete. (Another
     // object stays: a directory that came up empty is never applied.)
     std::fs::remove_file(fleet.dir().join("box.yaml")).expect("remove box.yaml");
