@@ -1182,3 +1182,80 @@ async fn drift_with_policy_warn_only_sets_drifted_and_reports_it_once() {
         .expect("events");
     assert_eq!(events.len(), 1, "one report per change: {events:?}");
 }
+
+fn vm_hosting(name: &str, machine: &str, state: &str) -> String {
+    format!(
+        "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\nspec:\n  \
+         host: local\n  state: {state}\n  cpus: 1\n  memory: 64MiB\n  \
+         disks: [{{name: root, size: 64MiB}}]\n  network: {{mode: user}}\n  machine: {machine}\n"
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_in_a_vm_waits_for_it_then_for_its_guest_within_one_attempt() {
+    let h = Harness::new(&fleet(
+        &[M::new("inner")],
+        &vm_hosting("box", "inner", "running"),
+    ));
+    // The guest boots: its SSH does not answer the first five tries.
+    h.fake().faults(
+        "inner",
+        Faults {
+            observes: VecDeque::from([Failure::Transient; 5]),
+            ..Faults::default()
+        },
+    );
+
+    let report = h.once(3).await;
+
+    assert!(report.all_ready(), "{report:?}");
+    // The observations before anything else was done to it (after its
+    // activation it is observed once more).
+    let observes: Vec<_> = h
+        .fake()
+        .calls()
+        .into_iter()
+        .filter(|c| c.machine == "inner")
+        .take_while(|c| c.op == Op::Observe)
+        .collect();
+    assert_eq!(
+        observes.len(),
+        6,
+        "five refused tries, then the answer: {observes:?}"
+    );
+    let gaps: Vec<Duration> = observes
+        .windows(2)
+        .map(|w| w[1].started - w[0].started)
+        .collect();
+    assert!(
+        gaps.iter().all(|g| *g == Duration::from_secs(2)),
+        "polled every guest_poll (2 s): {gaps:?}"
+    );
+    // Waiting for the guest is part of one attempt, not five failures.
+    assert_eq!(row(&report, "machine/inner").attempts, 1);
+    assert_eq!(h.status("machine/inner").failures, 0);
+    assert!(generation(&h, "inner").is_some(), "inner was activated");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_machine_in_a_stopped_vm_is_stalled_with_that_reason_and_never_contacted() {
+    let h = Harness::new(&fleet(
+        &[M::new("inner")],
+        &vm_hosting("box", "inner", "stopped"),
+    ));
+
+    let report = h.once(3).await;
+
+    let inner = row(&report, "machine/inner");
+    assert!(!inner.ready);
+    assert_eq!(inner.reason, "HostVmStopped", "{inner:?}");
+    assert!(inner.message.contains("vm/box"), "{inner:?}");
+    assert!(
+        h.fake().calls().iter().all(|c| c.machine != "inner"),
+        "a machine whose VM is stopped is never contacted"
+    );
+    assert!(
+        row(&report, "vm/box").ready,
+        "the VM itself is stopped as asked"
+    );
+}
