@@ -80,10 +80,12 @@ enum AnyObject {
 impl CheckedFile {
     /// Builds and checks the objects of `parsed`, a file of the directory `root`.
     pub fn new(root: &Path, parsed: ParsedFile) -> CheckedFile {
-        let objects = parsed
-            .objects
-            .into_iter()
-            .map(|Located { object, origin }| {
+        // Not `collect()`: from a `Vec<Located>` it reuses that allocation
+        // in place, keeping ~2.3 KiB (a growth-sized buffer of 584-byte
+        // `Located`s) for each file's one small `CheckedObject`: 23 MiB for
+        // 10,000 files, for as long as the parse cache holds the file.
+        let mut objects = Vec::with_capacity(parsed.objects.len());
+        objects.extend(parsed.objects.into_iter().map(|Located { object, origin }| {
                 let mut diagnostics = Vec::new();
                 let object = match object {
                     ParsedObject::Machine(doc) => {
@@ -103,8 +105,7 @@ impl CheckedFile {
                     object,
                     diagnostics,
                 }
-            })
-            .collect();
+            }));
         CheckedFile {
             diagnostics: parsed.diagnostics,
             objects,
