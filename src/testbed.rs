@@ -656,9 +656,6 @@ pub fn cleanup_stale(prefix: &str) -> Vec<String> {
     stale
 }
 
-/// Everything of a run still visible on this host: namespaces, links,
-/// processes whose command line names its directory, and mounts. Empty when
-/// the run left nothing behind.
 /// SIGKILLs every process but this one whose command line names `path`.
 fn kill_processes_mentioning(path: &Path) {
     let needle = path.to_string_lossy().into_owned();
@@ -684,6 +681,9 @@ fn kill_processes_mentioning(path: &Path) {
     }
 }
 
+/// Everything of a run still visible on this host: namespaces, links,
+/// processes whose command line names its directory, and mounts. Empty when
+/// the run left nothing behind.
 pub fn leftovers(id: &str) -> Vec<String> {
     let run_prefix = format!("{PREFIX}{id}");
     let mut found = Vec::new();

@@ -22,6 +22,16 @@ pub fn socket_path(state: &Path) -> std::path::PathBuf {
 
 /// Sends one request; `Ok(None)` when no daemon listens.
 pub fn request(state: &Path, method: &str, path: &str) -> anyhow::Result<Option<(u16, String)>> {
+    request_within(state, method, path, CLIENT_TIMEOUT)
+}
+
+/// [`request`] with its own bound on the daemon's answer.
+pub fn request_within(
+    state: &Path,
+    method: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Option<(u16, String)>> {
     let socket = socket_path(state);
     let mut stream = match UnixStream::connect(&socket) {
         Ok(s) => s,
@@ -38,8 +48,8 @@ pub fn request(state: &Path, method: &str, path: &str) -> anyhow::Result<Option<
                 .with_context(|| format!("connect to the daemon at {}", socket.display()));
         }
     };
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     );

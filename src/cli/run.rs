@@ -117,7 +117,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }),
             vm: Arc::new(move |name, op| {
                 let ctx = vm_ctx.clone();
-                async move {
+                // Spawned: a client that hangs up must not cut a snapshot or
+                // a revert off halfway.
+                let task = tokio::spawn(async move {
                     let desired = ctx.snapshot().desired.vms.contains_key(&name);
                     vmops::operate(
                         &ctx.store,
@@ -129,6 +131,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     )
                     .await
                     .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+                });
+                async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(format!("the verb's task failed: {e}")))
                 }
                 .boxed()
             }),

@@ -217,41 +217,56 @@ fn list(args: ListArgs) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
+/// How long a verb waits for the daemon: the VM's lock (a start or stop,
+/// bounded by their timeouts) plus a QMP snapshot call (60 s), with margin.
+const VERB_TIMEOUT: Duration = Duration::from_secs(180);
+
 fn operate(name: &str, state: &StateArg, output: Output, op: VmOp) -> anyhow::Result<u8> {
     let name = parse_name(name)?;
+    if let VmOp::Snapshot(snap) | VmOp::Revert(snap) = &op {
+        if let Err(e) = crate::driver::qemu::check_snapshot_name(snap) {
+            eprintln!("error: {e}");
+            return Ok(EXIT_FATAL);
+        }
+    }
     let path = match &op {
         VmOp::Snapshots => ("GET", format!("/v1/vm/{name}/snapshots")),
         VmOp::Snapshot(snap) => ("POST", format!("/v1/vm/{name}/snapshot/{snap}")),
         VmOp::Revert(snap) => ("POST", format!("/v1/vm/{name}/revert/{snap}")),
     };
-    let outcome: VmOpOutcome = match super::client::request(&state.state, path.0, &path.1)? {
-        Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
-        Some((_, body)) => {
-            eprintln!("error: {}", body.trim());
-            return Ok(EXIT_FATAL);
-        }
-        None => {
-            let store = open_store(state)?;
-            let vm_root = lifecycle::vm_root(&state.state);
-            let runtime = super::runtime()?;
-            let done = runtime.block_on(vmops::operate(
-                &store,
-                &VmLocks::default(),
-                &vm_root,
-                &name,
-                None,
-                &op,
-            ));
-            store.flush().context("flush the store")?;
-            match done {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    eprintln!("error: {:#}", anyhow::Error::new(e));
-                    return Ok(EXIT_FATAL);
+    // Waiting for the VM's lock (a reconcile may be starting or stopping
+    // it) and a `savevm`/`loadvm` of a large guest both take a while.
+    let outcome: VmOpOutcome =
+        match super::client::request_within(&state.state, path.0, &path.1, VERB_TIMEOUT)? {
+            Some((200, body)) => {
+                serde_json::from_str(&body).context("parse the daemon's answer")?
+            }
+            Some((_, body)) => {
+                eprintln!("error: {}", body.trim());
+                return Ok(EXIT_FATAL);
+            }
+            None => {
+                let store = open_store(state)?;
+                let vm_root = lifecycle::vm_root(&state.state);
+                let runtime = super::runtime()?;
+                let done = runtime.block_on(vmops::operate(
+                    &store,
+                    &VmLocks::default(),
+                    &vm_root,
+                    &name,
+                    None,
+                    &op,
+                ));
+                store.flush().context("flush the store")?;
+                match done {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        eprintln!("error: {:#}", anyhow::Error::new(e));
+                        return Ok(EXIT_FATAL);
+                    }
                 }
             }
-        }
-    };
+        };
     let mut out = std::io::stdout().lock();
     if output == Output::Json {
         writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?;
@@ -340,32 +355,71 @@ fn pump_out(mut from: UnixStream) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// The terminal's settings before raw mode; restored when dropped, on every
+/// path out of the session.
+struct RawTerminal {
+    saved: String,
+}
+
+impl RawTerminal {
+    fn enter() -> anyhow::Result<RawTerminal> {
+        let saved = stty(&["-g"]).context("read the terminal's settings (stty -g)")?;
+        stty(&["raw", "-echo"]).context("put the terminal in raw mode")?;
+        Ok(RawTerminal {
+            saved: saved.trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = stty(&[&self.saved]);
+    }
+}
+
 fn interactive(stream: UnixStream, name: &Name) -> anyhow::Result<u8> {
-    let saved = stty(&["-g"]).context("read the terminal's settings (stty -g)")?;
-    eprintln!("converge: attached to vm/{name}'s serial console; Ctrl-] detaches\r");
-    stty(&["raw", "-echo"]).context("put the terminal in raw mode")?;
-    let _out = pump_out(stream.try_clone()?);
-    let mut to = stream;
-    let mut stdin = std::io::stdin().lock();
-    let mut buf = [0u8; 1024];
-    let result = loop {
-        match stdin.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                let chunk = &buf[..n];
-                if let Some(at) = chunk.iter().position(|&b| b == DETACH) {
-                    let _ = to.write_all(&chunk[..at]);
-                    break Ok(());
-                }
-                if let Err(e) = to.write_all(chunk) {
-                    break Err(e);
-                }
+    let to = stream.try_clone().context("the console connection")?;
+    eprintln!("converge: attached to vm/{name}'s serial console; Ctrl-] detaches");
+    let raw = RawTerminal::enter()?;
+    let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
+    let out = pump_out(stream);
+    // When the VM's side closes (QEMU exited), end the session without
+    // waiting for a key.
+    std::thread::spawn(move || {
+        let _ = out.join();
+        let _ = closed_tx.send(());
+    });
+    let input = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut to = to;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stdin.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
             }
-            Err(e) => break Err(e),
+            let chunk = &buf[..n];
+            if let Some(at) = chunk.iter().position(|&b| b == DETACH) {
+                let _ = to.write_all(&chunk[..at]);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            to.write_all(chunk)?;
+        }
+    });
+    let result = loop {
+        if input.is_finished() {
+            break input
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the input thread panicked")));
+        }
+        if closed.recv_timeout(Duration::from_millis(50)).is_ok() {
+            drop(raw);
+            eprintln!("\nconverge: vm/{name}'s console closed (the VM stopped?)");
+            return Ok(EXIT_OK);
         }
     };
-    let _ = stty(&[saved.trim()]);
-    let _ = to.shutdown(std::net::Shutdown::Both);
+    drop(raw);
     eprintln!("\nconverge: detached from vm/{name}");
     result.context("the console connection")?;
     Ok(EXIT_OK)

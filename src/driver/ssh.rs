@@ -378,7 +378,7 @@ impl SshTarget {
                 return Ok(Arc::clone(session));
             }
             tracing::info!(target_host = %self.describe(), "ssh master connection is gone; connecting again");
-            if self.options.keep_master {
+            if self.options.keep_master && socket_is_dead(session.control_socket()) {
                 self.forget_kept(session.control_socket());
             }
             *slot = None;
@@ -399,22 +399,51 @@ impl SshTarget {
     }
 
     /// The file naming the kept master for these options: the same
-    /// destination, client files and persistence share one master.
+    /// destination, client files and persistence share one master. The
+    /// files that decide how a master authenticates (the ssh_configs read,
+    /// the known_hosts file, the identity) count by their content, so
+    /// editing one never resumes a master made under the old one.
     fn kept_pointer(&self) -> PathBuf {
         let o = &self.options;
+        let content = |path: Option<&Path>| -> String {
+            path.and_then(|p| std::fs::read(p).ok())
+                .map_or_else(|| "-".to_owned(), |bytes| short_hash(&bytes))
+        };
+        let home_config = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh/config"));
+        let user_config = o.ssh_config.clone().or(home_config);
         let identity = format!(
-            "{}\0{}\0{}\0{:?}\0{:?}\0{:?}\0{}\0{}",
+            "{}\0{}\0{}\0{:?}\0{}\0{:?}\0{}\0{:?}\0{}\0{}\0{}\0{}",
             o.user,
             o.host,
             o.port,
             self.config_file,
+            content(user_config.as_deref()),
             self.known_hosts_file,
+            content(self.known_hosts_file.as_deref()),
             o.identity_file,
+            content(o.identity_file.as_deref()),
+            content(Some(Path::new("/etc/ssh/ssh_config"))),
             o.accept_new_host_keys,
             o.master_idle_exit.as_secs(),
         );
         o.control_dir
             .join(format!("keep-{}", short_hash(identity.as_bytes())))
+    }
+
+    /// Whether `ctl` is a master socket converge made directly under this
+    /// target's control directory (what a pointer file may name).
+    fn is_own_socket(&self, ctl: &Path) -> bool {
+        let Some(dir) = ctl.parent() else {
+            return false;
+        };
+        dir.parent() == Some(self.options.control_dir.as_path())
+            && ctl.file_name() == Some(std::ffi::OsStr::new("master"))
+            && dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".ssh-connection"))
+            && !ctl
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
     }
 
     /// Leaves `session`'s master running past this process and records its
@@ -436,13 +465,10 @@ impl SshTarget {
         let bytes = std::fs::read(&pointer).ok()?;
         let ctl = PathBuf::from(String::from_utf8(bytes).ok()?);
         // Only a socket converge made in this control directory.
-        let dir = ctl.parent()?;
-        if dir.parent() != Some(self.options.control_dir.as_path())
-            || ctl.file_name() != Some(std::ffi::OsStr::new("master"))
-        {
+        if !self.is_own_socket(&ctl) {
             return None;
         }
-        let log = dir.join("log");
+        let log = ctl.parent()?.join("log");
         let session = Session::resume_mux(ctl.clone().into_boxed_path(), Some(log.into()));
         match tokio::time::timeout(CHECK_TIMEOUT, session.check()).await {
             Ok(Ok(())) => {
@@ -450,7 +476,11 @@ impl SshTarget {
                 Some(session)
             }
             _ => {
-                self.forget_kept(&ctl);
+                // Removed only when nothing listens any more: a master that
+                // was merely slow to answer may serve another process.
+                if socket_is_dead(&ctl) {
+                    self.forget_kept(&ctl);
+                }
                 None
             }
         }
@@ -463,8 +493,8 @@ impl SshTarget {
         if std::fs::read(&pointer).is_ok_and(|b| b == ctl.as_os_str().as_encoded_bytes()) {
             let _ = std::fs::remove_file(&pointer);
         }
-        if let Some(dir) = ctl.parent() {
-            if dir.parent() == Some(self.options.control_dir.as_path()) {
+        if self.is_own_socket(ctl) {
+            if let Some(dir) = ctl.parent() {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
@@ -629,6 +659,7 @@ impl SshTarget {
         tracing::debug!(target_host = %target, argv = %argv_summary(argv), "running command over ssh");
         let spawn = async {
             let mut pause = REFUSED_PAUSE;
+            let give_up = Instant::now() + REFUSED_RETRY_FOR;
             loop {
                 let mut command = Session::to_command(Arc::clone(&session), "sh");
                 command
@@ -640,7 +671,7 @@ impl SshTarget {
                     // sshd frees a closed channel's slot a moment after the
                     // client sees it close, so a burst can briefly exceed
                     // MaxSessions. Nothing ran: wait and open again.
-                    Err(error) if session_refused(&error) => {
+                    Err(error) if session_refused(&error) && Instant::now() < give_up => {
                         tracing::debug!(target_host = %target, ?pause, "sshd refused a session (MaxSessions); opening again");
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(REFUSED_PAUSE_MAX);
@@ -784,12 +815,13 @@ impl SshTarget {
             .map_err(|_| timed_out())??;
         let open = async {
             let mut pause = REFUSED_PAUSE;
+            let give_up = Instant::now() + REFUSED_RETRY_FOR;
             loop {
                 match Sftp::from_clonable_session(Arc::clone(&session), SftpOptions::default())
                     .await
                 {
                     // As for commands: a refused channel opened nothing.
-                    Err(error) if session_refused(&error) => {
+                    Err(error) if session_refused(&error) && Instant::now() < give_up => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(REFUSED_PAUSE_MAX);
                     }
@@ -924,6 +956,22 @@ fn idle_persist(d: Duration) -> ControlPersist {
         None => ControlPersist::ClosedAfterInitialConnection,
     }
 }
+
+/// Whether nothing listens on the master socket `ctl` any more (it is gone,
+/// or connecting is refused), as opposed to a master slow to answer.
+fn socket_is_dead(ctl: &Path) -> bool {
+    match std::os::unix::net::UnixStream::connect(ctl) {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        ),
+    }
+}
+
+/// How long refused session opens are retried before the refusal itself is
+/// reported (a `MaxSessions` below our own limit would refuse forever).
+const REFUSED_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// First pause before opening a session sshd refused; doubles up to the max.
 const REFUSED_PAUSE: Duration = Duration::from_millis(20);
@@ -1081,9 +1129,38 @@ fn client_config(o: &SshOptions, own_known_hosts: bool) -> Result<String, SshErr
     // 20 connects 10× cheaper. This gives up protection of recorded traffic
     // against a future quantum computer; set KexAlgorithms in the ssh_config
     // converge reads to keep it (ARCHITECTURE.md, "SSH").
-    line("Match all");
-    line("KexAlgorithms ^curve25519-sha256,curve25519-sha256@libssh.org");
+    if default_kex_is_costly_hybrid() {
+        line("Match all");
+        line("KexAlgorithms ^curve25519-sha256,curve25519-sha256@libssh.org");
+    }
     Ok(c)
+}
+
+/// Whether this OpenSSH client's default key exchange starts with the
+/// sntrup761 hybrid (OpenSSH 9.0 to 9.8) and it offers curve25519: only
+/// then is curve25519 put first. Older clients may not understand the `^`
+/// syntax, FIPS builds lack curve25519, and from 9.9 the default
+/// mlkem768x25519 is cheap already. Asked once per process (`ssh -G` reads
+/// configuration only; it does not connect).
+fn default_kex_is_costly_hybrid() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        let Ok(out) = std::process::Command::new("ssh")
+            .args(["-G", "-F", "/dev/null", "converge-kex-probe"])
+            .stdin(StdStdio::null())
+            .stderr(StdStdio::null())
+            .output()
+        else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("kexalgorithms "))
+            .is_some_and(|list| {
+                list.starts_with("sntrup761x25519")
+                    && list.split(',').any(|a| a == "curve25519-sha256")
+            })
+    })
 }
 
 /// 16 hex digits naming a generated file after its content.
@@ -2202,6 +2279,11 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix("kexalgorithms "))
             .expect("kexalgorithms");
+        // Debian 12's OpenSSH 9.2 defaults to the costly sntrup761 hybrid.
+        assert!(
+            default_kex_is_costly_hybrid(),
+            "expected OpenSSH 9.0-9.8 here"
+        );
         assert!(
             kex.starts_with("curve25519-sha256,curve25519-sha256@libssh.org,"),
             "the cheap key exchange comes first: {kex}"

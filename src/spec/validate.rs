@@ -85,27 +85,32 @@ impl CheckedFile {
         // `Located`s) for each file's one small `CheckedObject`: 23 MiB for
         // 10,000 files, for as long as the parse cache holds the file.
         let mut objects = Vec::with_capacity(parsed.objects.len());
-        objects.extend(parsed.objects.into_iter().map(|Located { object, origin }| {
-                let mut diagnostics = Vec::new();
-                let object = match object {
-                    ParsedObject::Machine(doc) => {
-                        check_machine(root, &doc, &origin, &mut diagnostics);
-                        AnyObject::Machine(build(doc, origin, Kind::Machine))
+        objects.extend(
+            parsed
+                .objects
+                .into_iter()
+                .map(|Located { object, origin }| {
+                    let mut diagnostics = Vec::new();
+                    let object = match object {
+                        ParsedObject::Machine(doc) => {
+                            check_machine(root, &doc, &origin, &mut diagnostics);
+                            AnyObject::Machine(build(doc, origin, Kind::Machine))
+                        }
+                        ParsedObject::VirtualMachine(doc) => {
+                            check_vm(root, &doc, &origin, &mut diagnostics);
+                            AnyObject::Vm(build(doc, origin, Kind::VirtualMachine))
+                        }
+                        ParsedObject::Service(doc) => {
+                            check_service(&doc, &origin, &mut diagnostics);
+                            AnyObject::Service(build(doc, origin, Kind::Service))
+                        }
+                    };
+                    CheckedObject {
+                        object,
+                        diagnostics,
                     }
-                    ParsedObject::VirtualMachine(doc) => {
-                        check_vm(root, &doc, &origin, &mut diagnostics);
-                        AnyObject::Vm(build(doc, origin, Kind::VirtualMachine))
-                    }
-                    ParsedObject::Service(doc) => {
-                        check_service(&doc, &origin, &mut diagnostics);
-                        AnyObject::Service(build(doc, origin, Kind::Service))
-                    }
-                };
-                CheckedObject {
-                    object,
-                    diagnostics,
-                }
-            }));
+                }),
+        );
         CheckedFile {
             diagnostics: parsed.diagnostics,
             objects,

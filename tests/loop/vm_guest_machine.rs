@@ -121,10 +121,10 @@ spec:
         fleet.state().to_str().expect("utf-8"),
     ]);
     facts.assert_code(0);
-    assert!(
-        facts.stdout.contains("guest"),
-        "facts of the inner machine: {}",
-        facts.stdout
+    let facts = facts.json();
+    assert_eq!(
+        facts["facts"]["hostname"], "guest",
+        "facts of the inner machine: {facts}"
     );
     // The activation ran inside the guest: ask its shell on the serial
     // console (`vm console` with stdin from a pipe).

@@ -982,7 +982,7 @@ fn refuse_shrink(path: PathBuf, from: u64, to: u64) -> Result<DiskGrowth, VmErro
 
 /// Snapshot names go into an HMP command line and must not be mistaken for
 /// snapshot ids, which are numbers.
-fn check_snapshot_name(snap: &str) -> Result<(), VmError> {
+pub fn check_snapshot_name(snap: &str) -> Result<(), VmError> {
     let ok = !snap.is_empty()
         && snap.len() <= 64
         && snap
