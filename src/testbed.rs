@@ -656,28 +656,30 @@ pub fn cleanup_stale(prefix: &str) -> Vec<String> {
     stale
 }
 
+/// Processes other than this one whose command line contains `needle`:
+/// pid and command line (arguments joined by spaces).
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (pid != std::process::id() && cmdline.contains(needle)).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
 /// SIGKILLs every process but this one whose command line names `path`.
 fn kill_processes_mentioning(path: &Path) {
-    let needle = path.to_string_lossy().into_owned();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == std::process::id() as i32 {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+    for (pid, _) in processes_mentioning(&path.to_string_lossy()) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -700,19 +702,8 @@ pub fn leftovers(id: &str) -> Vec<String> {
             found.push(format!("link {line}"));
         }
     }
-    if let Ok(procs) = fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let name = p.file_name().to_string_lossy().into_owned();
-            if !name.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            if let Ok(cmdline) = fs::read(p.path().join("cmdline")) {
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if cmdline.contains(&format!("/tmp/{run_prefix}")) {
-                    found.push(format!("process {name}: {cmdline}"));
-                }
-            }
-        }
+    for (pid, cmdline) in processes_mentioning(&format!("/tmp/{run_prefix}")) {
+        found.push(format!("process {pid}: {cmdline}"));
     }
     for line in fs::read_to_string("/proc/mounts")
         .unwrap_or_default()

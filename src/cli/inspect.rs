@@ -74,6 +74,12 @@ fn fetch(
             other => anyhow::bail!("the daemon answered {other}: {}", body.trim()),
         };
     }
+    direct(&open_existing_store(state)?)
+}
+
+/// Opens the store under `--state` for a read or an operator verb, refusing
+/// to create one where nothing was ever reconciled.
+pub(crate) fn open_existing_store(state: &StateArg) -> anyhow::Result<Store> {
     let dir = lifecycle::store_dir(&state.state);
     if !dir.exists() {
         anyhow::bail!(
@@ -81,8 +87,7 @@ fn fetch(
             dir.display()
         );
     }
-    let store = Store::open(&dir).context("open the store")?;
-    direct(&store)
+    Store::open(&dir).context("open the store")
 }
 
 fn path_of(prefix: &str, key: &ObjectKey) -> String {

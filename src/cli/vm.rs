@@ -18,7 +18,6 @@ use super::{EXIT_FATAL, EXIT_OK, Output, StateArg};
 use crate::controller::lifecycle;
 use crate::controller::vmops::{self, VmLocks, VmOp, VmOpOutcome};
 use crate::spec::{HumanDuration, Name, ObjectKey};
-use crate::store::Store;
 
 /// Operate VMs: list them, attach to a console, snapshot and revert, show history.
 #[derive(Debug, clap::Args)]
@@ -143,22 +142,11 @@ fn parse_name(name: &str) -> anyhow::Result<Name> {
     Name::new(name).with_context(|| format!("VM name {name:?}"))
 }
 
-fn open_store(state: &StateArg) -> anyhow::Result<Store> {
-    let dir = lifecycle::store_dir(&state.state);
-    if !dir.exists() {
-        anyhow::bail!(
-            "no store at {}: nothing was reconciled with this --state yet",
-            dir.display()
-        );
-    }
-    Store::open(&dir).context("open the store (is a `converge reconcile --once` running?)")
-}
-
 fn list(args: ListArgs) -> anyhow::Result<u8> {
     let rows: Vec<Value> = match super::client::request(&args.state.state, "GET", "/v1/vm")? {
         Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
         Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
-        None => crate::api::vm_rows(&open_store(&args.state)?)?,
+        None => crate::api::vm_rows(&super::inspect::open_existing_store(&args.state)?)?,
     };
     let mut out = std::io::stdout().lock();
     if args.output == Output::Json {
@@ -246,7 +234,7 @@ fn operate(name: &str, state: &StateArg, output: Output, op: VmOp) -> anyhow::Re
                 return Ok(EXIT_FATAL);
             }
             None => {
-                let store = open_store(state)?;
+                let store = super::inspect::open_existing_store(state)?;
                 let vm_root = lifecycle::vm_root(&state.state);
                 let runtime = super::runtime()?;
                 let done = runtime.block_on(vmops::operate(
@@ -334,7 +322,7 @@ fn is_terminal_stdin() -> bool {
     std::io::stdin().is_terminal()
 }
 
-/// Copies the socket to stdout until it closes or `stop` is set.
+/// Copies the socket to stdout until it closes.
 fn pump_out(mut from: UnixStream) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -347,8 +335,6 @@ fn pump_out(mut from: UnixStream) -> std::thread::JoinHandle<()> {
                         break;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(_) => break,
             }
         }

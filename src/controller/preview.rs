@@ -103,14 +103,8 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         let spec = &object.spec;
         let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(key).ok().flatten();
-        let document = serde_json::json!({
-            "apiVersion": crate::spec::API_VERSION,
-            "kind": "VirtualMachine",
-            "metadata": {"name": key.name.as_str()},
-            "spec": serde_json::to_value(spec).unwrap_or(serde_json::Value::Null),
-        });
         let view = plan::Desired {
-            document,
+            document: super::vm::spec_document(&key.name, spec),
             spec_hash: &object.spec_hash,
             roles_hash: None,
             build_input: None,

@@ -47,6 +47,17 @@ fn step(name: &str, started: Instant, ok: bool, output: impl Into<String>) -> St
     }
 }
 
+/// The document recorded as a VM's applied spec, and compared with it by
+/// `plan`: both must build it the same way.
+pub fn spec_document(name: &crate::spec::Name, spec: &crate::spec::VmSpec) -> Value {
+    serde_json::json!({
+        "apiVersion": crate::spec::API_VERSION,
+        "kind": "VirtualMachine",
+        "metadata": {"name": name.as_str()},
+        "spec": serde_json::to_value(spec).unwrap_or(Value::Null),
+    })
+}
+
 /// Reconciles `vm/NAME`.
 pub async fn reconcile<D: Drivers>(
     ctx: &Context<D>,
@@ -344,12 +355,7 @@ pub async fn reconcile<D: Drivers>(
             status.set_condition(ConditionKind::Reconciling, false, "", "", now);
             status.set_condition(ConditionKind::Stalled, false, "", "", now);
             status.failures = 0;
-            let document = serde_json::json!({
-                "apiVersion": crate::spec::API_VERSION,
-                "kind": "VirtualMachine",
-                "metadata": {"name": key.name.as_str()},
-                "spec": serde_json::to_value(spec).unwrap_or(Value::Null),
-            });
+            let document = spec_document(&key.name, spec);
             ctx.store
                 .put_spec(
                     key,

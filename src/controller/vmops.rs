@@ -160,12 +160,6 @@ pub async fn operate(
             name: name.to_string(),
         });
     };
-    if store.status(&key).map_err(store_error)?.is_none() {
-        return Err(VmOpError::Unknown {
-            verb,
-            name: name.to_string(),
-        });
-    }
     if desired == Some(false) {
         return Err(VmOpError::Removed {
             verb,

@@ -657,29 +657,15 @@ impl SshTarget {
             .await
             .map_err(|_| timed_out())??;
         tracing::debug!(target_host = %target, argv = %argv_summary(argv), "running command over ssh");
-        let spawn = async {
-            let mut pause = REFUSED_PAUSE;
-            let give_up = Instant::now() + REFUSED_RETRY_FOR;
-            loop {
-                let mut command = Session::to_command(Arc::clone(&session), "sh");
-                command
-                    .args(&wrapped)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                match command.spawn().await {
-                    // sshd frees a closed channel's slot a moment after the
-                    // client sees it close, so a burst can briefly exceed
-                    // MaxSessions. Nothing ran: wait and open again.
-                    Err(error) if session_refused(&error) && Instant::now() < give_up => {
-                        tracing::debug!(target_host = %target, ?pause, "sshd refused a session (MaxSessions); opening again");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(REFUSED_PAUSE_MAX);
-                    }
-                    other => return other,
-                }
-            }
-        };
+        let spawn = open_again_if_refused(&target, || {
+            let mut command = Session::to_command(Arc::clone(&session), "sh");
+            command
+                .args(&wrapped)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            async move { command.spawn().await }
+        });
         let mut child = match timeout_at(deadline, spawn).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(source)) => {
@@ -813,22 +799,9 @@ impl SshTarget {
         let session = timeout_at(deadline, self.master())
             .await
             .map_err(|_| timed_out())??;
-        let open = async {
-            let mut pause = REFUSED_PAUSE;
-            let give_up = Instant::now() + REFUSED_RETRY_FOR;
-            loop {
-                match Sftp::from_clonable_session(Arc::clone(&session), SftpOptions::default())
-                    .await
-                {
-                    // As for commands: a refused channel opened nothing.
-                    Err(error) if session_refused(&error) && Instant::now() < give_up => {
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(REFUSED_PAUSE_MAX);
-                    }
-                    other => return other,
-                }
-            }
-        };
+        let open = open_again_if_refused(&target, || {
+            Sftp::from_clonable_session(Arc::clone(&session), SftpOptions::default())
+        });
         let sftp = match timeout_at(deadline, open).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(source)) => {
@@ -972,6 +945,31 @@ fn socket_is_dead(ctl: &Path) -> bool {
 /// How long refused session opens are retried before the refusal itself is
 /// reported (a `MaxSessions` below our own limit would refuse forever).
 const REFUSED_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Runs `open` (which opens a session channel) again while sshd refuses the
+/// channel, for at most [`REFUSED_RETRY_FOR`]. sshd frees a closed channel's
+/// slot a moment after the client sees it close, so a burst can briefly
+/// exceed `MaxSessions`; a refused open ran nothing, so opening again is
+/// safe. Past the bound the refusal itself is returned.
+async fn open_again_if_refused<T, E, F, Fut>(target: &str, mut open: F) -> Result<T, E>
+where
+    E: std::error::Error + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut pause = REFUSED_PAUSE;
+    let give_up = Instant::now() + REFUSED_RETRY_FOR;
+    loop {
+        match open().await {
+            Err(error) if session_refused(&error) && Instant::now() < give_up => {
+                tracing::debug!(target_host = %target, ?pause, "sshd refused a session (MaxSessions); opening again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(REFUSED_PAUSE_MAX);
+            }
+            other => return other,
+        }
+    }
+}
 
 /// First pause before opening a session sshd refused; doubles up to the max.
 const REFUSED_PAUSE: Duration = Duration::from_millis(20);
