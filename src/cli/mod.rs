@@ -4,6 +4,7 @@
 //! main.rs) that uses anyhow. Each subcommand returns its exit code; the codes
 //! are part of the interface and documented in `--help` and the README.
 
+mod agent;
 mod client;
 mod inspect;
 mod plan;
@@ -63,6 +64,9 @@ pub enum Command {
     Facts(inspect::FactsArgs),
     Vm(vm::Args),
     Schema(schema::Args),
+    /// Run one VM operation for a controller on this hypervisor (internal).
+    #[command(name = "vm-agent", hide = true)]
+    VmAgent(agent::Args),
 }
 
 /// Output format of read commands.
@@ -208,5 +212,6 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Facts(args) => inspect::facts(args),
         Command::Vm(args) => vm::run(args),
         Command::Schema(args) => schema::run(args),
+        Command::VmAgent(args) => agent::run(args),
     }
 }

@@ -120,13 +120,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 // Spawned: a client that hangs up must not cut a snapshot or
                 // a revert off halfway.
                 let task = tokio::spawn(async move {
-                    let desired = ctx.snapshot().desired.vms.contains_key(&name);
+                    let snapshot = ctx.snapshot();
                     vmops::operate(
+                        &ctx.driver,
                         &ctx.store,
                         &ctx.vm_locks,
                         &ctx.vm_root,
+                        Some(&snapshot.desired),
                         &name,
-                        Some(desired),
                         &op,
                     )
                     .await

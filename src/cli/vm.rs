@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::{EXIT_FATAL, EXIT_OK, Output, StateArg};
+use super::{DirArg, EXIT_FATAL, EXIT_OK, ONE_SHOT_SSH_PERSIST, Output, SshArgs, StateArg};
 use crate::controller::lifecycle;
 use crate::controller::vmops::{self, VmLocks, VmOp, VmOpOutcome};
 use crate::spec::{HumanDuration, Name, ObjectKey};
@@ -65,6 +65,12 @@ pub struct NameArgs {
     pub name: String,
     #[command(flatten)]
     pub state: StateArg,
+    /// Where relative `identityFile`/`knownHosts` of a hypervisor Machine
+    /// resolve (used only without a daemon, for a VM on a hypervisor).
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub ssh: SshArgs,
     #[arg(long, short = 'o', value_enum, default_value = "text")]
     pub output: Output,
 }
@@ -77,6 +83,12 @@ pub struct SnapArgs {
     pub snap: String,
     #[command(flatten)]
     pub state: StateArg,
+    /// Where relative `identityFile`/`knownHosts` of a hypervisor Machine
+    /// resolve (used only without a daemon, for a VM on a hypervisor).
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub ssh: SshArgs,
     #[arg(long, short = 'o', value_enum, default_value = "text")]
     pub output: Output,
 }
@@ -118,13 +130,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         VmCommand::Console(a) => console(a),
         VmCommand::Snapshot(a) => {
             let op = VmOp::Snapshot(a.snap.clone());
-            operate(&a.name, &a.state, a.output, op)
+            operate(&a.name, &a.state, &a.dir, &a.ssh, a.output, op)
         }
         VmCommand::Revert(a) => {
             let op = VmOp::Revert(a.snap.clone());
-            operate(&a.name, &a.state, a.output, op)
+            operate(&a.name, &a.state, &a.dir, &a.ssh, a.output, op)
         }
-        VmCommand::Snapshots(a) => operate(&a.name, &a.state, a.output, VmOp::Snapshots),
+        VmCommand::Snapshots(a) => {
+            operate(&a.name, &a.state, &a.dir, &a.ssh, a.output, VmOp::Snapshots)
+        }
         VmCommand::History(a) => {
             let name = parse_name(&a.name)?;
             super::inspect::history(super::inspect::HistoryArgs {
@@ -209,7 +223,14 @@ fn list(args: ListArgs) -> anyhow::Result<u8> {
 /// bounded by their timeouts) plus a QMP snapshot call (60 s), with margin.
 const VERB_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn operate(name: &str, state: &StateArg, output: Output, op: VmOp) -> anyhow::Result<u8> {
+fn operate(
+    name: &str,
+    state: &StateArg,
+    dir: &DirArg,
+    ssh: &SshArgs,
+    output: Output,
+    op: VmOp,
+) -> anyhow::Result<u8> {
     let name = parse_name(name)?;
     if let VmOp::Snapshot(snap) | VmOp::Revert(snap) = &op {
         if let Err(e) = crate::driver::qemu::check_snapshot_name(snap) {
@@ -237,12 +258,14 @@ fn operate(name: &str, state: &StateArg, output: Output, op: VmOp) -> anyhow::Re
                 let store = super::inspect::open_existing_store(state)?;
                 let vm_root = lifecycle::vm_root(&state.state);
                 let runtime = super::runtime()?;
+                let driver = ssh.driver(&state.state, &dir.dir, ONE_SHOT_SSH_PERSIST);
                 let done = runtime.block_on(vmops::operate(
+                    &driver,
                     &store,
                     &VmLocks::default(),
                     &vm_root,
-                    &name,
                     None,
+                    &name,
                     &op,
                 ));
                 store.flush().context("flush the store")?;
@@ -286,8 +309,29 @@ fn operate(name: &str, state: &StateArg, output: Output, op: VmOp) -> anyhow::Re
 /// Ctrl-]: detaches a terminal session, as telnet does.
 const DETACH: u8 = 0x1d;
 
+/// The hypervisor Machine a VM runs on, when converge knows it and it is
+/// not this host.
+fn hypervisor_of(state: &StateArg, name: &Name) -> Option<String> {
+    let rows: Vec<Value> = match super::client::request(&state.state, "GET", "/v1/vm").ok()? {
+        Some((200, body)) => serde_json::from_str(&body).ok()?,
+        Some(_) => return None,
+        None => crate::api::vm_rows(&super::inspect::open_existing_store(state).ok()?).ok()?,
+    };
+    rows.iter()
+        .find(|r| r["name"] == name.as_str())
+        .and_then(|r| r["host"].as_str())
+        .filter(|h| *h != "local")
+        .map(str::to_owned)
+}
+
 fn console(args: ConsoleArgs) -> anyhow::Result<u8> {
     let name = parse_name(&args.name)?;
+    if let Some(host) = hypervisor_of(&args.state, &name) {
+        eprintln!(
+            "error: vm/{name} runs on hypervisor machine {host}, and `converge vm console` attaches to VMs of this host only; on {host}, its serial console is the socket STATEDIR/vms/{name}/console.sock and its output STATEDIR/vms/{name}/serial.log (STATEDIR is {host}'s stateDir), e.g. `ssh -t {host} socat -,raw,echo=0 UNIX-CONNECT:/var/lib/converge/vms/{name}/console.sock`"
+        );
+        return Ok(EXIT_FATAL);
+    }
     let dir = lifecycle::vm_root(&args.state.state).join(name.as_str());
     let paths = crate::driver::qemu::launch::VmPaths::new(&dir);
     if args.log {

@@ -87,11 +87,20 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         .map(|object| {
             let ctx = ctx.clone();
             async move {
-                let dir = ctx.vm_root.join(object.key.name.as_str());
-                let result = ctx
-                    .driver
-                    .vm_observe(&object.spec.host.value, &dir, &object.spec.disks)
-                    .await;
+                let result = match super::vm::hypervisor(&ctx, &object.spec.host.value) {
+                    Ok(host) => {
+                        let dir = host.vm_dir(&ctx.vm_root, object.key.name.as_str());
+                        ctx.driver.vm_observe(&host, &dir, &object.spec.disks).await
+                    }
+                    Err(e) => Err(crate::driver::capability::DriverError::Remote {
+                        hypervisor: match &object.spec.host.value {
+                            crate::spec::VmHost::Machine(m) => m.to_string(),
+                            crate::spec::VmHost::Local => "local".to_owned(),
+                        },
+                        message: e.message,
+                        transient: false,
+                    }),
+                };
                 (object, result)
             }
         })

@@ -22,14 +22,14 @@ use super::once::{self, OnceOptions, OnceReport, Row};
 use crate::driver::CommandOutput;
 use crate::driver::TargetError;
 use crate::driver::build::{Artifact, BuildError, BuildRequest};
-use crate::driver::capability::{DriverError, MachineDriver, VmDriver};
+use crate::driver::capability::{DriverError, Hypervisor, MachineDriver, VmDriver};
 use crate::driver::machine::{
     ActivationResult, ConfirmOutcome, Confirmation, CurrentLink, GenerationId, InstallOutcome,
     MachineError, MachineFacts,
 };
 use crate::driver::qemu::{DiskFacts, DiskGrowth, Started, StopOutcome, VmFacts};
 use crate::source::Source;
-use crate::spec::{ByteSize, Disk, ObjectKey, OnDelete, Target as TargetSpec, VmHost, VmSpec};
+use crate::spec::{ByteSize, Disk, ObjectKey, OnDelete, Target as TargetSpec, VmSpec};
 use crate::store::Store;
 use crate::store::records::{AttemptRecord, AttemptResult, ConditionKind, StatusRecord};
 
@@ -416,7 +416,7 @@ impl MachineDriver for FakeDriver {
 impl VmDriver for FakeDriver {
     async fn vm_observe(
         &self,
-        _host: &VmHost,
+        _host: &Hypervisor,
         dir: &Path,
         disks: &[Disk],
     ) -> Result<VmFacts, DriverError> {
@@ -461,7 +461,7 @@ impl VmDriver for FakeDriver {
 
     async fn vm_create_disk(
         &self,
-        _host: &VmHost,
+        _host: &Hypervisor,
         dir: &Path,
         disk: &Disk,
         _backing: Option<&Path>,
@@ -475,7 +475,7 @@ impl VmDriver for FakeDriver {
 
     async fn vm_grow_disk(
         &self,
-        _host: &VmHost,
+        _host: &Hypervisor,
         dir: &Path,
         disk: &str,
         size: ByteSize,
@@ -495,7 +495,7 @@ impl VmDriver for FakeDriver {
 
     async fn vm_start(
         &self,
-        _host: &VmHost,
+        _host: &Hypervisor,
         dir: &Path,
         _name: &str,
         _spec: &VmSpec,
@@ -518,7 +518,7 @@ impl VmDriver for FakeDriver {
 
     async fn vm_stop(
         &self,
-        _host: &VmHost,
+        _host: &Hypervisor,
         dir: &Path,
         _graceful: Duration,
     ) -> Result<StopOutcome, DriverError> {
@@ -532,7 +532,7 @@ impl VmDriver for FakeDriver {
 
     async fn vm_delete(
         &self,
-        _host: &VmHost,
+        _host: &Hypervisor,
         dir: &Path,
         on_delete: OnDelete,
         _graceful: Duration,
@@ -546,6 +546,17 @@ impl VmDriver for FakeDriver {
             world.vms.remove(dir);
         }
         Ok(stopped)
+    }
+
+    async fn vm_agent(
+        &self,
+        _host: &Hypervisor,
+        _request: crate::driver::qemu::agent::Request,
+    ) -> Result<serde_json::Value, DriverError> {
+        // Operator verbs are tested against real QEMU (tests/loop/vm_verbs.rs).
+        Err(DriverError::Unsupported {
+            what: "operator verbs on the fake driver".into(),
+        })
     }
 
     fn vm_watch_exit(&self, _pid: u32) -> impl std::future::Future<Output = ()> + Send + 'static {

@@ -18,8 +18,8 @@ use super::applier::Action;
 use super::context::Context;
 use super::machine::error_chain;
 use super::reconcile::{ReconcileError, jittered};
-use crate::driver::capability::{DriverError, Drivers};
-use crate::spec::{ObjectKey, OnDelete, VmHost, VmPowerState};
+use crate::driver::capability::{DriverError, Drivers, Hypervisor};
+use crate::spec::{Name, ObjectKey, OnDelete, Target as TargetSpec, VmHost, VmPowerState};
 use crate::store::records::{
     Applied, AttemptRecord, AttemptResult, ConditionKind, FactsRecord, Severity, SpecRecord,
     StepRecord, now_ms,
@@ -66,12 +66,12 @@ pub async fn reconcile<D: Drivers>(
     // Operator verbs (snapshot, revert) wait while this runs, and it waits for them.
     let _held = ctx.vm_locks.lock(&key.name).await;
     let snapshot = ctx.snapshot();
-    let dir: PathBuf = ctx.vm_root.join(key.name.as_str());
     let Some(object) = snapshot.desired.vms.get(&key.name) else {
-        return remove(ctx, key, &dir).await;
+        return remove(ctx, key).await;
     };
     let spec = &object.spec;
-    let host = &spec.host.value;
+    let host = &hypervisor(ctx, &spec.host.value)?;
+    let dir: PathBuf = host.vm_dir(&ctx.vm_root, key.name.as_str());
     let root = &snapshot.root;
 
     let facts = ctx
@@ -181,7 +181,9 @@ pub async fn reconcile<D: Drivers>(
         status.observed_spec_hash = Some(object.spec_hash.clone());
         status.failures = 0;
         ctx.store.put_status(key, &status).map_err(store_error)?;
-        watch_exit(ctx, key, facts.pid);
+        if host.is_local() {
+            watch_exit(ctx, key, facts.pid);
+        }
         return Ok(Action::Requeue(jittered(ctx.config.vm_resync)));
     }
 
@@ -381,7 +383,10 @@ pub async fn reconcile<D: Drivers>(
         .map_err(store_error)?;
     let pid = result?;
     tracing::info!(steps = %plan.join(", "), "VM converged");
-    watch_exit(ctx, key, pid.or(facts.pid).filter(|_| wants_running));
+    // A VM on a hypervisor Machine is checked at each resync instead.
+    if host.is_local() {
+        watch_exit(ctx, key, pid.or(facts.pid).filter(|_| wants_running));
+    }
     Ok(Action::Requeue(jittered(ctx.config.vm_resync)))
 }
 
@@ -406,13 +411,70 @@ fn watch_exit<D: Drivers>(ctx: &Context<D>, key: &ObjectKey, pid: Option<u32>) {
     });
 }
 
+/// Why a VM's hypervisor could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum Unresolved {
+    #[error("read the hypervisor's last spec")]
+    Store(#[from] crate::store::StoreError),
+    #[error(
+        "hypervisor machine {0} is neither declared nor ever converged, so there is no target to reach it at; declare it again"
+    )]
+    Unknown(Name),
+}
+
+/// Where a VM with `host` runs. A hypervisor Machine is found in the
+/// desired state in force, or else (it was removed with its VMs, or the
+/// caller has no desired state) in the spec it was last converged with.
+pub fn resolve_hypervisor(
+    desired: Option<&crate::spec::DesiredState>,
+    store: &crate::store::Store,
+    host: &VmHost,
+) -> Result<Hypervisor, Unresolved> {
+    let VmHost::Machine(name) = host else {
+        return Ok(Hypervisor::Local);
+    };
+    if let Some(machine) = desired.and_then(|d| d.machines.get(name)) {
+        return Ok(Hypervisor::Machine {
+            name: name.clone(),
+            target: Box::new(machine.spec.target.clone()),
+        });
+    }
+    let record = store.spec(&ObjectKey::machine(name.clone()))?;
+    let target = record
+        .as_ref()
+        .and_then(|r| r.spec.pointer("/spec/target"))
+        .and_then(|t| serde_json::from_value::<TargetSpec>(t.clone()).ok());
+    match target {
+        Some(target) => Ok(Hypervisor::Machine {
+            name: name.clone(),
+            target: Box::new(target),
+        }),
+        None => Err(Unresolved::Unknown(name.clone())),
+    }
+}
+
+/// The host a VM's recorded spec names (`local` when it names none).
+pub fn recorded_host(record: Option<&SpecRecord>) -> VmHost {
+    match record
+        .and_then(|r| r.spec.pointer("/spec/host"))
+        .and_then(Value::as_str)
+    {
+        Some("local") | None => VmHost::Local,
+        Some(other) => Name::new(other).map_or(VmHost::Local, VmHost::Machine),
+    }
+}
+
+/// [`resolve_hypervisor`] for a reconcile.
+pub fn hypervisor<D>(ctx: &Context<D>, host: &VmHost) -> Result<Hypervisor, ReconcileError> {
+    resolve_hypervisor(Some(&ctx.snapshot().desired), &ctx.store, host).map_err(|e| match e {
+        Unresolved::Store(e) => store_error(e),
+        e @ Unresolved::Unknown(_) => ReconcileError::terminal("HypervisorUnknown", e.to_string()),
+    })
+}
+
 /// A VM removed from the YAML: stop it, delete its disks only if its last
 /// applied spec said `onDelete: delete`, then forget it.
-async fn remove<D: Drivers>(
-    ctx: &Context<D>,
-    key: &ObjectKey,
-    dir: &std::path::Path,
-) -> Result<Action, ReconcileError> {
+async fn remove<D: Drivers>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action, ReconcileError> {
     let record = ctx.store.spec(key).map_err(store_error)?;
     let on_delete = match record
         .as_ref()
@@ -422,20 +484,11 @@ async fn remove<D: Drivers>(
         Some("delete") => OnDelete::Delete,
         _ => OnDelete::KeepDisks,
     };
-    let host = match record
-        .as_ref()
-        .and_then(|r| r.spec.pointer("/spec/host"))
-        .and_then(Value::as_str)
-    {
-        Some("local") | None => VmHost::Local,
-        Some(other) => match crate::spec::Name::new(other) {
-            Ok(name) => VmHost::Machine(name),
-            Err(_) => VmHost::Local,
-        },
-    };
+    let host = hypervisor(ctx, &recorded_host(record.as_ref()))?;
+    let dir = host.vm_dir(&ctx.vm_root, key.name.as_str());
     let outcome = ctx
         .driver
-        .vm_delete(&host, dir, on_delete, ctx.config.vm_stop_grace)
+        .vm_delete(&host, &dir, on_delete, ctx.config.vm_stop_grace)
         .await
         .map_err(|e| driver_error("DeleteFailed", &e))?;
     let disks = if on_delete == OnDelete::Delete {

@@ -7,10 +7,12 @@
 //! no `reconcile --once` holds it.
 //!
 //! A verb refuses what would fight the spec: a VM converge has never
-//! reconciled, or one whose spec no longer exists (it is being removed), a
-//! VM on a remote hypervisor (not supported yet), and a revert of a running
-//! VM to a snapshot taken while it was stopped (that would load disks
-//! under a running guest's feet).
+//! reconciled, or one whose spec no longer exists (it is being removed),
+//! and a revert of a running VM to a snapshot taken while it was stopped
+//! (that would load disks under a running guest's feet).
+//!
+//! A VM on a hypervisor Machine is operated through converge's agent there,
+//! like its reconcile (see `driver::hypervisor`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +20,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::driver::qemu::{self, SnapshotInfo, VmError};
-use crate::spec::{Name, ObjectKey};
+use crate::driver::capability::{DriverError, Hypervisor, VmDriver};
+use crate::driver::qemu::SnapshotInfo;
+use crate::driver::qemu::agent::{self, Request};
+use crate::spec::{DesiredState, Name, ObjectKey};
 use crate::store::Store;
 use crate::store::records::Severity;
 
@@ -107,13 +111,12 @@ pub enum VmOpError {
         "{verb} vm/{name}: it is no longer in the desired state and is being removed; restore its YAML first"
     )]
     Removed { verb: &'static str, name: String },
-    #[error(
-        "{verb} vm/{name}: it runs on hypervisor machine {host}; operator verbs work on VMs with `host: local` only for now"
-    )]
-    Remote {
+    #[error("{verb} vm/{name}")]
+    Hypervisor {
         verb: &'static str,
         name: String,
-        host: String,
+        #[source]
+        source: super::vm::Unresolved,
     },
     #[error(
         "revert vm/{name} to {snap}: the VM is running and {snap} holds no RAM state (it was taken while stopped); stop the VM (`state: stopped`), revert, then start it"
@@ -124,7 +127,7 @@ pub enum VmOpError {
         verb: &'static str,
         name: String,
         #[source]
-        source: VmError,
+        source: DriverError,
     },
     #[error("{verb} vm/{name}: read the store")]
     Store {
@@ -135,16 +138,17 @@ pub enum VmOpError {
     },
 }
 
-/// Carries out `op` on VM `name` whose directory is under `vm_root`,
-/// holding its lock. `desired` says whether the desired state in force
-/// still has the VM (the daemon knows; the CLI passes `None`). Successful
+/// Carries out `op` on VM `name` on its host, holding its lock. `desired`
+/// is the desired state in force (the daemon has it; the CLI passes
+/// `None`): a VM missing from it is being removed and refused. Successful
 /// snapshots and reverts are recorded as events.
-pub async fn operate(
+pub async fn operate<D: VmDriver>(
+    driver: &D,
     store: &Store,
     locks: &VmLocks,
     vm_root: &Path,
+    desired: Option<&DesiredState>,
     name: &Name,
-    desired: Option<bool>,
     op: &VmOp,
 ) -> Result<VmOpOutcome, VmOpError> {
     let verb = op.verb();
@@ -160,26 +164,21 @@ pub async fn operate(
             name: name.to_string(),
         });
     };
-    if desired == Some(false) {
+    if desired.is_some_and(|d| !d.vms.contains_key(name)) {
         return Err(VmOpError::Removed {
             verb,
             name: name.to_string(),
         });
     }
-    let host = record
-        .spec
-        .pointer("/spec/host")
-        .and_then(|h| h.as_str())
-        .unwrap_or("local");
-    if host != "local" {
-        return Err(VmOpError::Remote {
-            verb,
-            name: name.to_string(),
-            host: host.to_owned(),
-        });
-    }
-    let dir: PathBuf = vm_root.join(name.as_str());
-    let driver = |source| VmOpError::Driver {
+    let host =
+        super::vm::resolve_hypervisor(desired, store, &super::vm::recorded_host(Some(&record)))
+            .map_err(|source| VmOpError::Hypervisor {
+                verb,
+                name: name.to_string(),
+                source,
+            })?;
+    let dir: PathBuf = host.vm_dir(vm_root, name.as_str());
+    let failed = |source| VmOpError::Driver {
         verb,
         name: name.to_string(),
         source,
@@ -188,8 +187,17 @@ pub async fn operate(
     let message = match op {
         VmOp::Snapshots => "snapshots".to_owned(),
         VmOp::Snapshot(snap) => {
-            let running = qemu::running_pid(&dir).await.is_some();
-            qemu::snapshot(&dir, snap).await.map_err(driver)?;
+            let running = running(driver, &host, &dir).await.map_err(failed)?;
+            call::<()>(
+                driver,
+                &host,
+                Request::Snapshot {
+                    dir: dir.clone(),
+                    snap: snap.clone(),
+                },
+            )
+            .await
+            .map_err(failed)?;
             let what = if running {
                 "disks, RAM and devices (running)"
             } else {
@@ -200,9 +208,8 @@ pub async fn operate(
             message
         }
         VmOp::Revert(snap) => {
-            let running = qemu::running_pid(&dir).await.is_some();
-            if running {
-                let list = qemu::snapshots(&dir).await.map_err(driver)?;
+            if running(driver, &host, &dir).await.map_err(failed)? {
+                let list = snapshots(driver, &host, &dir).await.map_err(failed)?;
                 if list.iter().any(|s| s.name == *snap && s.vm_state_size == 0) {
                     return Err(VmOpError::RunningToDiskOnly {
                         name: name.to_string(),
@@ -210,15 +217,24 @@ pub async fn operate(
                     });
                 }
             }
-            qemu::revert(&dir, snap).await.map_err(driver)?;
+            call::<()>(
+                driver,
+                &host,
+                Request::Revert {
+                    dir: dir.clone(),
+                    snap: snap.clone(),
+                },
+            )
+            .await
+            .map_err(failed)?;
             let message = format!("vm/{name}: reverted to snapshot {snap}");
             record_event(store, &key, &message);
             message
         }
     };
-    let snapshots = qemu::snapshots(&dir)
+    let snapshots = snapshots(driver, &host, &dir)
         .await
-        .map_err(driver)?
+        .map_err(failed)?
         .into_iter()
         .map(SnapshotRow::from)
         .collect();
@@ -227,6 +243,54 @@ pub async fn operate(
         message,
         snapshots,
     })
+}
+
+/// One agent operation, its result decoded.
+async fn call<T: serde::de::DeserializeOwned>(
+    driver: &impl VmDriver,
+    host: &Hypervisor,
+    request: Request,
+) -> Result<T, DriverError> {
+    let value = driver.vm_agent(host, request).await?;
+    agent::decode(value).map_err(|message| DriverError::Remote {
+        hypervisor: match host {
+            Hypervisor::Local => String::new(),
+            Hypervisor::Machine { name, .. } => name.to_string(),
+        },
+        message,
+        transient: false,
+    })
+}
+
+async fn running(
+    driver: &impl VmDriver,
+    host: &Hypervisor,
+    dir: &Path,
+) -> Result<bool, DriverError> {
+    let pid: Option<u32> = call(
+        driver,
+        host,
+        Request::RunningPid {
+            dir: dir.to_path_buf(),
+        },
+    )
+    .await?;
+    Ok(pid.is_some())
+}
+
+async fn snapshots(
+    driver: &impl VmDriver,
+    host: &Hypervisor,
+    dir: &Path,
+) -> Result<Vec<SnapshotInfo>, DriverError> {
+    call(
+        driver,
+        host,
+        Request::Snapshots {
+            dir: dir.to_path_buf(),
+        },
+    )
+    .await
 }
 
 fn record_event(store: &Store, key: &ObjectKey, message: &str) {

@@ -18,7 +18,7 @@ use super::machine::{
 };
 use super::qemu::{DiskGrowth, Started, StopOutcome, VmError, VmFacts};
 use super::{CommandOutput, TargetError};
-use crate::spec::{ByteSize, Disk, OnDelete, Target as TargetSpec, VmHost, VmSpec};
+use crate::spec::{ByteSize, Disk, Name, OnDelete, Target as TargetSpec, VmSpec};
 
 /// Why a driver step failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,22 @@ pub enum DriverError {
     Vm(#[from] VmError),
     #[error("use {what}: not supported by this converge yet")]
     Unsupported { what: String },
+    /// An operation that failed on a hypervisor Machine, as its agent said
+    /// (`hypervisor` is empty for this host).
+    #[error("{message}{}", on_hypervisor(hypervisor))]
+    Remote {
+        hypervisor: String,
+        message: String,
+        transient: bool,
+    },
+}
+
+fn on_hypervisor(hypervisor: &str) -> String {
+    if hypervisor.is_empty() {
+        String::new()
+    } else {
+        format!(" (on hypervisor {hypervisor})")
+    }
 }
 
 impl DriverError {
@@ -44,6 +60,7 @@ impl DriverError {
             DriverError::Machine(e) => e.is_transient(),
             DriverError::Vm(e) => e.is_transient(),
             DriverError::Unsupported { .. } => false,
+            DriverError::Remote { transient, .. } => *transient,
         }
     }
 
@@ -146,13 +163,40 @@ pub trait MachineDriver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<CommandOutput, DriverError>> + Send;
 }
 
+/// Where a VM's QEMU runs, as the controller resolved its `host:`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hypervisor {
+    /// The controller's own host.
+    Local,
+    /// A hypervisor Machine, reached through its target like any machine;
+    /// converge's agent runs the VM operations there.
+    Machine { name: Name, target: Box<TargetSpec> },
+}
+
+impl Hypervisor {
+    pub fn is_local(&self) -> bool {
+        matches!(self, Hypervisor::Local)
+    }
+
+    /// The VM's directory on its host: under the controller's `vm_root`
+    /// locally, under `<stateDir>/vms/` of a hypervisor Machine.
+    pub fn vm_dir(&self, vm_root: &Path, vm: &str) -> std::path::PathBuf {
+        match self {
+            Hypervisor::Local => vm_root.join(vm),
+            Hypervisor::Machine { target, .. } => {
+                Path::new(target.state_dir()).join("vms").join(vm)
+            }
+        }
+    }
+}
+
 /// Everything the controller does to a QEMU VM. `dir` is the VM's directory
 /// on its host (disks, pidfile, QMP socket, serial log, launch record).
 pub trait VmDriver: Send + Sync + 'static {
     /// What runs and which disks exist; never fails for a VM that is simply absent.
     fn vm_observe(
         &self,
-        host: &VmHost,
+        host: &Hypervisor,
         dir: &Path,
         disks: &[Disk],
     ) -> impl Future<Output = Result<VmFacts, DriverError>> + Send;
@@ -163,7 +207,7 @@ pub trait VmDriver: Send + Sync + 'static {
 
     fn vm_create_disk(
         &self,
-        host: &VmHost,
+        host: &Hypervisor,
         dir: &Path,
         disk: &Disk,
         backing: Option<&Path>,
@@ -172,7 +216,7 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Grows a disk (online through QMP when `running`); never shrinks.
     fn vm_grow_disk(
         &self,
-        host: &VmHost,
+        host: &Hypervisor,
         dir: &Path,
         disk: &str,
         size: ByteSize,
@@ -185,7 +229,7 @@ pub trait VmDriver: Send + Sync + 'static {
     )]
     fn vm_start(
         &self,
-        host: &VmHost,
+        host: &Hypervisor,
         dir: &Path,
         name: &str,
         spec: &VmSpec,
@@ -197,7 +241,7 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Powers down (ACPI), then quits, then kills, each bounded.
     fn vm_stop(
         &self,
-        host: &VmHost,
+        host: &Hypervisor,
         dir: &Path,
         graceful: Duration,
     ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
@@ -205,11 +249,19 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Stops, then removes the directory (keeping `disks/` unless `Delete`).
     fn vm_delete(
         &self,
-        host: &VmHost,
+        host: &Hypervisor,
         dir: &Path,
         on_delete: OnDelete,
         graceful: Duration,
     ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
+
+    /// Runs one operation of converge's VM agent on the VM's host (in this
+    /// process for `Local`): the operator verbs use it.
+    fn vm_agent(
+        &self,
+        host: &Hypervisor,
+        request: super::qemu::agent::Request,
+    ) -> impl Future<Output = Result<serde_json::Value, DriverError>> + Send;
 
     /// Completes when the VM's process `pid` has exited.
     fn vm_watch_exit(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static;

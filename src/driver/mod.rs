@@ -12,6 +12,7 @@ pub mod build;
 pub mod capability;
 pub mod git;
 pub mod host;
+pub mod hypervisor;
 pub mod local;
 pub mod machine;
 pub mod qemu;

@@ -854,6 +854,18 @@ impl SshTarget {
         result
     }
 
+    /// Uploads one regular file to `dest` the way [`Target::upload_dir`]
+    /// uploads a tree: into a partial sibling, renamed when complete, with
+    /// its permission bits. `dest` must not exist and its parent must.
+    pub async fn upload_file(
+        &self,
+        src: &Path,
+        dest: &str,
+        timeout: Duration,
+    ) -> Result<(), TargetError> {
+        self.upload_dir(src, dest, timeout).await
+    }
+
     /// Removes a failed upload's partial copy, best effort (the connection
     /// may be gone; an install starts its generation over anyway).
     async fn remove_partial(&self, partial: &str) {
@@ -1321,9 +1333,16 @@ fn failed(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Upload
 }
 
 /// Lists `root` (a directory) depth-first, parents before children; the
-/// root itself comes first with an empty relative path.
+/// root itself comes first with an empty relative path. A regular file as
+/// the root is one entry with an empty relative path.
 fn walk(root: &Path) -> Result<Vec<Entry>, UploadFailure> {
     let meta = std::fs::metadata(root).map_err(failed("read", root))?;
+    if meta.is_file() {
+        return Ok(vec![Entry::File {
+            rel: PathBuf::new(),
+            mode: meta.permissions().mode() & 0o7777,
+        }]);
+    }
     if !meta.is_dir() {
         return Err(UploadFailure {
             action: "upload",
@@ -1440,7 +1459,12 @@ async fn copy_tree(
         .try_for_each_concurrent(UPLOAD_CONCURRENCY, |entry| async move {
             match entry {
                 Entry::File { rel, mode } => {
-                    upload_file(sftp, &src.join(rel), &remote_path(partial, rel), *mode).await
+                    let local = if rel.as_os_str().is_empty() {
+                        src.to_path_buf()
+                    } else {
+                        src.join(rel)
+                    };
+                    upload_file(sftp, &local, &remote_path(partial, rel), *mode).await
                 }
                 Entry::Symlink { rel, target } => {
                     let path = remote_path(partial, rel);

@@ -29,6 +29,7 @@ mod frozen_sshd;
 mod health_check_failure;
 mod link_down;
 mod link_down_during_upload;
+mod remote_hypervisor;
 mod sshd_killed_during_activation;
 mod support;
 mod twenty_hosts;

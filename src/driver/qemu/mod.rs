@@ -20,6 +20,7 @@
 //! longer one is refused with [`VmError::SocketPathTooLong`] before anything
 //! starts (pick a short state directory).
 
+pub mod agent;
 pub mod launch;
 pub mod process;
 pub mod qmp;
@@ -247,7 +248,7 @@ pub struct LaunchRecord {
 pub const LAUNCH_RECORD_VERSION: u32 = 1;
 
 /// A VM that [`start`] brought up to a responsive monitor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
     pub pid: u32,
     /// QMP `query-status` right after start (normally `running`).
@@ -257,7 +258,7 @@ pub struct Started {
 }
 
 /// How [`stop`] ended the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StopOutcome {
     /// Nothing was running.
     NotRunning,
@@ -270,7 +271,7 @@ pub enum StopOutcome {
 }
 
 /// What [`grow_disk`] did. `from == to` means nothing changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskGrowth {
     pub from: u64,
     pub to: u64,
