@@ -254,7 +254,23 @@ impl Agents {
             transient: false,
         })?;
         let argv = [agent, "vm-agent", &json].map(str::to_owned);
-        let output = t.run(&argv, &[], request.bound() + TRANSPORT_SLACK).await?;
+        let output = match t.run(&argv, &[], request.bound() + TRANSPORT_SLACK).await {
+            Ok(output) => output,
+            // Removed behind our back: installed again at the next attempt.
+            Err(TargetError::Spawn { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                lock(&self.present).remove(&format!("{} {agent}", t.describe()));
+                return Err(DriverError::Remote {
+                    hypervisor: machine.to_owned(),
+                    message: format!(
+                        "run converge's agent {agent}: it is gone; it is uploaded again at the next attempt"
+                    ),
+                    transient: true,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let line = output
             .stdout
             .lines()
@@ -263,13 +279,7 @@ impl Agents {
             .unwrap_or("");
         match serde_json::from_str::<Reply>(line) {
             Ok(reply) if output.succeeded() => into_result(reply, machine),
-            _ => {
-                // A missing agent (removed behind our back) is installed again next time.
-                if output.code == Some(127) {
-                    lock(&self.present).remove(&format!("{} {agent}", t.describe()));
-                }
-                Err(remote_failure(machine, "run converge's agent", &output))
-            }
+            _ => Err(remote_failure(machine, "run converge's agent", &output)),
         }
     }
 }

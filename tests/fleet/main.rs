@@ -25,6 +25,7 @@ mod testbed;
 
 mod activation_failure;
 mod bench;
+mod bench_remote_vm;
 mod frozen_sshd;
 mod health_check_failure;
 mod link_down;

@@ -234,14 +234,45 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
         console.stderr
     );
 
-    // 3. Memory changed: restarted with the new size.
+    // 3. Memory changed: `plan` (observing through the agent) says it
+    // forces a restart and changes nothing; the next run restarts the VM
+    // with the new size.
+    let plan = |fleet: &Fleet| {
+        let (dir, state, ssh_config) = (fleet.dir(), fleet.state(), fleet.ssh_config());
+        fleet.converge_within(
+            &[
+                "plan",
+                "--detailed-exitcode",
+                "--dir",
+                dir.to_str().expect("utf-8"),
+                "--state",
+                state.to_str().expect("utf-8"),
+                "--ssh-config",
+                ssh_config.to_str().expect("utf-8"),
+            ],
+            RUN_LIMIT,
+        )
+    };
+    plan(&fleet).assert_code(0);
     std::fs::write(fleet.dir().join("vm.yaml"), vm_yaml("96MiB")).expect("write vm.yaml");
+    let planned = plan(&fleet);
+    planned.assert_code(2);
+    assert!(
+        planned
+            .stdout
+            .contains(r#"spec.memory: "64MiB" -> "96MiB"  # forces restart"#),
+        "{}",
+        planned.stdout
+    );
+    assert_eq!(live_qemu(&pidfile), Some(pid), "plan restarted the VM");
     fleet.reconcile_within(&[], RUN_LIMIT).assert_code(0);
     let resized = live_qemu(&pidfile).expect("the VM runs after the memory change");
     assert_ne!(resized, pid, "the VM was restarted");
     assert_eq!(memory_arg(resized).as_deref(), Some("96"));
 
-    // 4. Killed from outside: drift, and started again.
+    // 4. Killed from outside: drift, and started again; the agent, removed
+    // from host0 meanwhile, is uploaded again.
+    std::fs::remove_dir_all(hyper.join("agent")).expect("remove host0's agent");
     let killed = Command::new("kill")
         .args(["-KILL", &resized.to_string()])
         .status()
@@ -257,6 +288,11 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
     assert!(
         after_kill.stderr.contains("drift detected") && after_kill.stderr.contains("restart"),
         "the dead VM is reported as drift:\n{}",
+        after_kill.stderr
+    );
+    assert!(
+        after_kill.stderr.contains("uploading converge's agent"),
+        "a removed agent is uploaded again:\n{}",
         after_kill.stderr
     );
     let restarted = live_qemu(&pidfile).expect("the VM runs again after kill -9");
