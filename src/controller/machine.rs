@@ -123,23 +123,34 @@ pub(crate) fn plan_inputs<'a>(
 /// Observes a machine that lives in VM `vm_name`, which is Ready (its QEMU
 /// runs): while the guest boots its SSH does not answer yet, so transient
 /// failures are retried every `guest_poll` until `guest_boot_timeout` after
-/// the VM's last start. Past that, the failure is an ordinary transient
-/// error (backoff).
+/// the VM's process started (its facts say when; its last applied change
+/// when they do not). Past that, the failure is an ordinary transient error
+/// (backoff). The wait runs on tokio's clock.
 async fn observe_guest<D: Drivers>(
     ctx: &Context<D>,
     key: &ObjectKey,
     spec: &MachineSpec,
     vm_name: &crate::spec::Name,
 ) -> Result<MachineFacts, ReconcileError> {
-    let started_ms = ctx
+    let vm_key = ObjectKey::vm(vm_name.clone());
+    let process_started = ctx
         .store
-        .status(&ObjectKey::vm(vm_name.clone()))
+        .facts(&vm_key)
         .ok()
         .flatten()
-        .and_then(|s| s.last_applied.map(|a| a.applied_ms))
+        .and_then(|f| f.facts.get("startedMs").and_then(serde_json::Value::as_u64));
+    let started_ms = process_started
+        .or_else(|| {
+            ctx.store
+                .status(&vm_key)
+                .ok()
+                .flatten()
+                .and_then(|s| s.last_applied.map(|a| a.applied_ms))
+        })
         .unwrap_or(0);
-    let boot = u64::try_from(ctx.config.guest_boot_timeout.as_millis()).unwrap_or(u64::MAX);
-    let deadline_ms = started_ms.saturating_add(boot);
+    let since_start = Duration::from_millis(now_ms().saturating_sub(started_ms));
+    let deadline =
+        tokio::time::Instant::now() + ctx.config.guest_boot_timeout.saturating_sub(since_start);
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -154,7 +165,7 @@ async fn observe_guest<D: Drivers>(
                 }
                 return Ok(facts);
             }
-            Err(e) if e.is_transient() && now_ms() < deadline_ms => {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::debug!(object = %key, vm = %vm_name, error = %error_chain(&e), "the guest does not answer yet");
                 tokio::time::sleep(ctx.config.guest_poll).await;
             }

@@ -96,6 +96,7 @@ struct FakeMachine {
 struct FakeVm {
     pid: Option<u32>,
     launch: Option<String>,
+    started_ms: u64,
     disks: BTreeMap<String, u64>,
 }
 
@@ -446,6 +447,7 @@ impl VmDriver for FakeDriver {
             pid: vm.pid,
             qmp_status: vm.pid.map(|_| "running".to_owned()),
             started_spec_hash: vm.pid.and(vm.launch),
+            started_ms: vm.pid.map(|_| vm.started_ms),
             disks: facts,
             observed_ms: crate::store::records::now_ms(),
         })
@@ -508,6 +510,7 @@ impl VmDriver for FakeDriver {
         let pid = 10_000 + world.next_pid;
         let vm = world.vms.entry(dir.to_path_buf()).or_default();
         vm.pid = Some(pid);
+        vm.started_ms = crate::store::records::now_ms();
         vm.launch = Some(launch_identity.to_owned());
         Ok(Started {
             pid,
@@ -1246,6 +1249,47 @@ async fn a_machine_in_a_vm_waits_for_it_then_for_its_guest_within_one_attempt() 
     assert_eq!(row(&report, "machine/inner").attempts, 1);
     assert_eq!(h.status("machine/inner").failures, 0);
     assert!(generation(&h, "inner").is_some(), "inner was activated");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_never_answers_fails_its_machine_after_the_boot_window() {
+    let h = Harness::new(&fleet(
+        &[M::new("inner")],
+        &vm_hosting("box", "inner", "running"),
+    ));
+    h.fake().faults(
+        "inner",
+        Faults {
+            observes: VecDeque::from([Failure::Transient; 500]),
+            ..Faults::default()
+        },
+    );
+    let started = tokio::time::Instant::now();
+
+    let report = h.once(1).await;
+
+    let inner = row(&report, "machine/inner");
+    assert!(!inner.ready, "{inner:?}");
+    assert_eq!(inner.reason, "Unreachable", "{inner:?}");
+    assert!(
+        inner.message.contains("vm/box") && inner.message.contains("did not answer within 180s"),
+        "{inner:?}"
+    );
+    let observes = h
+        .fake()
+        .calls()
+        .into_iter()
+        .filter(|c| c.machine == "inner" && c.op == Op::Observe)
+        .count();
+    // Every 2 s for 180 s from the VM's start (the VM started at once).
+    assert!((90..=92).contains(&observes), "{observes} observations");
+    assert!(
+        started.elapsed() >= Duration::from_secs(180),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(row(&report, "vm/box").ready, "the VM itself runs");
+    assert!(generation(&h, "inner").is_none(), "nothing was activated");
 }
 
 #[tokio::test(start_paused = true)]

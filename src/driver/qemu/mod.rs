@@ -214,6 +214,10 @@ pub struct VmFacts {
     /// The spec hash the running process was started with (from
     /// `launch.json`), when running.
     pub started_spec_hash: Option<String>,
+    /// When the running process was started (from `launch.json`),
+    /// milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
     /// The spec's disks in spec order, then any other disk in `disks/`.
     pub disks: Vec<DiskFacts>,
     /// Milliseconds since the Unix epoch.
@@ -338,7 +342,7 @@ pub async fn running_pid(dir: &Path) -> Option<u32> {
 pub async fn observe(dir: &Path, disks: &[Disk]) -> VmFacts {
     let paths = VmPaths::new(&absolute(dir));
     let pid = running_pid(&paths.dir).await;
-    let (qmp_status, started_spec_hash) = if pid.is_some() {
+    let (qmp_status, launched) = if pid.is_some() {
         let status = match query_status(&paths, OBSERVE_QMP_TIMEOUT).await {
             Ok(s) => Some(s),
             Err(e) => {
@@ -346,10 +350,7 @@ pub async fn observe(dir: &Path, disks: &[Disk]) -> VmFacts {
                 None
             }
         };
-        (
-            status,
-            read_launch_record(&paths).await.map(|r| r.spec_hash),
-        )
+        (status, read_launch_record(&paths).await)
     } else {
         (None, None)
     };
@@ -369,7 +370,8 @@ pub async fn observe(dir: &Path, disks: &[Disk]) -> VmFacts {
         running: pid.is_some(),
         pid,
         qmp_status,
-        started_spec_hash,
+        started_spec_hash: launched.as_ref().map(|r| r.spec_hash.clone()),
+        started_ms: launched.map(|r| r.started_ms),
         disks: facts,
         observed_ms: now_ms(),
     }
