@@ -105,6 +105,8 @@ struct World {
     machines: HashMap<String, FakeMachine>,
     faults: HashMap<String, Faults>,
     vms: HashMap<PathBuf, FakeVm>,
+    /// The power-off grace of each VM stop or delete, in call order.
+    stop_graces: Vec<Duration>,
     calls: Vec<Call>,
     next_pid: u32,
 }
@@ -523,9 +525,10 @@ impl VmDriver for FakeDriver {
         &self,
         _host: &Hypervisor,
         dir: &Path,
-        _graceful: Duration,
+        graceful: Duration,
     ) -> Result<StopOutcome, DriverError> {
         let mut world = self.world();
+        world.stop_graces.push(graceful);
         let vm = world.vms.entry(dir.to_path_buf()).or_default();
         Ok(match vm.pid.take() {
             Some(_) => StopOutcome::PoweredDown,
@@ -538,9 +541,10 @@ impl VmDriver for FakeDriver {
         _host: &Hypervisor,
         dir: &Path,
         on_delete: OnDelete,
-        _graceful: Duration,
+        graceful: Duration,
     ) -> Result<StopOutcome, DriverError> {
         let mut world = self.world();
+        world.stop_graces.push(graceful);
         let stopped = match world.vms.get_mut(dir).and_then(|vm| vm.pid.take()) {
             Some(_) => StopOutcome::PoweredDown,
             None => StopOutcome::NotRunning,
@@ -1249,6 +1253,37 @@ async fn a_machine_in_a_vm_waits_for_it_then_for_its_guest_within_one_attempt() 
     assert_eq!(row(&report, "machine/inner").attempts, 1);
     assert_eq!(h.status("machine/inner").failures, 0);
     assert!(generation(&h, "inner").is_some(), "inner was activated");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_is_stopped_and_deleted_with_the_power_off_grace_its_spec_gives() {
+    let vm = |state: &str, extra: &str| {
+        format!(
+            "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {{name: box}}\nspec:\n  \
+             state: {state}\n  memory: 64MiB\n{extra}"
+        )
+    };
+    let h = Harness::new(&fleet(
+        &[M::new("m")],
+        &vm("running", "  stopTimeout: 3s\n"),
+    ));
+    assert!(h.once(1).await.all_ready());
+    // Stopped by a spec that gives no grace: the default, 30 s (not the
+    // 3 s of the spec it was started with).
+    h.change(&fleet(&[M::new("m")], &vm("stopped", "")));
+    assert!(h.once(1).await.all_ready());
+    h.change(&fleet(
+        &[M::new("m")],
+        &vm("running", "  stopTimeout: 7s\n"),
+    ));
+    assert!(h.once(1).await.all_ready());
+    // Removed: the grace of the spec it was last converged with.
+    h.change(&fleet(&[M::new("m")], ""));
+    h.once(1).await;
+    assert_eq!(
+        h.fake().world().stop_graces,
+        vec![Duration::from_secs(30), Duration::from_secs(7)]
+    );
 }
 
 #[tokio::test(start_paused = true)]

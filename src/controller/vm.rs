@@ -73,6 +73,10 @@ pub async fn reconcile<D: Drivers>(
     let host = &hypervisor(ctx, &spec.host.value)?;
     let dir: PathBuf = host.vm_dir(&ctx.vm_root, key.name.as_str());
     let root = &snapshot.root;
+    let stop_grace = spec
+        .stop_timeout
+        .as_ref()
+        .map_or(ctx.config.vm_stop_grace, |t| t.value.get());
 
     let facts = ctx
         .driver
@@ -255,7 +259,7 @@ pub async fn reconcile<D: Drivers>(
             let started = Instant::now();
             let outcome = ctx
                 .driver
-                .vm_stop(host, &dir, ctx.config.vm_stop_grace)
+                .vm_stop(host, &dir, stop_grace)
                 .await
                 .map_err(|e| {
                     steps.push(step("stop", started, false, error_chain(&e)));
@@ -485,10 +489,16 @@ async fn remove<D: Drivers>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action,
         _ => OnDelete::KeepDisks,
     };
     let host = hypervisor(ctx, &recorded_host(record.as_ref()))?;
+    let stop_grace = record
+        .as_ref()
+        .and_then(|r| r.spec.pointer("/spec/stopTimeout"))
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse::<crate::spec::HumanDuration>().ok())
+        .map_or(ctx.config.vm_stop_grace, crate::spec::HumanDuration::get);
     let dir = host.vm_dir(&ctx.vm_root, key.name.as_str());
     let outcome = ctx
         .driver
-        .vm_delete(&host, &dir, on_delete, ctx.config.vm_stop_grace)
+        .vm_delete(&host, &dir, on_delete, stop_grace)
         .await
         .map_err(|e| driver_error("DeleteFailed", &e))?;
     let disks = if on_delete == OnDelete::Delete {

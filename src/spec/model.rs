@@ -277,6 +277,11 @@ pub struct VmSpec {
     pub machine: Option<At<Name>>,
     #[serde(default)]
     pub on_delete: OnDelete,
+    /// How long a stop waits for the guest to power off after ACPI
+    /// `system_powerdown` before QEMU is told to quit (default 30s; `0s`
+    /// quits at once, for VMs whose guest ignores ACPI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<At<HumanDuration>>,
 }
 
 fn default_vm_host() -> At<VmHost> {

@@ -16,7 +16,7 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 fn vm_yaml(i: usize) -> String {
     format!(
-        "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {{name: rvm{i}}}\nspec:\n  host: host0\n  memory: 64MiB\n  disks: [{{name: root, size: 64MiB}}]\n  network: {{mode: user}}\n  onDelete: delete\n"
+        "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {{name: rvm{i}}}\nspec:\n  host: host0\n  memory: 64MiB\n  disks: [{{name: root, size: 64MiB}}]\n  network: {{mode: user}}\n  onDelete: delete\n  stopTimeout: 1s\n"
     )
 }
 

@@ -35,6 +35,7 @@ spec:
   disks: [{{name: root, size: 64MiB, backingImage: images/base.qcow2}}]
   network: {{mode: user, forwards: [{{host: 2222, guest: 22}}]}}
   onDelete: delete
+  stopTimeout: 1s
 "
     )
 }

@@ -19,6 +19,7 @@ spec:
   disks: [{{name: root, size: 64MiB}}]
   network: {{mode: user}}
   onDelete: delete
+  stopTimeout: 1s
 "
     )
 }
