@@ -123,9 +123,10 @@ pub(crate) fn plan_inputs<'a>(
 /// Observes a machine that lives in VM `vm_name`, which is Ready (its QEMU
 /// runs): while the guest boots its SSH does not answer yet, so transient
 /// failures are retried every `guest_poll` until `guest_boot_timeout` after
-/// the VM's process started (its facts say when; its last applied change
-/// when they do not). Past that, the failure is an ordinary transient error
-/// (backoff). The wait runs on tokio's clock.
+/// the VM's process started (its observed uptime, measured on its host;
+/// its last applied change when the facts predate it). Past that, the
+/// failure is an ordinary transient error (backoff). The wait runs on
+/// tokio's clock.
 async fn observe_guest<D: Drivers>(
     ctx: &Context<D>,
     key: &ObjectKey,
@@ -133,24 +134,31 @@ async fn observe_guest<D: Drivers>(
     vm_name: &crate::spec::Name,
 ) -> Result<MachineFacts, ReconcileError> {
     let vm_key = ObjectKey::vm(vm_name.clone());
-    let process_started = ctx
+    let applied_ms = ctx
         .store
-        .facts(&vm_key)
+        .status(&vm_key)
         .ok()
         .flatten()
-        .and_then(|f| f.facts.get("startedMs").and_then(serde_json::Value::as_u64));
-    let started_ms = process_started
-        .or_else(|| {
-            ctx.store
-                .status(&vm_key)
-                .ok()
-                .flatten()
-                .and_then(|s| s.last_applied.map(|a| a.applied_ms))
-        })
-        .unwrap_or(0);
-    let since_start = Duration::from_millis(now_ms().saturating_sub(started_ms));
-    let deadline =
-        tokio::time::Instant::now() + ctx.config.guest_boot_timeout.saturating_sub(since_start);
+        .and_then(|s| s.last_applied.map(|a| a.applied_ms));
+    // How long the VM's process has run: its observed uptime plus the time
+    // since that observation, unless the VM was (re)started after it.
+    let facts = ctx.store.facts(&vm_key).ok().flatten();
+    let observed_age = facts.as_ref().and_then(|f| {
+        let uptime = f
+            .facts
+            .get("uptimeMs")
+            .and_then(serde_json::Value::as_u64)?;
+        let fresh = applied_ms.is_none_or(|applied| f.observed_ms >= applied);
+        fresh.then(|| uptime.saturating_add(now_ms().saturating_sub(f.observed_ms)))
+    });
+    let age_ms = observed_age
+        .or_else(|| applied_ms.map(|applied| now_ms().saturating_sub(applied)))
+        .unwrap_or(u64::MAX);
+    let deadline = tokio::time::Instant::now()
+        + ctx
+            .config
+            .guest_boot_timeout
+            .saturating_sub(Duration::from_millis(age_ms));
     let mut tries = 0u32;
     loop {
         tries += 1;

@@ -87,19 +87,16 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         .map(|object| {
             let ctx = ctx.clone();
             async move {
-                let result = match super::vm::hypervisor(&ctx, &object.spec.host.value) {
+                let result = match super::vm::hypervisor(&ctx, &object.key, &object.spec.host.value)
+                {
                     Ok(host) => {
                         let dir = host.vm_dir(&ctx.vm_root, object.key.name.as_str());
-                        ctx.driver.vm_observe(&host, &dir, &object.spec.disks).await
+                        ctx.driver
+                            .vm_observe(&host, &dir, &object.spec.disks)
+                            .await
+                            .map_err(|e| super::machine::error_chain(&e))
                     }
-                    Err(e) => Err(crate::driver::capability::DriverError::Remote {
-                        hypervisor: match &object.spec.host.value {
-                            crate::spec::VmHost::Machine(m) => m.to_string(),
-                            crate::spec::VmHost::Local => "local".to_owned(),
-                        },
-                        message: e.message,
-                        transient: false,
-                    }),
+                    Err(e) => Err(e.message),
                 };
                 (object, result)
             }
@@ -142,9 +139,8 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
                     .collect(),
                 ..plan::Observed::default()
             }),
-            Err(e) => {
-                out.unobserved
-                    .push((key.clone(), super::machine::error_chain(&e)));
+            Err(message) => {
+                out.unobserved.push((key.clone(), message.clone()));
                 None
             }
         };

@@ -450,6 +450,9 @@ impl VmDriver for FakeDriver {
             qmp_status: vm.pid.map(|_| "running".to_owned()),
             started_spec_hash: vm.pid.and(vm.launch),
             started_ms: vm.pid.map(|_| vm.started_ms),
+            uptime_ms: vm
+                .pid
+                .map(|_| crate::store::records::now_ms().saturating_sub(vm.started_ms)),
             disks: facts,
             observed_ms: crate::store::records::now_ms(),
         })
@@ -555,14 +558,43 @@ impl VmDriver for FakeDriver {
         Ok(stopped)
     }
 
-    async fn vm_agent(
+    async fn vm_running_pid(
         &self,
         _host: &Hypervisor,
-        _request: crate::driver::qemu::agent::Request,
-    ) -> Result<serde_json::Value, DriverError> {
-        // Operator verbs are tested against real QEMU (tests/loop/vm_verbs.rs).
+        dir: &Path,
+    ) -> Result<Option<u32>, DriverError> {
+        Ok(self.world().vms.get(dir).and_then(|vm| vm.pid))
+    }
+
+    // Operator verbs are tested against real QEMU (tests/loop/vm_verbs.rs,
+    // tests/fleet/remote_hypervisor.rs); the fake has no snapshots.
+    async fn vm_snapshots(
+        &self,
+        _host: &Hypervisor,
+        _dir: &Path,
+    ) -> Result<Vec<crate::driver::qemu::SnapshotInfo>, DriverError> {
+        Ok(Vec::new())
+    }
+
+    async fn vm_snapshot(
+        &self,
+        _host: &Hypervisor,
+        _dir: &Path,
+        _snap: &str,
+    ) -> Result<(), DriverError> {
         Err(DriverError::Unsupported {
-            what: "operator verbs on the fake driver".into(),
+            what: "snapshots on the fake driver".into(),
+        })
+    }
+
+    async fn vm_revert(
+        &self,
+        _host: &Hypervisor,
+        _dir: &Path,
+        _snap: &str,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported {
+            what: "snapshots on the fake driver".into(),
         })
     }
 

@@ -20,6 +20,7 @@ use super::machine::error_chain;
 use super::reconcile::{ReconcileError, jittered};
 use crate::driver::capability::{DriverError, Drivers, Hypervisor};
 use crate::spec::{Name, ObjectKey, OnDelete, Target as TargetSpec, VmHost, VmPowerState};
+use crate::store::Store;
 use crate::store::records::{
     Applied, AttemptRecord, AttemptResult, ConditionKind, FactsRecord, Severity, SpecRecord,
     StepRecord, now_ms,
@@ -70,7 +71,26 @@ pub async fn reconcile<D: Drivers>(
         return remove(ctx, key).await;
     };
     let spec = &object.spec;
-    let host = &hypervisor(ctx, &spec.host.value)?;
+    let last = last_place(&ctx.store, key).map_err(unresolved)?;
+    let host = &resolve_hypervisor(
+        Some(&snapshot.desired),
+        &ctx.store,
+        &spec.host.value,
+        last.as_ref().map(|l| &l.host),
+    )
+    .map_err(unresolved)?;
+    if let Some(last) = last.as_ref().filter(|l| l.occupied) {
+        if !same_place(&last.host, host) {
+            return Err(ReconcileError::terminal(
+                "HostChanged",
+                format!(
+                    "its QEMU or disks are on {}, and its spec now says {}: converge does not move VMs; set `host` back, or remove the VM from the YAML (its onDelete applies there) and declare it again",
+                    place_name(&last.host),
+                    place_name(host)
+                ),
+            ));
+        }
+    }
     let dir: PathBuf = host.vm_dir(&ctx.vm_root, key.name.as_str());
     let root = &snapshot.root;
     let stop_grace = spec
@@ -83,7 +103,7 @@ pub async fn reconcile<D: Drivers>(
         .vm_observe(host, &dir, &spec.disks)
         .await
         .map_err(|e| driver_error("Unreachable", &e))?;
-    let facts_json = serde_json::to_value(&facts).unwrap_or(Value::Null);
+    let facts_json = facts_document(&facts, host);
     ctx.store
         .put_facts(
             key,
@@ -313,7 +333,7 @@ pub async fn reconcile<D: Drivers>(
         if let Ok(after) = ctx.driver.vm_observe(host, &dir, &spec.disks).await {
             let record = FactsRecord {
                 observed_ms: after.observed_ms,
-                facts: serde_json::to_value(&after).unwrap_or(Value::Null),
+                facts: facts_document(&after, host),
             };
             if let Err(e) = ctx.store.put_facts(key, &record) {
                 tracing::warn!(object = %key, error = %e, "recording the VM's facts failed");
@@ -421,18 +441,120 @@ pub enum Unresolved {
     #[error("read the hypervisor's last spec")]
     Store(#[from] crate::store::StoreError),
     #[error(
-        "hypervisor machine {0} is neither declared nor ever converged, so there is no target to reach it at; declare it again"
+        "hypervisor machine {name} is neither declared nor ever converged, so there is no target to reach it at; declare it again"
     )]
-    Unknown(Name),
+    Unknown { name: Name },
 }
 
-/// Where a VM with `host` runs. A hypervisor Machine is found in the
-/// desired state in force, or else (it was removed with its VMs, or the
-/// caller has no desired state) in the spec it was last converged with.
+/// Where converge last observed a VM, from its stored facts.
+#[derive(Debug, Clone)]
+pub struct LastPlace {
+    /// Its host and, for a hypervisor Machine, the target it was reached at.
+    pub host: Hypervisor,
+    /// Whether its QEMU ran or any of its disks existed there.
+    pub occupied: bool,
+}
+
+impl LastPlace {
+    /// The host as a spec names it.
+    pub fn vm_host(&self) -> VmHost {
+        match &self.host {
+            Hypervisor::Local => VmHost::Local,
+            Hypervisor::Machine { name, .. } => VmHost::Machine(name.clone()),
+        }
+    }
+}
+
+/// Where converge last observed VM `key`; `None` before its first
+/// observation. Facts written before hypervisors existed name no host:
+/// those VMs were local.
+pub fn last_place(store: &Store, key: &ObjectKey) -> Result<Option<LastPlace>, Unresolved> {
+    let Some(record) = store.facts(key)? else {
+        return Ok(None);
+    };
+    let facts = &record.facts;
+    let occupied = facts.get("running").and_then(Value::as_bool) == Some(true)
+        || facts
+            .get("disks")
+            .and_then(Value::as_array)
+            .is_some_and(|disks| {
+                disks
+                    .iter()
+                    .any(|d| d.get("exists").and_then(Value::as_bool) == Some(true))
+            });
+    let host = match facts.get("host").and_then(Value::as_str) {
+        Some("local") | None => Hypervisor::Local,
+        Some(name) => {
+            let name = Name::new(name).ok();
+            let target = facts
+                .get("hostTarget")
+                .and_then(|t| serde_json::from_value::<TargetSpec>(t.clone()).ok());
+            match (name, target) {
+                (Some(name), Some(target)) => Hypervisor::Machine {
+                    name,
+                    target: Box::new(target),
+                },
+                _ => return Ok(None),
+            }
+        }
+    };
+    Ok(Some(LastPlace { host, occupied }))
+}
+
+/// A VM's facts as stored: what was observed, and where.
+fn facts_document(facts: &crate::driver::qemu::VmFacts, host: &Hypervisor) -> Value {
+    let mut document = serde_json::to_value(facts).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut document {
+        match host {
+            Hypervisor::Local => {
+                map.insert("host".into(), "local".into());
+            }
+            Hypervisor::Machine { name, target } => {
+                map.insert("host".into(), name.as_str().into());
+                map.insert(
+                    "hostTarget".into(),
+                    serde_json::to_value(target).unwrap_or(Value::Null),
+                );
+            }
+        }
+    }
+    document
+}
+
+/// Whether two hypervisors are the same place for a VM: the same host, and
+/// for a Machine the same address, port and state directory (a new host key
+/// or user does not move anything).
+fn same_place(a: &Hypervisor, b: &Hypervisor) -> bool {
+    match (a, b) {
+        (Hypervisor::Local, Hypervisor::Local) => true,
+        (
+            Hypervisor::Machine { name, target },
+            Hypervisor::Machine {
+                name: other,
+                target: other_target,
+            },
+        ) => {
+            name == other
+                && target.is_local() == other_target.is_local()
+                && target.host.as_ref().map(|h| &h.value)
+                    == other_target.host.as_ref().map(|h| &h.value)
+                && target.port.as_ref().map(|p| p.value.get())
+                    == other_target.port.as_ref().map(|p| p.value.get())
+                && target.state_dir() == other_target.state_dir()
+        }
+        _ => false,
+    }
+}
+
+/// Where a VM with `host` runs. A hypervisor Machine's target comes from
+/// the desired state in force, or else (the Machine was removed with its
+/// VMs, or the caller has no desired state) from where the VM was last
+/// observed (`last`), or else from the spec the Machine last converged with.
 pub fn resolve_hypervisor(
     desired: Option<&crate::spec::DesiredState>,
-    store: &crate::store::Store,
+    store: &Store,
     host: &VmHost,
+    last: Option<&Hypervisor>,
 ) -> Result<Hypervisor, Unresolved> {
     let VmHost::Machine(name) = host else {
         return Ok(Hypervisor::Local);
@@ -442,6 +564,18 @@ pub fn resolve_hypervisor(
             name: name.clone(),
             target: Box::new(machine.spec.target.clone()),
         });
+    }
+    if let Some(Hypervisor::Machine {
+        name: last_name,
+        target,
+    }) = last
+    {
+        if last_name == name {
+            return Ok(Hypervisor::Machine {
+                name: name.clone(),
+                target: target.clone(),
+            });
+        }
     }
     let record = store.spec(&ObjectKey::machine(name.clone()))?;
     let target = record
@@ -453,7 +587,7 @@ pub fn resolve_hypervisor(
             name: name.clone(),
             target: Box::new(target),
         }),
-        None => Err(Unresolved::Unknown(name.clone())),
+        None => Err(Unresolved::Unknown { name: name.clone() }),
     }
 }
 
@@ -468,12 +602,41 @@ pub fn recorded_host(record: Option<&SpecRecord>) -> VmHost {
     }
 }
 
-/// [`resolve_hypervisor`] for a reconcile.
-pub fn hypervisor<D>(ctx: &Context<D>, host: &VmHost) -> Result<Hypervisor, ReconcileError> {
-    resolve_hypervisor(Some(&ctx.snapshot().desired), &ctx.store, host).map_err(|e| match e {
+/// A hypervisor as messages name it.
+fn place_name(host: &Hypervisor) -> String {
+    match host {
+        Hypervisor::Local => "this host (`local`)".to_owned(),
+        Hypervisor::Machine { name, target } => format!(
+            "hypervisor machine {name} ({}:{})",
+            target.host.as_ref().map_or("local", |h| h.value.as_str()),
+            target.state_dir()
+        ),
+    }
+}
+
+fn unresolved(e: Unresolved) -> ReconcileError {
+    match e {
         Unresolved::Store(e) => store_error(e),
-        e @ Unresolved::Unknown(_) => ReconcileError::terminal("HypervisorUnknown", e.to_string()),
-    })
+        e @ Unresolved::Unknown { .. } => {
+            ReconcileError::terminal("HypervisorUnknown", e.to_string())
+        }
+    }
+}
+
+/// [`resolve_hypervisor`] for a reconcile of `key`, whose spec names `host`.
+pub fn hypervisor<D>(
+    ctx: &Context<D>,
+    key: &ObjectKey,
+    host: &VmHost,
+) -> Result<Hypervisor, ReconcileError> {
+    let last = last_place(&ctx.store, key).map_err(unresolved)?;
+    resolve_hypervisor(
+        Some(&ctx.snapshot().desired),
+        &ctx.store,
+        host,
+        last.as_ref().map(|l| &l.host),
+    )
+    .map_err(unresolved)
 }
 
 /// A VM removed from the YAML: stop it, delete its disks only if its last
@@ -488,7 +651,18 @@ async fn remove<D: Drivers>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action,
         Some("delete") => OnDelete::Delete,
         _ => OnDelete::KeepDisks,
     };
-    let host = hypervisor(ctx, &recorded_host(record.as_ref()))?;
+    // Where it was last seen; its recorded spec when it was never observed.
+    let last = last_place(&ctx.store, key).map_err(unresolved)?;
+    let named = last
+        .as_ref()
+        .map_or_else(|| recorded_host(record.as_ref()), LastPlace::vm_host);
+    let host = resolve_hypervisor(
+        Some(&ctx.snapshot().desired),
+        &ctx.store,
+        &named,
+        last.as_ref().map(|l| &l.host),
+    )
+    .map_err(unresolved)?;
     let stop_grace = record
         .as_ref()
         .and_then(|r| r.spec.pointer("/spec/stopTimeout"))

@@ -20,9 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::driver::capability::{DriverError, Hypervisor, VmDriver};
+use crate::driver::capability::{DriverError, VmDriver};
 use crate::driver::qemu::SnapshotInfo;
-use crate::driver::qemu::agent::{self, Request};
 use crate::spec::{DesiredState, Name, ObjectKey};
 use crate::store::Store;
 use crate::store::records::Severity;
@@ -170,13 +169,20 @@ pub async fn operate<D: VmDriver>(
             name: name.to_string(),
         });
     }
-    let host =
-        super::vm::resolve_hypervisor(desired, store, &super::vm::recorded_host(Some(&record)))
-            .map_err(|source| VmOpError::Hypervisor {
-                verb,
-                name: name.to_string(),
-                source,
-            })?;
+    let unresolved = |source| VmOpError::Hypervisor {
+        verb,
+        name: name.to_string(),
+        source,
+    };
+    // Where the VM was last seen: the CLI has no desired state to ask.
+    let last = super::vm::last_place(store, &key).map_err(unresolved)?;
+    let host = super::vm::resolve_hypervisor(
+        desired,
+        store,
+        &super::vm::recorded_host(Some(&record)),
+        last.as_ref().map(|l| &l.host),
+    )
+    .map_err(unresolved)?;
     let dir: PathBuf = host.vm_dir(vm_root, name.as_str());
     let failed = |source| VmOpError::Driver {
         verb,
@@ -187,17 +193,15 @@ pub async fn operate<D: VmDriver>(
     let message = match op {
         VmOp::Snapshots => "snapshots".to_owned(),
         VmOp::Snapshot(snap) => {
-            let running = running(driver, &host, &dir).await.map_err(failed)?;
-            call::<()>(
-                driver,
-                &host,
-                Request::Snapshot {
-                    dir: dir.clone(),
-                    snap: snap.clone(),
-                },
-            )
-            .await
-            .map_err(failed)?;
+            let running = driver
+                .vm_running_pid(&host, &dir)
+                .await
+                .map_err(failed)?
+                .is_some();
+            driver
+                .vm_snapshot(&host, &dir, snap)
+                .await
+                .map_err(failed)?;
             let what = if running {
                 "disks, RAM and devices (running)"
             } else {
@@ -208,8 +212,9 @@ pub async fn operate<D: VmDriver>(
             message
         }
         VmOp::Revert(snap) => {
-            if running(driver, &host, &dir).await.map_err(failed)? {
-                let list = snapshots(driver, &host, &dir).await.map_err(failed)?;
+            let running = driver.vm_running_pid(&host, &dir).await.map_err(failed)?;
+            if running.is_some() {
+                let list = driver.vm_snapshots(&host, &dir).await.map_err(failed)?;
                 if list.iter().any(|s| s.name == *snap && s.vm_state_size == 0) {
                     return Err(VmOpError::RunningToDiskOnly {
                         name: name.to_string(),
@@ -217,22 +222,14 @@ pub async fn operate<D: VmDriver>(
                     });
                 }
             }
-            call::<()>(
-                driver,
-                &host,
-                Request::Revert {
-                    dir: dir.clone(),
-                    snap: snap.clone(),
-                },
-            )
-            .await
-            .map_err(failed)?;
+            driver.vm_revert(&host, &dir, snap).await.map_err(failed)?;
             let message = format!("vm/{name}: reverted to snapshot {snap}");
             record_event(store, &key, &message);
             message
         }
     };
-    let snapshots = snapshots(driver, &host, &dir)
+    let snapshots = driver
+        .vm_snapshots(&host, &dir)
         .await
         .map_err(failed)?
         .into_iter()
@@ -243,54 +240,6 @@ pub async fn operate<D: VmDriver>(
         message,
         snapshots,
     })
-}
-
-/// One agent operation, its result decoded.
-async fn call<T: serde::de::DeserializeOwned>(
-    driver: &impl VmDriver,
-    host: &Hypervisor,
-    request: Request,
-) -> Result<T, DriverError> {
-    let value = driver.vm_agent(host, request).await?;
-    agent::decode(value).map_err(|message| DriverError::Remote {
-        hypervisor: match host {
-            Hypervisor::Local => String::new(),
-            Hypervisor::Machine { name, .. } => name.to_string(),
-        },
-        message,
-        transient: false,
-    })
-}
-
-async fn running(
-    driver: &impl VmDriver,
-    host: &Hypervisor,
-    dir: &Path,
-) -> Result<bool, DriverError> {
-    let pid: Option<u32> = call(
-        driver,
-        host,
-        Request::RunningPid {
-            dir: dir.to_path_buf(),
-        },
-    )
-    .await?;
-    Ok(pid.is_some())
-}
-
-async fn snapshots(
-    driver: &impl VmDriver,
-    host: &Hypervisor,
-    dir: &Path,
-) -> Result<Vec<SnapshotInfo>, DriverError> {
-    call(
-        driver,
-        host,
-        Request::Snapshots {
-            dir: dir.to_path_buf(),
-        },
-    )
-    .await
 }
 
 fn record_event(store: &Store, key: &ObjectKey, message: &str) {

@@ -16,7 +16,7 @@ use super::machine::{
     ActivationResult, ConfirmOutcome, Confirmation, GenerationId, InstallOutcome, MachineError,
     MachineFacts,
 };
-use super::qemu::{DiskGrowth, Started, StopOutcome, VmError, VmFacts};
+use super::qemu::{DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
 use super::{CommandOutput, TargetError};
 use crate::spec::{ByteSize, Disk, Name, OnDelete, Target as TargetSpec, VmSpec};
 
@@ -33,22 +33,8 @@ pub enum DriverError {
     Vm(#[from] VmError),
     #[error("use {what}: not supported by this converge yet")]
     Unsupported { what: String },
-    /// An operation that failed on a hypervisor Machine, as its agent said
-    /// (`hypervisor` is empty for this host).
-    #[error("{message}{}", on_hypervisor(hypervisor))]
-    Remote {
-        hypervisor: String,
-        message: String,
-        transient: bool,
-    },
-}
-
-fn on_hypervisor(hypervisor: &str) -> String {
-    if hypervisor.is_empty() {
-        String::new()
-    } else {
-        format!(" (on hypervisor {hypervisor})")
-    }
+    #[error(transparent)]
+    Hypervisor(#[from] super::hypervisor::HypervisorError),
 }
 
 impl DriverError {
@@ -60,7 +46,7 @@ impl DriverError {
             DriverError::Machine(e) => e.is_transient(),
             DriverError::Vm(e) => e.is_transient(),
             DriverError::Unsupported { .. } => false,
-            DriverError::Remote { transient, .. } => *transient,
+            DriverError::Hypervisor(e) => e.is_transient(),
         }
     }
 
@@ -255,13 +241,35 @@ pub trait VmDriver: Send + Sync + 'static {
         graceful: Duration,
     ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
 
-    /// Runs one operation of converge's VM agent on the VM's host (in this
-    /// process for `Local`): the operator verbs use it.
-    fn vm_agent(
+    /// The pid of the VM's live QEMU, if one runs.
+    fn vm_running_pid(
         &self,
         host: &Hypervisor,
-        request: super::qemu::agent::Request,
-    ) -> impl Future<Output = Result<serde_json::Value, DriverError>> + Send;
+        dir: &Path,
+    ) -> impl Future<Output = Result<Option<u32>, DriverError>> + Send;
+
+    /// The VM's internal snapshots, merged over its disks.
+    fn vm_snapshots(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, DriverError>> + Send;
+
+    /// Takes snapshot `snap` (with RAM and devices when running).
+    fn vm_snapshot(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+        snap: &str,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Reverts to snapshot `snap` (RAM too when running).
+    fn vm_revert(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+        snap: &str,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Completes when the VM's process `pid` has exited.
     fn vm_watch_exit(&self, pid: u32) -> impl Future<Output = ()> + Send + 'static;

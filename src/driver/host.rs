@@ -19,14 +19,14 @@ use serde_json::Value;
 
 use super::build::{Artifact, BuildRequest, CommandBuilder};
 use super::capability::{DriverError, Hypervisor, MachineDriver, VmDriver};
-use super::hypervisor::{self, Agents};
+use super::hypervisor::{self, Agents, HypervisorError};
 use super::local::LocalTarget;
 use super::machine::{
     self, ActivationAttempt, ActivationResult, ConfirmOutcome, Confirmation, GenerationId,
     InstallOutcome, MachineError, MachineFacts,
 };
 use super::qemu::agent::{self as vm_agent, Request};
-use super::qemu::{self, DiskGrowth, Started, StopOutcome, VmError, VmFacts};
+use super::qemu::{self, DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
 use super::ssh::{SshOptions, SshTarget};
 use super::{CommandOutput, Target, TargetError};
 use crate::spec::fields::SpecPath;
@@ -381,10 +381,11 @@ impl MachineDriver for HostDriver {
 
 /// A result the agent sent, as the type the caller expects.
 fn decoded<T: serde::de::DeserializeOwned>(value: Value, machine: &Name) -> Result<T, DriverError> {
-    vm_agent::decode(value).map_err(|message| DriverError::Remote {
-        hypervisor: machine.to_string(),
-        message,
-        transient: false,
+    serde_json::from_value(value).map_err(|source| {
+        DriverError::Hypervisor(HypervisorError::Decode {
+            machine: machine.to_string(),
+            source,
+        })
     })
 }
 
@@ -469,8 +470,8 @@ impl HostDriver {
                     })
                     .await?;
                 file.value = SpecPath::new(remote.to_string_lossy().as_ref()).map_err(|e| {
-                    DriverError::Remote {
-                        hypervisor: machine.to_string(),
+                    HypervisorError::Operation {
+                        machine: machine.to_string(),
                         message: format!("use the uploaded {what} {}: {e}", remote.display()),
                         transient: false,
                     }
@@ -499,7 +500,10 @@ impl VmDriver for HostDriver {
                     dir: dir.to_path_buf(),
                     disks: disks.to_vec(),
                 };
-                self.on_hypervisor(name, target, request).await
+                let mut facts: VmFacts = self.on_hypervisor(name, target, request).await?;
+                // Observed now on this host's clock; `uptime_ms` needs no clock.
+                facts.observed_ms = crate::store::records::now_ms();
+                Ok(facts)
             }
         }
     }
@@ -640,10 +644,71 @@ impl VmDriver for HostDriver {
         }
     }
 
-    async fn vm_agent(&self, host: &Hypervisor, request: Request) -> Result<Value, DriverError> {
+    async fn vm_running_pid(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+    ) -> Result<Option<u32>, DriverError> {
         match host {
-            Hypervisor::Local => hypervisor::into_result(vm_agent::execute(request).await, ""),
-            Hypervisor::Machine { name, target } => self.on_hypervisor(name, target, request).await,
+            Hypervisor::Local => Ok(qemu::running_pid(dir).await),
+            Hypervisor::Machine { name, target } => {
+                let request = Request::RunningPid {
+                    dir: dir.to_path_buf(),
+                };
+                self.on_hypervisor(name, target, request).await
+            }
+        }
+    }
+
+    async fn vm_snapshots(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+    ) -> Result<Vec<SnapshotInfo>, DriverError> {
+        match host {
+            Hypervisor::Local => Ok(qemu::snapshots(dir).await?),
+            Hypervisor::Machine { name, target } => {
+                let request = Request::Snapshots {
+                    dir: dir.to_path_buf(),
+                };
+                self.on_hypervisor(name, target, request).await
+            }
+        }
+    }
+
+    async fn vm_snapshot(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+        snap: &str,
+    ) -> Result<(), DriverError> {
+        match host {
+            Hypervisor::Local => Ok(qemu::snapshot(dir, snap).await?),
+            Hypervisor::Machine { name, target } => {
+                let request = Request::Snapshot {
+                    dir: dir.to_path_buf(),
+                    snap: snap.to_owned(),
+                };
+                self.on_hypervisor(name, target, request).await
+            }
+        }
+    }
+
+    async fn vm_revert(
+        &self,
+        host: &Hypervisor,
+        dir: &Path,
+        snap: &str,
+    ) -> Result<(), DriverError> {
+        match host {
+            Hypervisor::Local => Ok(qemu::revert(dir, snap).await?),
+            Hypervisor::Machine { name, target } => {
+                let request = Request::Revert {
+                    dir: dir.to_path_buf(),
+                    snap: snap.to_owned(),
+                };
+                self.on_hypervisor(name, target, request).await
+            }
         }
     }
 

@@ -15,13 +15,14 @@
 //! `<stateDir>/vm-files/<blake3>-<file name>`; absolute paths name files on
 //! the hypervisor and are used as they are.
 //!
-//! Every step is bounded: the checks by [`CHECK_TIMEOUT`], the agent upload
-//! by [`AGENT_UPLOAD_TIMEOUT`], a file upload by [`FILE_UPLOAD_TIMEOUT`], an
-//! operation by its own bound plus [`TRANSPORT_SLACK`].
+//! Every step is bounded: the checks by [`CHECK_TIMEOUT`], an upload by
+//! [`upload_bound`] of its size, an operation by its own bound plus
+//! [`TRANSPORT_SLACK`]. Uploads to one destination are serialized, and a
+//! destination some other process filled meanwhile counts as done.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
@@ -29,60 +30,141 @@ use serde_json::Value;
 use super::capability::DriverError;
 use super::qemu::agent::{Reply, Request};
 use super::ssh::SshTarget;
-use super::{Target, TargetError};
+use super::{CommandOutput, Target, TargetError};
 
 /// Bound on a presence or kind check on the hypervisor.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
-/// Bound on uploading the agent binary.
-const AGENT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
-/// Bound on uploading one file a VM spec names (a backing image can be large).
-const FILE_UPLOAD_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Added to an operation's own bound for the SSH round trip and agent start.
 const TRANSPORT_SLACK: Duration = Duration::from_secs(15);
 /// The running binary, readable even when its file was replaced or removed.
 const OWN_EXE: &str = "/proc/self/exe";
+/// Agents of other builds are removed once this old (another controller of
+/// another build may still use its own).
+const OLD_AGENT_MINUTES: &str = "1440";
+
+/// Bound on uploading `bytes`: a minute, plus a second per MiB (1 MiB/s at
+/// worst, as a slow link).
+fn upload_bound(bytes: u64) -> Duration {
+    Duration::from_secs(60 + bytes / (1024 * 1024))
+}
+
+/// Why an operation on a hypervisor Machine failed, apart from the SSH
+/// transport's own errors.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error(
+        "use hypervisor {machine}: it is `{remote}`, and its agent is this converge binary, built for `{local}`; run converge from a host of the same kind"
+    )]
+    Incompatible {
+        machine: String,
+        remote: String,
+        local: String,
+    },
+    #[error("{what} on hypervisor {machine}: exit {}{}", code_text(*.code), stderr_text(.stderr))]
+    Command {
+        machine: String,
+        what: &'static str,
+        code: Option<i32>,
+        stderr: String,
+    },
+    #[error(
+        "run converge's agent on hypervisor {machine}: it is gone ({path}); it is uploaded again at the next attempt"
+    )]
+    AgentGone { machine: String, path: String },
+    #[error("encode a request for hypervisor {machine}")]
+    Encode {
+        machine: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("read a reply of converge's agent on hypervisor {machine}")]
+    Decode {
+        machine: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The operation itself failed; `message` is the agent's error chain.
+    #[error("{message} (on hypervisor {machine})")]
+    Operation {
+        machine: String,
+        message: String,
+        transient: bool,
+    },
+    #[error("hash {path}")]
+    Hash {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upload {path} to hypervisor {machine}: it changed while it was uploaded")]
+    Changed { machine: String, path: PathBuf },
+}
+
+fn code_text(code: Option<i32>) -> String {
+    code.map_or_else(|| "by a signal".to_owned(), |c| c.to_string())
+}
+
+fn stderr_text(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
+    }
+}
+
+impl HypervisorError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            // Killed by a signal may pass; a broken binary or a full disk needs a person.
+            HypervisorError::Command { code, .. } => code.is_none(),
+            HypervisorError::AgentGone { .. } | HypervisorError::Changed { .. } => true,
+            HypervisorError::Operation { transient, .. } => *transient,
+            HypervisorError::Hash { source, .. } => {
+                source.kind() != std::io::ErrorKind::PermissionDenied
+            }
+            HypervisorError::Incompatible { .. }
+            | HypervisorError::Encode { .. }
+            | HypervisorError::Decode { .. } => false,
+        }
+    }
+}
 
 /// A local file as of one version: path, length, modification time.
 type FileVersion = (PathBuf, u64, Option<SystemTime>);
 
 /// What this process knows about hypervisors: its own binary's hash, the
-/// remote files known to be in place, and the hashes of uploaded files.
+/// agents known to be in place, the hashes of uploaded files, and one lock
+/// per upload destination.
 #[derive(Debug, Default)]
 pub struct Agents {
     own_hash: tokio::sync::OnceCell<String>,
-    /// `destination path` pairs known to exist on their host.
+    /// `destination path` of agents known to exist on their host.
     present: Mutex<HashSet<String>>,
     /// Content hash of a local file by path, length and modification time.
     hashes: Mutex<HashMap<FileVersion, String>>,
-    /// Serializes installs, so two VMs on one new hypervisor upload once.
-    installing: tokio::sync::Mutex<()>,
+    /// One lock per `destination path`, so one process uploads a file once.
+    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn io_error(what: &str, path: &Path, e: &std::io::Error) -> DriverError {
-    DriverError::Target(TargetError::Io {
-        target: "local".into(),
-        action: "read",
-        path: path.to_path_buf(),
-        source: std::io::Error::new(e.kind(), format!("{what}: {e}")),
-    })
-}
-
 /// blake3 of a file's content, hex.
-async fn hash_file(path: &Path) -> Result<String, DriverError> {
+async fn hash_file(path: &Path) -> Result<String, HypervisorError> {
     let owned = path.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
         let mut hasher = blake3::Hasher::new();
         let mut file = std::fs::File::open(&owned)?;
         std::io::copy(&mut file, &mut hasher)?;
         Ok(hasher.finalize().to_hex().to_string())
     })
     .await
-    .map_err(|e| io_error("hash", path, &std::io::Error::other(e)))?;
-    result.map_err(|e| io_error("hash", path, &e))
+    .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+    hashed.map_err(|source| HypervisorError::Hash {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `sh -c SCRIPT sh ARGS...` as an argv.
@@ -94,20 +176,99 @@ fn script(script: &str, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The last non-empty line of a command's stdout (a login script may print
+/// before it).
+fn last_line(stdout: &str) -> &str {
+    stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("")
+}
+
+fn failed(machine: &str, what: &'static str, output: &CommandOutput) -> HypervisorError {
+    let stderr = output.stderr.trim();
+    let tail = stderr
+        .char_indices()
+        .rev()
+        .nth(2000)
+        .map_or(stderr, |(i, _)| &stderr[i..]);
+    HypervisorError::Command {
+        machine: machine.to_owned(),
+        what,
+        code: output.code,
+        stderr: tail.to_owned(),
+    }
+}
+
 impl Agents {
-    async fn own_hash(&self) -> Result<&str, DriverError> {
+    async fn own_hash(&self) -> Result<&str, HypervisorError> {
         self.own_hash
             .get_or_try_init(|| hash_file(Path::new(OWN_EXE)))
             .await
             .map(String::as_str)
     }
 
-    fn is_present(&self, t: &SshTarget, path: &str) -> bool {
-        lock(&self.present).contains(&format!("{} {path}", t.describe()))
+    fn key(t: &SshTarget, path: &str) -> String {
+        format!("{} {path}", t.describe())
     }
 
-    fn mark_present(&self, t: &SshTarget, path: &str) {
-        lock(&self.present).insert(format!("{} {path}", t.describe()));
+    fn upload_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(lock(&self.uploads).entry(key.to_owned()).or_default())
+    }
+
+    /// Uploads `local` to `path` unless it is there already (checked after
+    /// taking this destination's lock). A destination that another process
+    /// filled while we uploaded counts as done: it is content-addressed.
+    async fn upload_once(
+        &self,
+        t: &SshTarget,
+        machine: &str,
+        local: &Path,
+        path: &str,
+        what: &'static str,
+    ) -> Result<(), DriverError> {
+        let before = tokio::fs::metadata(local)
+            .await
+            .map_err(|source| HypervisorError::Hash {
+                path: local.to_path_buf(),
+                source,
+            })?;
+        tracing::info!(hypervisor = machine, file = %local.display(), path, bytes = before.len(), "uploading {what}");
+        let uploaded = t.upload_file(local, path, upload_bound(before.len())).await;
+        let exists = || async {
+            t.run(&["test", "-e", path].map(str::to_owned), &[], CHECK_TIMEOUT)
+                .await
+                .is_ok_and(|o| o.succeeded())
+        };
+        match uploaded {
+            Ok(()) => {}
+            Err(_) if exists().await => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let after = tokio::fs::metadata(local).await.ok();
+        let unchanged = after.is_some_and(|a| {
+            a.len() == before.len() && a.modified().ok() == before.modified().ok()
+        });
+        if !unchanged {
+            let removed = t
+                .run(
+                    &["rm", "-f", "--", path].map(str::to_owned),
+                    &[],
+                    CHECK_TIMEOUT,
+                )
+                .await;
+            if let Err(error) = removed {
+                tracing::warn!(hypervisor = machine, path, %error, "removing a changed upload failed");
+            }
+            return Err(HypervisorError::Changed {
+                machine: machine.to_owned(),
+                path: local.to_path_buf(),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// The agent's path on the hypervisor, uploading it first when missing.
@@ -120,75 +281,89 @@ impl Agents {
         let hash = self.own_hash().await?;
         let dir = format!("{state_dir}/agent");
         let path = format!("{dir}/converge-{}", &hash[..32]);
-        if self.is_present(t, &path) {
+        let key = Self::key(t, &path);
+        if lock(&self.present).contains(&key) {
             return Ok(path);
         }
-        let _one = self.installing.lock().await;
-        if self.is_present(t, &path) {
+        let one = self.upload_lock(&key);
+        let _held = one.lock().await;
+        if lock(&self.present).contains(&key) {
             return Ok(path);
         }
-        // Present already, or which kind of host it is.
+        // Present already, or which kind of host it is (and make room).
         let probe = t
             .run(
                 &script(
-                    "if test -x \"$1\"; then echo present; else uname -sm; fi",
-                    &[&path],
+                    "if test -x \"$2\"; then echo present; else mkdir -p -m 0700 -- \"$1\" && uname -sm; fi",
+                    &[&dir, &path],
                 ),
                 &[],
                 CHECK_TIMEOUT,
             )
             .await?;
-        let answer = probe.stdout.trim();
         if !probe.succeeded() {
-            return Err(remote_failure(
-                machine,
-                "probe for converge's agent",
-                &probe,
-            ));
+            return Err(failed(machine, "probe for converge's agent", &probe).into());
         }
+        let answer = last_line(&probe.stdout);
         if answer != "present" {
             let ours = format!("Linux {}", std::env::consts::ARCH);
             if answer != ours {
-                return Err(DriverError::Unsupported {
-                    what: format!(
-                        "hypervisor {machine}, which is `{answer}`: its agent is this converge binary, built for `{ours}`; run converge from a host of the same kind"
-                    ),
-                });
+                return Err(HypervisorError::Incompatible {
+                    machine: machine.to_owned(),
+                    remote: answer.to_owned(),
+                    local: ours,
+                }
+                .into());
             }
-            let made = t
-                .run(
-                    &["mkdir", "-p", "-m", "0700", "--", &dir].map(str::to_owned),
-                    &[],
-                    CHECK_TIMEOUT,
-                )
+            self.upload_once(t, machine, Path::new(OWN_EXE), &path, "converge's agent")
                 .await?;
-            if !made.succeeded() {
-                return Err(remote_failure(machine, "create the agent directory", &made));
-            }
-            tracing::info!(hypervisor = machine, path = %path, "uploading converge's agent");
-            t.upload_file(Path::new(OWN_EXE), &path, AGENT_UPLOAD_TIMEOUT)
-                .await?;
-            // Agents of other converge builds (and partial uploads) go.
+            // Agents of other builds go once a day old; partial uploads stay
+            // (another process may be writing one).
             let pruned = t
                 .run(
-                    &script(
-                        "for f in \"$1\"/converge-*; do [ \"$f\" = \"$2\" ] || rm -f -- \"$f\"; done",
-                        &[&dir, &path],
-                    ),
+                    &[
+                        "find",
+                        &dir,
+                        "-maxdepth",
+                        "1",
+                        "-type",
+                        "f",
+                        "-name",
+                        "converge-*",
+                        "!",
+                        "-name",
+                        "*.partial-*",
+                        "!",
+                        "-path",
+                        &path,
+                        "-mmin",
+                        &format!("+{OLD_AGENT_MINUTES}"),
+                        "-delete",
+                    ]
+                    .map(str::to_owned),
                     &[],
                     CHECK_TIMEOUT,
                 )
                 .await;
-            if let Err(error) = pruned {
-                tracing::warn!(hypervisor = machine, %error, "removing older agents failed");
+            match pruned {
+                Ok(out) if out.succeeded() => {}
+                Ok(out) => {
+                    let error = failed(machine, "remove older agents", &out);
+                    tracing::warn!(hypervisor = machine, %error, "removing older agents failed");
+                }
+                Err(error) => {
+                    tracing::warn!(hypervisor = machine, %error, "removing older agents failed");
+                }
             }
         }
-        self.mark_present(t, &path);
+        lock(&self.present).insert(key);
         Ok(path)
     }
 
     /// The path on the hypervisor of a local file a spec names, uploading it
-    /// (by content) when missing.
+    /// (by content) when missing. Checked on the hypervisor every time
+    /// (starts and disk creations are rare), so a cleared `vm-files/` is
+    /// filled again.
     pub async fn ensure_file(
         &self,
         t: &SshTarget,
@@ -198,14 +373,17 @@ impl Agents {
     ) -> Result<PathBuf, DriverError> {
         let meta = tokio::fs::metadata(local)
             .await
-            .map_err(|e| io_error("read", local, &e))?;
-        let key = (local.to_path_buf(), meta.len(), meta.modified().ok());
-        let known = lock(&self.hashes).get(&key).cloned();
+            .map_err(|source| HypervisorError::Hash {
+                path: local.to_path_buf(),
+                source,
+            })?;
+        let version = (local.to_path_buf(), meta.len(), meta.modified().ok());
+        let known = lock(&self.hashes).get(&version).cloned();
         let hash = match known {
             Some(hash) => hash,
             None => {
                 let hash = hash_file(local).await?;
-                lock(&self.hashes).insert(key, hash.clone());
+                lock(&self.hashes).insert(version, hash.clone());
                 hash
             }
         };
@@ -215,9 +393,8 @@ impl Agents {
             .unwrap_or_default();
         let dir = format!("{state_dir}/vm-files");
         let path = format!("{dir}/{}-{name}", &hash[..32]);
-        if self.is_present(t, &path) {
-            return Ok(PathBuf::from(path));
-        }
+        let one = self.upload_lock(&Self::key(t, &path));
+        let _held = one.lock().await;
         let probe = t
             .run(
                 &script(
@@ -231,12 +408,11 @@ impl Agents {
         match probe.code {
             Some(0) => {}
             Some(3) => {
-                tracing::info!(hypervisor = machine, file = %local.display(), path = %path, bytes = meta.len(), "uploading a file the VM spec names");
-                t.upload_file(local, &path, FILE_UPLOAD_TIMEOUT).await?;
+                self.upload_once(t, machine, local, &path, "a file the VM spec names")
+                    .await?;
             }
-            _ => return Err(remote_failure(machine, "prepare vm-files", &probe)),
+            _ => return Err(failed(machine, "prepare vm-files", &probe).into()),
         }
-        self.mark_present(t, &path);
         Ok(PathBuf::from(path))
     }
 
@@ -248,10 +424,9 @@ impl Agents {
         machine: &str,
         request: &Request,
     ) -> Result<Value, DriverError> {
-        let json = serde_json::to_string(request).map_err(|e| DriverError::Remote {
-            hypervisor: machine.to_owned(),
-            message: format!("encode a request: {e}"),
-            transient: false,
+        let json = serde_json::to_string(request).map_err(|source| HypervisorError::Encode {
+            machine: machine.to_owned(),
+            source,
         })?;
         let argv = [agent, "vm-agent", &json].map(str::to_owned);
         let output = match t.run(&argv, &[], request.bound() + TRANSPORT_SLACK).await {
@@ -260,61 +435,36 @@ impl Agents {
             Err(TargetError::Spawn { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                lock(&self.present).remove(&format!("{} {agent}", t.describe()));
-                return Err(DriverError::Remote {
-                    hypervisor: machine.to_owned(),
-                    message: format!(
-                        "run converge's agent {agent}: it is gone; it is uploaded again at the next attempt"
-                    ),
-                    transient: true,
-                });
+                lock(&self.present).remove(&Self::key(t, agent));
+                return Err(HypervisorError::AgentGone {
+                    machine: machine.to_owned(),
+                    path: agent.to_owned(),
+                }
+                .into());
             }
             Err(e) => return Err(e.into()),
         };
-        let line = output
-            .stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        match serde_json::from_str::<Reply>(line) {
-            Ok(reply) if output.succeeded() => into_result(reply, machine),
-            _ => Err(remote_failure(machine, "run converge's agent", &output)),
+        if !output.succeeded() {
+            return Err(failed(machine, "run converge's agent", &output).into());
         }
+        let reply: Reply = serde_json::from_str(last_line(&output.stdout)).map_err(|source| {
+            HypervisorError::Decode {
+                machine: machine.to_owned(),
+                source,
+            }
+        })?;
+        Ok(into_result(reply, machine)?)
     }
 }
 
 /// A reply as a result.
-pub fn into_result(reply: Reply, machine: &str) -> Result<Value, DriverError> {
+pub fn into_result(reply: Reply, machine: &str) -> Result<Value, HypervisorError> {
     match reply {
         Reply::Ok(value) => Ok(value),
-        Reply::Error(error) => Err(DriverError::Remote {
-            hypervisor: machine.to_owned(),
+        Reply::Error(error) => Err(HypervisorError::Operation {
+            machine: machine.to_owned(),
             message: error.message,
             transient: error.transient,
         }),
-    }
-}
-
-/// A helper command that failed on the hypervisor. Killed by a signal is
-/// worth retrying; anything else (a broken binary, a full disk) needs a person.
-fn remote_failure(machine: &str, what: &str, output: &super::CommandOutput) -> DriverError {
-    let stderr = output.stderr.trim();
-    let tail: String = stderr
-        .char_indices()
-        .rev()
-        .nth(2000)
-        .map_or(stderr, |(i, _)| &stderr[i..])
-        .to_owned();
-    DriverError::Remote {
-        hypervisor: machine.to_owned(),
-        message: format!(
-            "{what}: exit {}{}{tail}",
-            output
-                .code
-                .map_or_else(|| "by a signal".to_owned(), |c| c.to_string()),
-            if tail.is_empty() { "" } else { ": " },
-        ),
-        transient: output.code.is_none(),
     }
 }

@@ -98,8 +98,10 @@ fn vm_facts(fleet: &Fleet) -> Value {
 fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_deleted() {
     require("qemu-system-x86_64");
     require("qemu-img");
-    let fleet = Fleet::new(1);
-    fleet.write_all(1, &["v1"], "");
+    // host1 only keeps the directory from becoming empty in step 6 (an
+    // empty directory is never applied).
+    let fleet = Fleet::new(2);
+    fleet.write_all(2, &["v1"], "");
     let images = fleet.dir().join("images");
     std::fs::create_dir_all(&images).expect("create images/");
     let made = Command::new("qemu-img")
@@ -110,11 +112,20 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
         .expect("run qemu-img");
     assert!(made.success(), "qemu-img create failed");
     std::fs::write(fleet.dir().join("vm.yaml"), vm_yaml("64MiB")).expect("write vm.yaml");
+    // Two more VMs on the same backing image, declared at once with rvm.
+    let more = ["rvm-b", "rvm-c"].map(|name| {
+        vm_yaml("64MiB")
+            .replace("name: rvm}", &format!("name: {name}}}"))
+            .replace(", forwards: [{host: 2222, guest: 22}]", "")
+    });
+    std::fs::write(fleet.dir().join("more.yaml"), more.join("---\n")).expect("write more.yaml");
 
     let hyper = fleet.host_state(0);
     let vm_dir = hyper.join("vms/rvm");
     let pidfile = vm_dir.join("qemu.pid");
     let _guard = Guard(pidfile.clone());
+    let more_pidfiles = ["rvm-b", "rvm-c"].map(|n| hyper.join(format!("vms/{n}/qemu.pid")));
+    let _more_guards = more_pidfiles.clone().map(Guard);
 
     // 1. Declared, then running on host0: in its network namespace, with its
     // directory under host0's stateDir, and the backing image uploaded there.
@@ -127,6 +138,22 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
     );
     let pid = live_qemu(&pidfile)
         .unwrap_or_else(|| panic!("no QEMU runs from {}:\n{}", pidfile.display(), first.stderr));
+    for more in &more_pidfiles {
+        assert!(
+            live_qemu(more).is_some(),
+            "no QEMU runs from {}",
+            more.display()
+        );
+    }
+    assert_eq!(
+        first
+            .stderr
+            .matches("uploading a file the VM spec names")
+            .count(),
+        1,
+        "three VMs on one new backing image upload it once:\n{}",
+        first.stderr
+    );
     let sshd_pid = std::fs::read_to_string(fleet.testbed.host(0).dir().join("sshd.pid"))
         .expect("read sshd.pid");
     assert_eq!(
@@ -299,16 +326,53 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
     let restarted = live_qemu(&pidfile).expect("the VM runs again after kill -9");
     assert_ne!(restarted, resized);
 
-    // 5. Removed from the YAML with onDelete: delete: stopped, disks gone.
-    std::fs::remove_file(fleet.dir().join("vm.yaml")).expect("remove vm.yaml");
-    fleet.reconcile_within(&[], RUN_LIMIT).assert_code(0);
-    assert!(live_qemu(&pidfile).is_none(), "the removed VM still runs");
-    assert!(
-        !vm_dir.exists(),
-        "the VM's directory (with its disks) is gone on host0"
+    // 5. Its host changed to `local`: refused (converge does not move VMs),
+    // the VM on host0 untouched, nothing started here.
+    let local_vm = fleet.state().join("vms/rvm");
+    std::fs::write(
+        fleet.dir().join("vm.yaml"),
+        vm_yaml("96MiB").replace("host: host0", "host: local"),
+    )
+    .expect("write vm.yaml");
+    let moved = fleet.reconcile_within(&["--attempts", "1"], RUN_LIMIT);
+    moved.assert_code(3);
+    let (ready, reason, message) = ready_of(&fleet.status("vm/rvm"));
+    assert!(!ready);
+    assert_eq!(reason, "HostChanged", "{message}");
+    assert!(message.contains("hypervisor machine host0"), "{message}");
+    assert_eq!(
+        live_qemu(&pidfile),
+        Some(restarted),
+        "the VM on host0 was touched"
     );
+    assert!(!local_vm.exists(), "a VM directory appeared on this host");
 
-    // 6. A backing image missing from the desired-state directory: a clear
+    // 6. The hypervisor Machine removed together with its VMs (onDelete:
+    // delete): they are stopped and deleted on host0 all the same, reached
+    // at the target they were last seen at.
+    for file in ["vm.yaml", "more.yaml", "host0.yaml"] {
+        std::fs::remove_file(fleet.dir().join(file)).expect("remove a file");
+    }
+    let removed = fleet.reconcile_within(&[], RUN_LIMIT);
+    removed.assert_code(0);
+    assert!(
+        live_qemu(&pidfile).is_none(),
+        "the removed VM still runs:\n{}\n{}",
+        removed.stdout,
+        removed.stderr
+    );
+    for more in &more_pidfiles {
+        assert!(live_qemu(more).is_none(), "{} still runs", more.display());
+    }
+    for name in ["rvm", "rvm-b", "rvm-c"] {
+        assert!(
+            !hyper.join("vms").join(name).exists(),
+            "{name}'s directory (with its disks) is still on host0"
+        );
+    }
+    fleet.write_machine(0, &fleet.machine(0, &["v1"], ""));
+
+    // 7. A backing image missing from the desired-state directory: a clear
     // terminal error, nothing uploaded or started.
     std::fs::write(
         fleet.dir().join("vm.yaml"),

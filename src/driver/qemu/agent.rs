@@ -27,7 +27,7 @@ use super::VmFacts;
 use crate::spec::{ByteSize, Disk, OnDelete, VmSpec};
 
 /// One operation on one VM directory of the hypervisor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Observe {
@@ -269,15 +269,17 @@ mod tests {
                 dir: dir.clone(),
                 snap: "s1".into(),
             },
+            Request::Revert {
+                dir: dir.clone(),
+                snap: "s1".into(),
+            },
+            Request::Snapshots { dir: dir.clone() },
+            Request::RunningPid { dir: dir.clone() },
         ];
         for request in requests {
             let text = serde_json::to_string(&request).expect("serialize");
             let back: Request = serde_json::from_str(&text).expect("deserialize");
-            assert_eq!(
-                serde_json::to_string(&back).expect("serialize again"),
-                text,
-                "{text}"
-            );
+            assert_eq!(back, request, "{text}");
         }
         let Request::Start { spec: back, .. } = serde_json::from_str::<Request>(
             &serde_json::to_string(&Request::Start {

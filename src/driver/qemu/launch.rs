@@ -77,6 +77,15 @@ fn text(path: &Path) -> String {
 ///
 /// Paths inside `dir` are embedded in QEMU option strings, where a comma
 /// separates options: the preflight refuses a `dir` containing one.
+/// A stable, locally administered MAC for a bridged VM, from its name in
+/// QEMU's `52:54:00` range: without one every bridged VM gets QEMU's default
+/// `52:54:00:12:34:56`, and two of them on one bridge collide.
+pub fn mac_address(name: &str) -> String {
+    let hash = blake3::hash(name.as_bytes());
+    let b = hash.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
 pub fn argv(spec: &VmSpec, name: &str, dir: &Path, root: &Path) -> Vec<String> {
     let paths = VmPaths::new(dir);
     let mut a: Vec<String> = [
@@ -119,7 +128,10 @@ pub fn argv(spec: &VmSpec, name: &str, dir: &Path, root: &Path) -> Vec<String> {
         }
         NetworkMode::Bridge => {
             let bridge = spec.network.bridge.as_ref().map_or("", |b| b.as_str());
-            format!("bridge,br={bridge},model=virtio-net-pci")
+            format!(
+                "bridge,br={bridge},model=virtio-net-pci,mac={}",
+                mac_address(name)
+            )
         }
     });
     if let Some(boot) = &spec.boot {
@@ -253,8 +265,16 @@ mod tests {
         let s = spec("memory: 64MiB\nnetwork: {mode: bridge, bridge: br0}\n");
         let a = argv(&s, "vm", Path::new("/d"), Path::new("/r"));
         let nic = a.iter().position(|x| x == "-nic").unwrap();
-        assert_eq!(a[nic + 1], "bridge,br=br0,model=virtio-net-pci");
+        let mac = mac_address("vm");
+        assert_eq!(
+            a[nic + 1],
+            format!("bridge,br=br0,model=virtio-net-pci,mac={mac}")
+        );
         assert!(!a.iter().any(|x| x == "-kernel" || x.starts_with("file=")));
+        // Stable per name, distinct between names, locally administered.
+        assert_eq!(mac, mac_address("vm"));
+        assert_ne!(mac, mac_address("vm2"));
+        assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
     }
 
     #[test]

@@ -218,6 +218,10 @@ pub struct VmFacts {
     /// milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
+    /// How long the running process had run when observed, measured on the
+    /// VM's host (so a hypervisor's clock skew does not matter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
     /// The spec's disks in spec order, then any other disk in `disks/`.
     pub disks: Vec<DiskFacts>,
     /// Milliseconds since the Unix epoch.
@@ -371,7 +375,8 @@ pub async fn observe(dir: &Path, disks: &[Disk]) -> VmFacts {
         pid,
         qmp_status,
         started_spec_hash: launched.as_ref().map(|r| r.spec_hash.clone()),
-        started_ms: launched.map(|r| r.started_ms),
+        started_ms: launched.as_ref().map(|r| r.started_ms),
+        uptime_ms: launched.map(|r| now_ms().saturating_sub(r.started_ms)),
         disks: facts,
         observed_ms: now_ms(),
     }
