@@ -468,3 +468,85 @@ pub fn into_result(reply: Reply, machine: &str) -> Result<Value, HypervisorError
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testbed::{REMOTE_STATE_DIR, Testbed};
+
+    fn target(testbed: &Testbed) -> SshTarget {
+        SshTarget::new(testbed.ssh_options(0)).expect("ssh target")
+    }
+
+    #[tokio::test]
+    async fn one_file_for_many_vms_is_uploaded_once_and_again_when_cleared() {
+        let testbed = Testbed::new(1);
+        let t = target(&testbed);
+        let agents = Agents::default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("base.qcow2");
+        std::fs::write(&image, vec![7u8; 3 * 1024 * 1024]).expect("write");
+
+        // Eight VMs asking at once: one upload, one path, all succeed.
+        let asks = (0..8).map(|_| agents.ensure_file(&t, REMOTE_STATE_DIR, "host0", &image));
+        let paths: Vec<PathBuf> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .map(|r| r.expect("ensure_file"))
+            .collect();
+        assert!(paths.iter().all(|p| *p == paths[0]), "{paths:?}");
+        let name = paths[0].file_name().expect("a file name").to_owned();
+        let on_host = testbed.host(0).state_dir.join("vm-files");
+        let entries: Vec<_> = std::fs::read_dir(&on_host)
+            .expect("vm-files on the host")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(entries, vec![name.clone()], "no partial or second copy");
+        assert_eq!(
+            std::fs::read(on_host.join(&name)).expect("read the upload"),
+            std::fs::read(&image).expect("read the image")
+        );
+
+        // Someone clears vm-files: the next use puts it back.
+        std::fs::remove_dir_all(&on_host).expect("clear vm-files");
+        let again = agents
+            .ensure_file(&t, REMOTE_STATE_DIR, "host0", &image)
+            .await
+            .expect("ensure_file after clearing");
+        assert_eq!(again, paths[0]);
+        assert!(on_host.join(&name).exists());
+        t.disconnect().await;
+    }
+
+    #[tokio::test]
+    async fn an_agent_removed_behind_our_back_is_a_transient_error_that_forgets_it() {
+        let testbed = Testbed::new(1);
+        let t = target(&testbed);
+        let agents = Agents::default();
+        let agent = format!("{REMOTE_STATE_DIR}/agent/converge-gone");
+        lock(&agents.present).insert(Agents::key(&t, &agent));
+        let request = Request::RunningPid {
+            dir: PathBuf::from("/nowhere"),
+        };
+
+        let error = agents
+            .call(&t, &agent, "host0", &request)
+            .await
+            .expect_err("a missing agent cannot answer");
+
+        assert!(
+            matches!(
+                error,
+                DriverError::Hypervisor(HypervisorError::AgentGone { .. })
+            ),
+            "{error:?}"
+        );
+        assert!(error.is_transient(), "retried, not stalled");
+        assert!(
+            !lock(&agents.present).contains(&Agents::key(&t, &agent)),
+            "the next attempt installs it again"
+        );
+        t.disconnect().await;
+    }
+}
