@@ -407,6 +407,9 @@ fn update(
             "only the directory's revision changed: rebuilt, activated only if the artifact differs".to_owned(),
         ),
         (ChangeKind::Update, Kind::VirtualMachine) if restart => Some("forces a restart of the running VM".to_owned()),
+        (ChangeKind::Replace, Kind::VirtualMachine) => Some(
+            "converge does not move VMs: while its QEMU or disks exist where it ran, applying stops with HostChanged; remove the VM, then declare it on the new host".to_owned(),
+        ),
         _ => None,
     };
     (

@@ -334,6 +334,14 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
         vm_yaml("96MiB").replace("host: host0", "host: local"),
     )
     .expect("write vm.yaml");
+    let planned = plan(&fleet);
+    planned.assert_code(2);
+    assert!(
+        planned.stdout.contains("-/+ vm/rvm")
+            && planned.stdout.contains("converge does not move VMs"),
+        "{}",
+        planned.stdout
+    );
     let moved = fleet.reconcile_within(&["--attempts", "1"], RUN_LIMIT);
     moved.assert_code(3);
     let (ready, reason, message) = ready_of(&fleet.status("vm/rvm"));
