@@ -77,20 +77,10 @@ pub struct NameArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct SnapArgs {
-    /// The VM's name (metadata.name).
-    pub name: String,
+    #[command(flatten)]
+    pub vm: NameArgs,
     /// The snapshot's name: letters, digits, `.`, `_`, `-`; not all digits.
     pub snap: String,
-    #[command(flatten)]
-    pub state: StateArg,
-    /// Where relative `identityFile`/`knownHosts` of a hypervisor Machine
-    /// resolve (used only without a daemon, for a VM on a hypervisor).
-    #[command(flatten)]
-    pub dir: DirArg,
-    #[command(flatten)]
-    pub ssh: SshArgs,
-    #[arg(long, short = 'o', value_enum, default_value = "text")]
-    pub output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,17 +118,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     match args.command {
         VmCommand::List(a) => list(a),
         VmCommand::Console(a) => console(a),
-        VmCommand::Snapshot(a) => {
-            let op = VmOp::Snapshot(a.snap.clone());
-            operate(&a.name, &a.state, &a.dir, &a.ssh, a.output, op)
-        }
-        VmCommand::Revert(a) => {
-            let op = VmOp::Revert(a.snap.clone());
-            operate(&a.name, &a.state, &a.dir, &a.ssh, a.output, op)
-        }
-        VmCommand::Snapshots(a) => {
-            operate(&a.name, &a.state, &a.dir, &a.ssh, a.output, VmOp::Snapshots)
-        }
+        VmCommand::Snapshot(a) => operate(&a.vm, VmOp::Snapshot(a.snap)),
+        VmCommand::Revert(a) => operate(&a.vm, VmOp::Revert(a.snap)),
+        VmCommand::Snapshots(a) => operate(&a, VmOp::Snapshots),
         VmCommand::History(a) => {
             let name = parse_name(&a.name)?;
             super::inspect::history(super::inspect::HistoryArgs {
@@ -223,14 +205,14 @@ fn list(args: ListArgs) -> anyhow::Result<u8> {
 /// bounded by their timeouts) plus a QMP snapshot call (60 s), with margin.
 const VERB_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn operate(
-    name: &str,
-    state: &StateArg,
-    dir: &DirArg,
-    ssh: &SshArgs,
-    output: Output,
-    op: VmOp,
-) -> anyhow::Result<u8> {
+fn operate(args: &NameArgs, op: VmOp) -> anyhow::Result<u8> {
+    let NameArgs {
+        name,
+        state,
+        dir,
+        ssh,
+        output,
+    } = args;
     let name = parse_name(name)?;
     if let VmOp::Snapshot(snap) | VmOp::Revert(snap) = &op {
         if let Err(e) = crate::driver::qemu::check_snapshot_name(snap) {
@@ -279,7 +261,7 @@ fn operate(
             }
         };
     let mut out = std::io::stdout().lock();
-    if output == Output::Json {
+    if *output == Output::Json {
         writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?;
         return Ok(EXIT_OK);
     }

@@ -479,7 +479,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_file_for_many_vms_is_uploaded_once_and_again_when_cleared() {
+    async fn one_file_for_many_vms_ends_as_one_copy_and_is_filled_again_when_cleared() {
         let testbed = Testbed::new(1);
         let t = target(&testbed);
         let agents = Agents::default();
