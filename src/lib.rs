@@ -13,9 +13,3 @@ pub mod source;
 pub mod spec;
 pub mod store;
 pub mod telemetry;
-
-/// Real SSH hosts in network namespaces, for tests.
-#[cfg(test)]
-pub(crate) mod guest;
-#[cfg(test)]
-pub(crate) mod testbed;

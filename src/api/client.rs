@@ -3,35 +3,53 @@
 //!
 //! While `converge run` holds the store, read commands ask it here. When no
 //! daemon answers (no socket, or nobody listening), they fall back to opening
-//! the store themselves.
+//! the store themselves. This file only talks HTTP; it prints nothing and
+//! decides no exit code.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-
-use anyhow::Context as _;
-
-use super::reconcile::CLIENT_TIMEOUT;
-use super::{EXIT_FATAL, EXIT_OK};
-use crate::spec::ObjectKey;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The socket path under a state directory.
-pub fn socket_path(state: &Path) -> std::path::PathBuf {
+pub fn socket_path(state: &Path) -> PathBuf {
     state.join("converge.sock")
 }
 
-/// Sends one request; `Ok(None)` when no daemon listens.
-pub fn request(state: &Path, method: &str, path: &str) -> anyhow::Result<Option<(u16, String)>> {
-    request_within(state, method, path, CLIENT_TIMEOUT)
+/// Why a request to the daemon failed (other than nobody listening).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect to the daemon at {socket}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talk to the daemon at {socket}")]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon at {socket} answered without an HTTP status")]
+    NoStatus { socket: PathBuf },
 }
 
-/// [`request`] with its own bound on the daemon's answer.
-pub fn request_within(
+/// One answer of the daemon: its HTTP status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Sends one request with an empty body, waiting at most `timeout` for the
+/// answer; `Ok(None)` when no daemon listens.
+pub fn request(
     state: &Path,
     method: &str,
     path: &str,
-    timeout: std::time::Duration,
-) -> anyhow::Result<Option<(u16, String)>> {
+    timeout: Duration,
+) -> Result<Option<Answer>, ClientError> {
     let socket = socket_path(state);
     let mut stream = match UnixStream::connect(&socket) {
         Ok(s) => s,
@@ -43,51 +61,32 @@ pub fn request_within(
         {
             return Ok(None);
         }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("connect to the daemon at {}", socket.display()));
-        }
+        Err(source) => return Err(ClientError::Connect { socket, source }),
     };
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    let io = |source| ClientError::Io {
+        socket: socket.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     );
-    stream
-        .write_all(head.as_bytes())
-        .context("send the request to the daemon")?;
+    stream.write_all(head.as_bytes()).map_err(io)?;
     let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .context("read the daemon's answer")?;
+    stream.read_to_end(&mut response).map_err(io)?;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .context("the daemon's answer has no HTTP status")?;
+        .ok_or_else(|| ClientError::NoStatus {
+            socket: socket.clone(),
+        })?;
     // Bodies are sent whole (no chunking) by the API; see api/mod.rs.
-    Ok(Some((status, body.to_owned())))
-}
-
-/// `converge reconcile KEY`: asks the daemon to reconcile one object now.
-pub fn request_reconcile(state: &Path, key: &ObjectKey) -> anyhow::Result<u8> {
-    match request(state, "POST", &format!("/v1/reconcile/{key}"))? {
-        None => {
-            eprintln!(
-                "error: no daemon answers at {}: start `converge run`, or use `converge reconcile --once`",
-                socket_path(state).display()
-            );
-            Ok(EXIT_FATAL)
-        }
-        Some((202, body)) => {
-            println!("{}", body.trim());
-            Ok(EXIT_OK)
-        }
-        Some((status, body)) => {
-            eprintln!("error: the daemon answered {status}: {}", body.trim());
-            Ok(EXIT_FATAL)
-        }
-    }
+    Ok(Some(Answer {
+        status,
+        body: body.to_owned(),
+    }))
 }

@@ -21,6 +21,8 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
+pub mod client;
+
 use crate::controller::metrics::Metrics;
 use crate::controller::vmops::{VmOp, VmOpOutcome};
 use crate::plan::Plan;

@@ -65,7 +65,7 @@ fn fetch(
     path: &str,
     direct: impl FnOnce(&Store) -> anyhow::Result<Option<Value>>,
 ) -> anyhow::Result<Option<Value>> {
-    if let Some((status, body)) = super::client::request(&state.state, "GET", path)? {
+    if let Some((status, body)) = super::ask(&state.state, "GET", path)? {
         return match status {
             200 => Ok(Some(
                 serde_json::from_str(&body).context("parse the daemon's answer")?,

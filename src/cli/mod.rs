@@ -5,7 +5,6 @@
 //! are part of the interface and documented in `--help` and the README.
 
 mod agent;
-mod client;
 mod inspect;
 mod plan;
 mod reconcile;
@@ -26,6 +25,29 @@ use crate::telemetry::{self, LogFormat};
 pub const EXIT_OK: u8 = 0;
 /// Exit code: fatal error (bad config, cannot start) or invalid input.
 pub const EXIT_FATAL: u8 = 1;
+
+/// How long a command waits for the daemon's answer.
+pub const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks the daemon on `state`'s socket; `Ok(None)` when none listens.
+pub(crate) fn ask(
+    state: &std::path::Path,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<Option<(u16, String)>> {
+    ask_within(state, method, path, CLIENT_TIMEOUT)
+}
+
+/// [`ask`] with its own bound on the daemon's answer.
+pub(crate) fn ask_within(
+    state: &std::path::Path,
+    method: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Option<(u16, String)>> {
+    let answer = crate::api::client::request(state, method, path, timeout)?;
+    Ok(answer.map(|a| (a.status, a.body)))
+}
 
 #[derive(Debug, Parser)]
 #[command(

@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         writeln!(out, "invalid desired state: no plan")?;
         return Ok(EXIT_FATAL);
     };
-    let plan: Plan = match super::client::request(&args.state.state, "GET", "/v1/plan")? {
+    let plan: Plan = match super::ask(&args.state.state, "GET", "/v1/plan")? {
         Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's plan")?,
         Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
         None => {

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -72,7 +71,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
     if let Some(key) = &args.key {
-        return super::client::request_reconcile(&args.state.state, key);
+        return request_reconcile(&args.state.state, key);
     }
     if !args.once {
         anyhow::bail!(
@@ -183,5 +182,23 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     })
 }
 
-/// How long a command waits for the daemon's answer.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// `converge reconcile KEY`: asks the daemon to reconcile one object now.
+fn request_reconcile(state: &std::path::Path, key: &ObjectKey) -> anyhow::Result<u8> {
+    match super::ask(state, "POST", &format!("/v1/reconcile/{key}"))? {
+        None => {
+            eprintln!(
+                "error: no daemon answers at {}: start `converge run`, or use `converge reconcile --once`",
+                crate::api::client::socket_path(state).display()
+            );
+            Ok(EXIT_FATAL)
+        }
+        Some((202, body)) => {
+            println!("{}", body.trim());
+            Ok(EXIT_OK)
+        }
+        Some((status, body)) => {
+            eprintln!("error: the daemon answered {status}: {}", body.trim());
+            Ok(EXIT_FATAL)
+        }
+    }
+}

@@ -101,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         applier,
         debounce: args.debounce.get(),
     };
-    let socket = super::client::socket_path(state);
+    let socket = crate::api::client::socket_path(state);
     runtime.block_on(async {
         let listener = api::bind(&socket).context("start the local API")?;
         let metrics = Arc::new(Metrics::new());

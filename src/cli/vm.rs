@@ -139,7 +139,7 @@ fn parse_name(name: &str) -> anyhow::Result<Name> {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<u8> {
-    let rows: Vec<Value> = match super::client::request(&args.state.state, "GET", "/v1/vm")? {
+    let rows: Vec<Value> = match super::ask(&args.state.state, "GET", "/v1/vm")? {
         Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
         Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
         None => crate::api::vm_rows(&super::inspect::open_existing_store(&args.state)?)?,
@@ -227,39 +227,37 @@ fn operate(args: &NameArgs, op: VmOp) -> anyhow::Result<u8> {
     };
     // Waiting for the VM's lock (a reconcile may be starting or stopping
     // it) and a `savevm`/`loadvm` of a large guest both take a while.
-    let outcome: VmOpOutcome =
-        match super::client::request_within(&state.state, path.0, &path.1, VERB_TIMEOUT)? {
-            Some((200, body)) => {
-                serde_json::from_str(&body).context("parse the daemon's answer")?
-            }
-            Some((_, body)) => {
-                eprintln!("error: {}", body.trim());
-                return Ok(EXIT_FATAL);
-            }
-            None => {
-                let store = super::inspect::open_existing_store(state)?;
-                let vm_root = lifecycle::vm_root(&state.state);
-                let runtime = super::runtime()?;
-                let driver = ssh.driver(&state.state, &dir.dir, ONE_SHOT_SSH_PERSIST);
-                let done = runtime.block_on(vmops::operate(
-                    &driver,
-                    &store,
-                    &VmLocks::default(),
-                    &vm_root,
-                    None,
-                    &name,
-                    &op,
-                ));
-                store.flush().context("flush the store")?;
-                match done {
-                    Ok(outcome) => outcome,
-                    Err(e) => {
-                        eprintln!("error: {:#}", anyhow::Error::new(e));
-                        return Ok(EXIT_FATAL);
-                    }
+    let outcome: VmOpOutcome = match super::ask_within(&state.state, path.0, &path.1, VERB_TIMEOUT)?
+    {
+        Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
+        Some((_, body)) => {
+            eprintln!("error: {}", body.trim());
+            return Ok(EXIT_FATAL);
+        }
+        None => {
+            let store = super::inspect::open_existing_store(state)?;
+            let vm_root = lifecycle::vm_root(&state.state);
+            let runtime = super::runtime()?;
+            let driver = ssh.driver(&state.state, &dir.dir, ONE_SHOT_SSH_PERSIST);
+            let done = runtime.block_on(vmops::operate(
+                &driver,
+                &store,
+                &VmLocks::default(),
+                &vm_root,
+                None,
+                &name,
+                &op,
+            ));
+            store.flush().context("flush the store")?;
+            match done {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    eprintln!("error: {:#}", anyhow::Error::new(e));
+                    return Ok(EXIT_FATAL);
                 }
             }
-        };
+        }
+    };
     let mut out = std::io::stdout().lock();
     if *output == Output::Json {
         writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?;
@@ -294,7 +292,7 @@ const DETACH: u8 = 0x1d;
 /// The hypervisor Machine a VM runs on, when converge knows it and it is
 /// not this host.
 fn hypervisor_of(state: &StateArg, name: &Name) -> Option<String> {
-    let rows: Vec<Value> = match super::client::request(&state.state, "GET", "/v1/vm").ok()? {
+    let rows: Vec<Value> = match super::ask(&state.state, "GET", "/v1/vm").ok()? {
         Some((200, body)) => serde_json::from_str(&body).ok()?,
         Some(_) => return None,
         None => crate::api::vm_rows(&super::inspect::open_existing_store(state).ok()?).ok()?,

@@ -123,8 +123,9 @@ pub fn dependents_index(desired: &DesiredState) -> HashMap<ObjectKey, Vec<Object
 /// Whether `key` last ended waiting for dependencies.
 pub fn is_waiting<D>(ctx: &Context<D>, key: &ObjectKey) -> bool {
     ctx.store.status(key).ok().flatten().is_some_and(|s| {
-        s.condition(ConditionKind::Reconciling)
-            .is_some_and(|c| c.status && c.reason == super::machine::DEPENDENCY_NOT_READY)
+        s.condition(ConditionKind::Reconciling).is_some_and(|c| {
+            c.status && c.reason == super::reconcile::machine::DEPENDENCY_NOT_READY
+        })
     })
 }
 

@@ -13,7 +13,6 @@ pub mod backoff;
 pub mod context;
 pub mod daemon;
 pub mod lifecycle;
-pub mod machine;
 pub mod metrics;
 pub mod once;
 pub mod preview;
@@ -21,7 +20,6 @@ pub mod reconcile;
 pub mod runner;
 pub mod scheduler;
 pub mod triggers;
-pub mod vm;
 pub mod vmops;
 
 #[cfg(test)]

@@ -56,7 +56,11 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         };
         let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(key).ok().flatten();
-        let view = super::machine::plan_inputs(object, &roles.hash, &snapshot.revision.build_input);
+        let view = super::reconcile::machine::plan_inputs(
+            object,
+            &roles.hash,
+            &snapshot.revision.build_input,
+        );
         let applied = status.last_applied.as_ref().map(|a| plan::Applied {
             document: record.as_ref().map(|r| &r.spec),
             spec_hash: &a.spec_hash,
@@ -72,7 +76,7 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
             }),
             Err(e) => {
                 out.unobserved
-                    .push((key.clone(), super::machine::error_chain(&e)));
+                    .push((key.clone(), super::reconcile::machine::error_chain(&e)));
                 None
             }
         };
@@ -87,14 +91,17 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         .map(|object| {
             let ctx = ctx.clone();
             async move {
-                let result = match super::vm::hypervisor(&ctx, &object.key, &object.spec.host.value)
-                {
+                let result = match super::reconcile::vm::hypervisor(
+                    &ctx,
+                    &object.key,
+                    &object.spec.host.value,
+                ) {
                     Ok(host) => {
                         let dir = host.vm_dir(&ctx.vm_root, object.key.name.as_str());
                         ctx.driver
                             .vm_observe(&host, &dir, &object.spec.disks)
                             .await
-                            .map_err(|e| super::machine::error_chain(&e))
+                            .map_err(|e| super::reconcile::machine::error_chain(&e))
                     }
                     Err(e) => Err(e.message),
                 };
@@ -110,7 +117,7 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(key).ok().flatten();
         let view = plan::Desired {
-            document: super::vm::spec_document(&key.name, spec),
+            document: super::reconcile::vm::spec_document(&key.name, spec),
             spec_hash: &object.spec_hash,
             roles_hash: None,
             build_input: None,

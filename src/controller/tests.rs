@@ -23,7 +23,7 @@ use crate::driver::CommandOutput;
 use crate::driver::TargetError;
 use crate::driver::build::{Artifact, BuildError, BuildRequest};
 use crate::driver::capability::{DriverError, Hypervisor, MachineDriver, VmDriver};
-use crate::driver::machine::{
+use crate::driver::protocol::{
     ActivationResult, ConfirmOutcome, Confirmation, CurrentLink, GenerationId, InstallOutcome,
     MachineError, MachineFacts,
 };
@@ -365,7 +365,7 @@ impl MachineDriver for FakeDriver {
     }
 
     /// Keeps every generation: pruning is the driver's business and is
-    /// tested against real state directories in driver::machine.
+    /// tested against real state directories in driver::protocol.
     async fn prune(
         &self,
         _target: &TargetSpec,

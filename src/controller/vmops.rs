@@ -115,7 +115,7 @@ pub enum VmOpError {
         verb: &'static str,
         name: String,
         #[source]
-        source: super::vm::Unresolved,
+        source: super::reconcile::vm::Unresolved,
     },
     #[error(
         "revert vm/{name} to {snap}: the VM is running and {snap} holds no RAM state (it was taken while stopped); stop the VM (`state: stopped`), revert, then start it"
@@ -175,11 +175,11 @@ pub async fn operate<D: VmDriver>(
         source,
     };
     // Where the VM was last seen: the CLI has no desired state to ask.
-    let last = super::vm::last_place(store, &key).map_err(unresolved)?;
-    let host = super::vm::resolve_hypervisor(
+    let last = super::reconcile::vm::last_place(store, &key).map_err(unresolved)?;
+    let host = super::reconcile::vm::resolve_hypervisor(
         desired,
         store,
-        &super::vm::recorded_host(Some(&record)),
+        &super::reconcile::vm::recorded_host(Some(&record)),
         last.as_ref().map(|l| &l.host),
     )
     .map_err(unresolved)?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use std::path::Path;
 
 use super::build::{Artifact, BuildError, BuildRequest};
-use super::machine::{
+use super::protocol::{
     ActivationResult, ConfirmOutcome, Confirmation, GenerationId, InstallOutcome, MachineError,
     MachineFacts,
 };

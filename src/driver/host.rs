@@ -3,7 +3,7 @@
 //!
 //! `target: {local: true}` runs on the controller's own host through
 //! [`LocalTarget`], except observing, which reads the state directory
-//! in-process ([`machine::observe_local`]). `target: {host: …}` runs over
+//! in-process ([`protocol::observe_local`]). `target: {host: …}` runs over
 //! OpenSSH through one pooled [`SshTarget`] (one master connection) per
 //! machine, rebuilt when the spec's SSH settings change. Waiting for an
 //! activation survives a dropped connection: the wait reconnects and reads
@@ -21,7 +21,7 @@ use super::build::{Artifact, BuildRequest, CommandBuilder};
 use super::capability::{DriverError, Hypervisor, MachineDriver, VmDriver};
 use super::hypervisor::{self, Agents, HypervisorError};
 use super::local::LocalTarget;
-use super::machine::{
+use super::protocol::{
     self, ActivationAttempt, ActivationResult, ConfirmOutcome, Confirmation, GenerationId,
     InstallOutcome, MachineError, MachineFacts,
 };
@@ -230,7 +230,7 @@ async fn wait_reattaching(
     let mut lost = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match machine::wait_activation(t, state_dir, attempt, left.max(Duration::from_millis(1)))
+        match protocol::wait_activation(t, state_dir, attempt, left.max(Duration::from_millis(1)))
             .await
         {
             Ok(result) => return Ok(result),
@@ -258,8 +258,8 @@ impl MachineDriver for HostDriver {
         match self.target_for(target)? {
             // Local targets are read in-process: the same facts as the
             // observe script, without a `sh` spawn per machine per reconcile.
-            AnyTarget::Local(_) => Ok(machine::observe_local(target.state_dir(), timeout).await?),
-            t => Ok(machine::observe(&t, target.state_dir(), timeout).await?),
+            AnyTarget::Local(_) => Ok(protocol::observe_local(target.state_dir(), timeout).await?),
+            t => Ok(protocol::observe(&t, target.state_dir(), timeout).await?),
         }
     }
 
@@ -276,7 +276,7 @@ impl MachineDriver for HostDriver {
         timeout: Duration,
     ) -> Result<InstallOutcome, DriverError> {
         let t = self.target_for(target)?;
-        Ok(machine::install(
+        Ok(protocol::install(
             &t,
             target.state_dir(),
             &artifact.path,
@@ -294,7 +294,7 @@ impl MachineDriver for HostDriver {
         timeout: Duration,
     ) -> Result<(), DriverError> {
         let t = self.target_for(target)?;
-        Ok(machine::switch(&t, target.state_dir(), generation, timeout).await?)
+        Ok(protocol::switch(&t, target.state_dir(), generation, timeout).await?)
     }
 
     async fn activate(
@@ -306,7 +306,7 @@ impl MachineDriver for HostDriver {
     ) -> Result<ActivationResult, DriverError> {
         let t = self.target_for(target)?;
         let attempt =
-            machine::start_activation(&t, target.state_dir(), generation, mode, timeout).await?;
+            protocol::start_activation(&t, target.state_dir(), generation, mode, timeout).await?;
         Ok(wait_reattaching(&t, target.state_dir(), &attempt, timeout).await?)
     }
 
@@ -321,15 +321,15 @@ impl MachineDriver for HostDriver {
     ) -> Result<(ActivationResult, Option<Confirmation>), DriverError> {
         let t = self.target_for(target)?;
         let state_dir = target.state_dir();
-        let attempt = machine::start_activation(&t, state_dir, generation, mode, timeout).await?;
+        let attempt = protocol::start_activation(&t, state_dir, generation, mode, timeout).await?;
         // Armed right after the start: an activation that cuts the network is
         // exactly what the watchdog is for, so arming must not wait for it.
         // Local targets have no network between converge and the machine to
         // lose, so nothing to guard: no watchdog there.
         let remote = matches!(t, AnyTarget::Ssh(_));
-        let confirmation = if remote && machine::needs_confirmation(mode) {
+        let confirmation = if remote && protocol::needs_confirmation(mode) {
             Some(
-                machine::arm_confirmation(
+                protocol::arm_confirmation(
                     &t,
                     state_dir,
                     &attempt,
@@ -354,7 +354,7 @@ impl MachineDriver for HostDriver {
         timeout: Duration,
     ) -> Result<ConfirmOutcome, DriverError> {
         let t = self.target_for(target)?.fresh();
-        Ok(machine::confirm(&t, target.state_dir(), confirmation, timeout).await?)
+        Ok(protocol::confirm(&t, target.state_dir(), confirmation, timeout).await?)
     }
 
     async fn prune(
@@ -365,7 +365,7 @@ impl MachineDriver for HostDriver {
         timeout: Duration,
     ) -> Result<Vec<GenerationId>, DriverError> {
         let t = self.target_for(target)?;
-        Ok(machine::prune(&t, target.state_dir(), keep, protect, timeout).await?)
+        Ok(protocol::prune(&t, target.state_dir(), keep, protect, timeout).await?)
     }
 
     async fn health_check(
@@ -375,7 +375,7 @@ impl MachineDriver for HostDriver {
         timeout: Duration,
     ) -> Result<CommandOutput, DriverError> {
         let t = self.target_for(target)?;
-        Ok(machine::health_check(&t, argv, timeout).await?)
+        Ok(protocol::health_check(&t, argv, timeout).await?)
     }
 }
 

@@ -472,10 +472,10 @@ pub fn into_result(reply: Reply, machine: &str) -> Result<Value, HypervisorError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testbed::{REMOTE_STATE_DIR, Testbed};
+    use testbed::{REMOTE_STATE_DIR, Testbed};
 
     fn target(testbed: &Testbed) -> SshTarget {
-        SshTarget::new(testbed.ssh_options(0)).expect("ssh target")
+        SshTarget::new(crate::driver::ssh::testbed_options(&testbed.client(0))).expect("ssh target")
     }
 
     #[tokio::test]

@@ -14,11 +14,9 @@ pub mod git;
 pub mod host;
 pub mod hypervisor;
 pub mod local;
-pub mod machine;
+pub mod protocol;
 pub mod qemu;
 pub mod ssh;
-#[cfg(test)]
-mod ssh_e2e;
 
 use std::future::Future;
 use std::io;

@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use super::support::{Fleet, result_kind};
+use crate::support::ssh::result_kind;
 
 const EXTRA: &str = "  activation: {confirmTimeout: 5s}\n";
 
 #[test]
 fn an_activation_failure_on_one_host_rolls_it_back_and_exits_3() {
-    let fleet = Fleet::new(4);
+    let fleet = crate::support::ssh::fleet(4);
     fleet.write_all(4, &["v1"], EXTRA);
     fleet.reconcile_once(&[]).assert_code(0);
     let v1: Vec<String> = (0..4).map(|i| fleet.assert_current_complete(i)).collect();

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::support::{load, manifest_dir, render, write_dir};
+use crate::support::desired::{load, manifest_dir, render, write_dir};
 
 #[test]
 fn quickstart_is_valid_without_warnings() {

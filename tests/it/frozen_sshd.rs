@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::support::{Fleet, wait_for};
+use crate::support::ssh::wait_for;
 
 #[test]
 fn a_host_whose_sshd_freezes_during_the_run_fails_in_bounded_time() {
@@ -21,7 +21,7 @@ fn a_frozen_host_fails_within_60s_with_the_default_activation_timeout() {
 }
 
 fn frozen_during_activation(extra: &str) {
-    let fleet = Fleet::new(4);
+    let fleet = crate::support::ssh::fleet(4);
     fleet.write_all(4, &["v1", "sleep-on=host0:3"], extra);
     let testbed = &fleet.testbed;
     let starts = fleet.host_state(0).join("starts");

@@ -14,7 +14,7 @@ use converge::spec::parse::{ParsedFile, parse_file};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use crate::support::manifest_dir;
+use crate::support::desired::manifest_dir;
 
 const CASE_LIMIT: Duration = Duration::from_secs(2);
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use converge::source::Source;
 use converge::spec::{Assembled, DesiredState, Diagnostic, MachineRoles, Name, ObjectKey};
 
-use crate::support::{render, write_dir};
+use crate::support::desired::{render, write_dir};
 
 /// Everything a load yields that a reload must reproduce.
 #[derive(Debug, PartialEq)]

@@ -12,7 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use converge::spec::parse::MAX_FILE_BYTES;
 
-use crate::support::{load, render, write_dir};
+use crate::support::desired::{load, render, write_dir};
 
 /// What loading a case must yield.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use super::support::{Fleet, result_kind};
+use crate::support::ssh::result_kind;
 
 #[test]
 fn a_host_with_its_link_down_is_unreachable_and_converges_once_it_is_back() {
-    let fleet = Fleet::new(4);
+    let fleet = crate::support::ssh::fleet(4);
     fleet.write_all(4, &["v1"], "  activation: {confirmTimeout: 5s}\n");
     fleet.testbed.host(0).link_down();
 

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use super::support::{Fleet, wait_for};
+use crate::support::ssh::wait_for;
 
 #[test]
 fn a_link_that_goes_down_during_the_upload_fails_the_host_cleanly() {
-    let fleet = Fleet::new(4);
+    let fleet = crate::support::ssh::fleet(4);
     fleet.write_all(4, &["v1", "big=50"], "  activation: {confirmTimeout: 5s}\n");
     let testbed = &fleet.testbed;
     let generations = fleet.host_state(0).join("generations");

@@ -1,7 +1,8 @@
-//! The reconcile loop, end to end: the real `converge` binary against real
-//! files in temporary directories, real child processes and real signals.
-//! One scenario per file; `support` holds the shared fleet, command and
-//! daemon helpers.
+//! converge's one integration binary: the real `converge` binary and library
+//! against real files, real child processes and signals, real sshd hosts in
+//! network namespaces (the `testbed` crate) and real qemu. One scenario per
+//! file; `support` holds the shared fleets, commands and polls. The SSH
+//! scenarios need root, iproute2 and openssh-server (`scripts/setup`).
 
 #![expect(
     clippy::expect_used,
@@ -9,18 +10,37 @@
               allow-expect-in-tests covers #[test] functions, not the helpers they share"
 )]
 
+mod activation_failure;
 mod activation_failure_rolls_back;
 mod build_failure;
 mod change_then_noop;
 mod crash_safety;
 mod drift;
+mod examples;
+mod frozen_sshd;
+mod fuzz;
+mod guest_harness;
+mod health_check_failure;
 mod health_check_failure_rolls_back;
+mod incremental;
+mod invalid_inputs;
 mod invalid_yaml_while_daemon_runs;
+mod link_down;
+mod link_down_during_upload;
+mod protocol_over_ssh;
+mod remote_hypervisor;
 mod role_settings;
+mod roles;
+mod schemas;
 mod shutdown_signals;
+mod source_cache;
+mod sshd_killed_during_activation;
 mod support;
+mod testbed_harness;
 mod transient_retry_backoff;
+mod twenty_hosts;
 mod vm_bad_specs;
 mod vm_guest_machine;
 mod vm_quickstart;
 mod vm_verbs;
+mod wrong_host_key;

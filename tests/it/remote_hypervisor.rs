@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::support::{Fleet, ready_of};
+use crate::support::ssh::{SshFleet, ready_of};
 
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 
@@ -84,7 +84,7 @@ impl Drop for Guard {
     }
 }
 
-fn vm_facts(fleet: &Fleet) -> Value {
+fn vm_facts(fleet: &SshFleet) -> Value {
     let state = fleet.state();
     let run = fleet.converge_within(
         &["facts", "vm/rvm", "--state", state.to_str().expect("utf-8")],
@@ -100,7 +100,7 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
     require("qemu-img");
     // host1 only keeps the directory from becoming empty in step 6 (an
     // empty directory is never applied).
-    let fleet = Fleet::new(2);
+    let fleet = crate::support::ssh::fleet(2);
     fleet.write_all(2, &["v1"], "");
     let images = fleet.dir().join("images");
     std::fs::create_dir_all(&images).expect("create images/");
@@ -265,7 +265,7 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
     // 3. Memory changed: `plan` (observing through the agent) says it
     // forces a restart and changes nothing; the next run restarts the VM
     // with the new size.
-    let plan = |fleet: &Fleet| {
+    let plan = |fleet: &SshFleet| {
         let (dir, state, ssh_config) = (fleet.dir(), fleet.state(), fleet.ssh_config());
         fleet.converge_within(
             &[
@@ -306,7 +306,7 @@ fn a_vm_on_a_hypervisor_machine_runs_there_restarts_on_change_and_kill_and_is_de
         .status()
         .expect("run kill");
     assert!(killed.success());
-    super::support::wait_for(
+    crate::support::ssh::wait_for(
         "the killed QEMU to be gone",
         Duration::from_secs(10),
         || live_qemu(&pidfile).is_none().then_some(()),

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use converge::spec::{DesiredState, Name};
 use serde_json::{Value, json};
 
-use crate::support::load_valid;
+use crate::support::desired::load_valid;
 
 fn n(s: &str) -> Name {
     Name::new(s).expect("a valid name in the test")

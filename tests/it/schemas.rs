@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use converge::spec::schema;
 
-use crate::support::manifest_dir;
+use crate::support::desired::manifest_dir;
 
 #[test]
 fn committed_schemas_match_the_model() {

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use converge::source::Source;
 use converge::spec::Name;
 
-use crate::support::{render, write_dir};
+use crate::support::desired::{render, write_dir};
 
 fn machine(name: &str, interval: &str) -> String {
     format!(

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use super::support::{Fleet, wait_for};
+use crate::support::ssh::wait_for;
 
 #[test]
 fn a_listener_killed_during_activation_fails_cleanly_and_a_rerun_converges() {
-    let fleet = Fleet::new(4);
+    let fleet = crate::support::ssh::fleet(4);
     fleet.write_all(
         4,
         &["v1", "sleep-on=host0:3"],

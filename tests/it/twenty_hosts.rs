@@ -1,12 +1,10 @@
 //! Twenty fresh SSH hosts converge in one `reconcile --once`, and a second
 //! run changes nothing: no activation, no new attempt in the history.
 
-use super::support::Fleet;
-
 #[test]
 fn twenty_hosts_converge_from_nothing_and_the_second_run_is_a_noop() {
     const N: usize = 20;
-    let fleet = Fleet::new(N);
+    let fleet = crate::support::ssh::fleet(N);
     fleet.write_all(N, &["v1"], "");
 
     let first = fleet.reconcile_once(&["--concurrency", "20"]);

@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use super::support::Fleet;
-
 #[test]
 fn a_wrong_host_key_fails_the_host_and_uploads_nothing() {
-    let fleet = Fleet::new(4);
+    let fleet = crate::support::ssh::fleet(4);
     fleet.write_all(4, &["v1"], "  activation: {confirmTimeout: 5s}\n");
     fleet.write_machine(
         0,

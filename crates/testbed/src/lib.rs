@@ -19,8 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::driver::ssh::SshOptions;
-
 /// Every testbed's names start with this; the run id follows.
 pub const PREFIX: &str = "cvt";
 /// Where a host sees its state directory (the bind mount's target).
@@ -52,6 +50,24 @@ pub struct Testbed {
     client_key: PathBuf,
     ssh_config: PathBuf,
     hosts: Vec<Host>,
+}
+
+pub mod fleet;
+pub mod guest;
+
+/// How an SSH client reaches one host of a [`Testbed`], as plain data (the
+/// tests turn it into converge's own client options).
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub address: String,
+    pub port: u16,
+    /// The host's public key, `ssh-ed25519 AAAA...`.
+    pub host_key: String,
+    pub identity_file: PathBuf,
+    /// An empty user ssh_config (so the machine's own is not read).
+    pub ssh_config: PathBuf,
+    /// A short directory for control sockets.
+    pub control_dir: PathBuf,
 }
 
 /// One SSH host of a [`Testbed`].
@@ -290,10 +306,6 @@ impl Testbed {
         }
     }
 
-    #[expect(
-        dead_code,
-        reason = "testbed API for scenarios; not every test uses every accessor"
-    )]
     /// All hosts, in creation order (host `i` has address `10.X.0.(11+i)`).
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
@@ -309,10 +321,6 @@ impl Testbed {
         &self.id
     }
 
-    #[expect(
-        dead_code,
-        reason = "testbed API for scenarios; not every test uses every accessor"
-    )]
     /// The bridge all hosts' veths are attached to (address `10.X.0.1`).
     pub fn bridge(&self) -> &str {
         &self.bridge
@@ -323,17 +331,18 @@ impl Testbed {
         &self.dir
     }
 
-    /// Client options for host `i`: the testbed's key and host key, an empty
-    /// user ssh_config, a short control directory, converge's defaults
-    /// otherwise.
-    pub fn ssh_options(&self, i: usize) -> SshOptions {
+    /// How a client reaches host `i`: the testbed's key and host key, an
+    /// empty user ssh_config, a short control directory.
+    pub fn client(&self, i: usize) -> Client {
         let host = &self.hosts[i];
-        let mut options = SshOptions::new(host.address.clone(), self.dir.join("c"));
-        options.port = host.port;
-        options.host_key = Some(host.host_key.clone());
-        options.identity_file = Some(self.client_key.clone());
-        options.ssh_config = Some(self.ssh_config.clone());
-        options
+        Client {
+            address: host.address.clone(),
+            port: host.port,
+            host_key: host.host_key.clone(),
+            identity_file: self.client_key.clone(),
+            ssh_config: self.ssh_config.clone(),
+            control_dir: self.dir.join("c"),
+        }
     }
 
     fn teardown(&mut self) -> Vec<String> {
@@ -512,10 +521,6 @@ impl Host {
         let _ = fs::remove_file(self.dir.join("sshd.pid"));
     }
 
-    #[expect(
-        dead_code,
-        reason = "testbed API for scenarios; not every test uses every accessor"
-    )]
     /// The host's directory on the controller (logs, keys, config).
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -722,72 +727,4 @@ pub fn leftovers(id: &str) -> Vec<String> {
 /// Marks a file executable (tests build artifacts with it).
 pub fn make_executable(path: &Path) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_testbed_that_panics_leaves_nothing_behind() {
-        let mut id = String::new();
-        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let testbed = Testbed::new(2);
-            id = testbed.id().to_owned();
-            assert!(!leftovers(&id).is_empty(), "a live testbed must be visible");
-            // A detached process inside a host, as an activation would leave.
-            let marker = format!("/tmp/{PREFIX}{id}");
-            testbed.host(0).exec(&[
-                "setsid",
-                "-f",
-                "sh",
-                "-c",
-                "exec </dev/null >/dev/null 2>&1; sleep 300; :",
-                &marker,
-            ]);
-            panic!("deliberate failure inside a test");
-        }));
-        assert!(caught.is_err());
-        assert!(!id.is_empty());
-        let left = leftovers(&id);
-        assert!(left.is_empty(), "left behind: {left:#?}");
-    }
-
-    #[test]
-    fn cleanup_stale_removes_a_crashed_run_and_spares_live_ones() {
-        let live = Testbed::new(1);
-        let crashed = Testbed::new(2);
-        let crashed_id = crashed.id().to_owned();
-        // Pretend its owner died: pid 1's identity with a start time that never matches.
-        fs::write(crashed.dir().join("owner"), "1 0").expect("write owner");
-        std::mem::forget(crashed);
-        let cleaned = cleanup_stale(PREFIX);
-        assert!(cleaned.contains(&crashed_id), "{cleaned:?}");
-        assert!(!cleaned.contains(&live.id().to_owned()));
-        let left = leftovers(&crashed_id);
-        assert!(left.is_empty(), "left behind: {left:#?}");
-        assert!(leftovers(live.id()).iter().any(|l| l.starts_with("netns")));
-        assert!(
-            live.host(0)
-                .exec(&["ip", "-br", "addr"])
-                .contains(&live.host(0).address)
-        );
-    }
-
-    /// `cargo test -- --ignored --nocapture twenty_hosts`.
-    #[test]
-    #[ignore = "measurement, not a check"]
-    fn twenty_hosts_up_and_down_timing() {
-        for round in 0..3 {
-            let started = Instant::now();
-            let testbed = Testbed::new(20);
-            let up = started.elapsed();
-            let id = testbed.id().to_owned();
-            let started = Instant::now();
-            drop(testbed);
-            let down = started.elapsed();
-            assert!(leftovers(&id).is_empty());
-            println!("round {round}: 20 hosts up {up:.2?}, down {down:.2?}");
-        }
-    }
 }

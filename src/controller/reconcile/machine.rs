@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::applier::Action;
-use super::context::{Context, Snapshot};
-use super::reconcile::{ReconcileError, jittered};
+use super::{ReconcileError, jittered};
+use crate::controller::applier::Action;
+use crate::controller::context::{Context, Snapshot};
 use crate::driver::build::{Artifact, BuildRequest, cache_key};
 use crate::driver::capability::{DriverError, Drivers};
-use crate::driver::machine::{ConfirmOutcome, Confirmation, GenerationId, MachineFacts};
+use crate::driver::protocol::{ConfirmOutcome, Confirmation, GenerationId, MachineFacts};
 use crate::plan::{self, ChangeKind};
 use crate::spec::{DriftPolicy, MachineSpec, Object, ObjectKey, RollbackPolicy};
 use crate::store::records::{

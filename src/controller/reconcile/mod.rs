@@ -5,11 +5,14 @@
 //! from the store, observes afresh, and returns an [`Action`] (when to look
 //! again) or a [`ReconcileError`] that says whether retrying can help.
 
+pub mod machine;
+pub mod vm;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::applier::{Action, ReconcileError as ApplierError};
-use super::context::Context;
+use crate::controller::applier::{Action, ReconcileError as ApplierError};
+use crate::controller::context::Context;
 use crate::driver::capability::Drivers;
 use crate::spec::{Kind, ObjectKey};
 use crate::store::records::{ConditionKind, StatusRecord, now_ms};
@@ -66,9 +69,9 @@ pub async fn reconcile<D: Drivers>(
     key: ObjectKey,
 ) -> Result<Action, ReconcileError> {
     let result = match key.kind {
-        Kind::Machine => super::machine::reconcile(&ctx, &key).await,
+        Kind::Machine => machine::reconcile(&ctx, &key).await,
         Kind::Service => reconcile_service(&ctx, &key),
-        Kind::VirtualMachine => super::vm::reconcile(&ctx, &key).await,
+        Kind::VirtualMachine => vm::reconcile(&ctx, &key).await,
     };
     if let Err(e) = &result {
         record_failure(&ctx, &key, e);

@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::applier::Action;
-use super::context::Context;
 use super::machine::error_chain;
-use super::reconcile::{ReconcileError, jittered};
+use super::{ReconcileError, jittered};
+use crate::controller::applier::Action;
+use crate::controller::context::Context;
 use crate::driver::capability::{DriverError, Drivers, Hypervisor};
 use crate::spec::{Name, ObjectKey, OnDelete, Target as TargetSpec, VmHost, VmPowerState};
 use crate::store::Store;

@@ -30,7 +30,7 @@ use super::{
 };
 
 /// Runs every command: reports its process group, exports env, execs argv.
-const RUN_SCRIPT: &str = include_str!("scripts/ssh_run.sh");
+const RUN_SCRIPT: &str = include_str!("run.sh");
 
 /// `sun_path` holds 108 bytes including the NUL terminator.
 const SOCKET_PATH_MAX: usize = 107;
@@ -1596,13 +1596,25 @@ pub async fn effective_client_config(target: &SshTarget) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Client options for a testbed host: its key and host key, an empty user
+/// ssh_config, a short control directory, converge's defaults otherwise.
+#[cfg(test)]
+pub(crate) fn testbed_options(client: &testbed::Client) -> SshOptions {
+    let mut options = SshOptions::new(client.address.clone(), client.control_dir.clone());
+    options.port = client.port;
+    options.host_key = Some(client.host_key.clone());
+    options.identity_file = Some(client.identity_file.clone());
+    options.ssh_config = Some(client.ssh_config.clone());
+    options
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testbed::{REMOTE_STATE_DIR, Testbed};
     use std::fs;
     use std::os::unix::fs::symlink;
     use std::time::Instant as StdInstant;
+    use testbed::{REMOTE_STATE_DIR, Testbed};
 
     const T: Duration = Duration::from_secs(30);
 
@@ -1611,7 +1623,7 @@ mod tests {
     }
 
     fn target(testbed: &Testbed, i: usize) -> SshTarget {
-        SshTarget::new(testbed.ssh_options(i)).expect("ssh target")
+        SshTarget::new(testbed_options(&testbed.client(i))).expect("ssh target")
     }
 
     fn remote(path: &str) -> String {
@@ -1810,7 +1822,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_master_outlives_its_target_and_the_next_one_resumes_it() {
         let testbed = Testbed::new(1);
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.keep_master = true;
         options.master_idle_exit = Duration::from_secs(30);
         let first = SshTarget::new(options.clone()).expect("target");
@@ -1907,7 +1919,7 @@ mod tests {
         let testbed = Testbed::new(1);
         // A limit above sshd's MaxSessions (10): sshd itself refuses the
         // extra channels, and each refused one must be opened again.
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.max_sessions = 24;
         let t = SshTarget::new(options).expect("ssh target");
         let nap = argv(&["sleep", "0.3"]);
@@ -2018,7 +2030,7 @@ mod tests {
     #[tokio::test]
     async fn an_upload_cut_by_a_dead_link_fails_and_leaves_no_dest() {
         let testbed = Testbed::new(1);
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.connect_timeout = Duration::from_secs(2);
         let t = SshTarget::new(options).expect("target");
         t.connect().await.expect("connect");
@@ -2085,7 +2097,7 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_host_key_is_refused_before_anything_runs_or_uploads() {
         let testbed = Testbed::new(2);
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.host_key = Some(testbed.host(1).host_key.clone());
         let t = SshTarget::new(options).expect("target");
         let error = t
@@ -2115,7 +2127,7 @@ mod tests {
         // No key known at all: refused too, unless the user opted in to accept-new.
         let known_hosts = testbed.dir().join("empty_known_hosts");
         fs::write(&known_hosts, "").expect("write");
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.host_key = None;
         options.known_hosts = Some(known_hosts.clone());
         let t = SshTarget::new(options.clone()).expect("target");
@@ -2155,7 +2167,7 @@ mod tests {
     async fn a_host_whose_link_is_down_fails_within_the_connect_timeout() {
         let testbed = Testbed::new(1);
         testbed.host(0).link_down();
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.connect_timeout = Duration::from_secs(2);
         let t = SshTarget::new(options).expect("target");
         let started = StdInstant::now();
@@ -2276,7 +2288,7 @@ mod tests {
             "Host *\n  ServerAliveCountMax 9\n  StrictHostKeyChecking no\n  ConnectTimeout 99\n  Compression yes\n",
         )
         .expect("write");
-        let mut options = testbed.ssh_options(0);
+        let mut options = testbed_options(&testbed.client(0));
         options.ssh_config = Some(user_config);
         let t = SshTarget::new(options).expect("target");
         let config = effective_client_config(&t).await.expect("ssh -G");
@@ -2317,7 +2329,7 @@ mod tests {
             "Host *\n  KexAlgorithms sntrup761x25519-sha512@openssh.com\n",
         )
         .expect("write");
-        let mut pq = testbed.ssh_options(0);
+        let mut pq = testbed_options(&testbed.client(0));
         pq.ssh_config = Some(pq_config);
         let pq = SshTarget::new(pq).expect("target");
         let pq_effective = effective_client_config(&pq).await.expect("ssh -G");

@@ -1,4 +1,4 @@
-//! Helpers shared by the reconcile-loop scenarios: a temporary fleet (a
+//! Helpers shared by the scenarios. This file: a temporary local fleet (a
 //! desired-state directory, a controller state directory, one state directory
 //! per local machine, ledgers that activations append to), the real
 //! `converge` binary run with a time bound, its JSON output parsed, a daemon
@@ -6,7 +6,11 @@
 //!
 //! Nothing here sleeps and hopes: every wait is a poll of an observable
 //! condition with a generous limit, and every limit that runs out fails the
-//! test with what was seen.
+//! test with what was seen. `desired` loads desired-state directories
+//! through the library; `ssh` gives fleets of real sshd hosts.
+
+pub mod desired;
+pub mod ssh;
 
 use std::fs;
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! Desired-state loading benchmark: generates a large directory and times
 //! cold loads, reloads after one file changed, and where the time goes.
 //!
-//! Run in release: `cargo run --release --bin bench-load`. Prints numbers;
+//! Run in release: `cargo run --release -p converge-bench --bin bench-load`. Prints numbers;
 //! BENCHMARKS.md records them. Options: `--all-service` adds one service
 //! whose role selects every machine (`tags: [all]`); `--memory` only loads
 //! once and prints what a loaded `Source` holds.

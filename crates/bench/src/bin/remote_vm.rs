@@ -1,15 +1,15 @@
 //! `scripts/bench-fleet` also runs this: ten idle VMs on one hypervisor
 //! Machine (a testbed host reached over SSH). Prints the first converge (it
 //! installs the agent), each VM's start step and QMP-ready time, a no-op
-//! run, and a killed VM back to running. Ignored by default:
-//! `cargo test --release --test fleet -- --ignored --nocapture bench_remote`.
+//! run, and a killed VM back to running. Runs the converge binary
+//! `CONVERGE_BIN` names (the script builds it in release).
 
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::support::Fleet;
+use testbed::fleet::SshFleet as Fleet;
 
 const VMS: usize = 10;
 const LIMIT: Duration = Duration::from_secs(300);
@@ -51,15 +51,15 @@ fn median(mut xs: Vec<u64>) -> u64 {
     xs[xs.len() / 2]
 }
 
-#[test]
-#[ignore = "benchmark: prints numbers, run by scripts/bench-fleet"]
-fn bench_remote_vms_on_a_hypervisor_machine() {
-    let fleet = Fleet::new(1);
+fn main() {
+    let bin =
+        std::env::var("CONVERGE_BIN").unwrap_or_else(|_| "target/release/converge".to_owned());
+    let fleet = Fleet::new(&bin, 1);
     fleet.write_all(1, &["v1"], "");
     for i in 0..VMS {
         std::fs::write(fleet.dir().join(format!("rvm{i}.yaml")), vm_yaml(i)).expect("write");
     }
-    let exe = std::fs::metadata(super::support::BIN).map_or(0, |m| m.len());
+    let exe = std::fs::metadata(&bin).map_or(0, |m| m.len());
 
     let first = fleet.reconcile_within(&[], LIMIT);
     first.assert_code(0);

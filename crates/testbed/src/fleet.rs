@@ -1,7 +1,7 @@
-//! Helpers shared by the SSH fleet scenarios: a desired-state directory whose
-//! machines are testbed hosts, the real `converge` binary run with a time
-//! bound, its JSON output parsed, and bounded polls. Copied in part from
-//! tests/loop/support.rs (test binaries cannot share modules).
+//! An SSH fleet for scenarios and benchmarks: a desired-state directory whose
+//! machines are testbed hosts, the real `converge` binary (whose path the
+//! caller gives) run with a time bound, its JSON output parsed, and bounded
+//! polls.
 //!
 //! Every wait is a poll of an observable condition with a limit; a limit that
 //! runs out fails the test with what was seen.
@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::testbed::{REMOTE_STATE_DIR, Testbed, leftovers};
-
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_converge");
+use crate::{REMOTE_STATE_DIR, Testbed, leftovers};
 
 /// Bound on one `reconcile --once` of a small fleet, or a read command.
 pub const COMMAND_LIMIT: Duration = Duration::from_secs(120);
@@ -62,15 +59,17 @@ chmod +x "$CONVERGE_OUT/activate"
 
 /// One scenario's world: a testbed of SSH hosts and a temporary directory
 /// with `d/` (desired state), `s/` (controller state) and `logs/`.
-pub struct Fleet {
+pub struct SshFleet {
+    bin: PathBuf,
     root: tempfile::TempDir,
     runs: std::cell::Cell<u32>,
     pub testbed: Testbed,
 }
 
-impl Fleet {
-    /// A fleet of `n` fresh SSH hosts named `host0`..; no machine documents yet.
-    pub fn new(n: usize) -> Fleet {
+impl SshFleet {
+    /// A fleet of `n` fresh SSH hosts named `host0`..; no machine documents
+    /// yet. `bin` is the `converge` binary to run.
+    pub fn new(bin: impl Into<PathBuf>, n: usize) -> SshFleet {
         let testbed = Testbed::new(n);
         let root = tempfile::Builder::new()
             .prefix("converge-fleet-")
@@ -79,7 +78,8 @@ impl Fleet {
         for dir in ["d", "s", "logs"] {
             fs::create_dir_all(root.path().join(dir)).expect("create a fleet directory");
         }
-        let fleet = Fleet {
+        let fleet = SshFleet {
+            bin: bin.into(),
             root,
             runs: std::cell::Cell::new(0),
             testbed,
@@ -106,10 +106,7 @@ impl Fleet {
 
     /// The testbed's (empty) ssh_config, passed as `--ssh-config`.
     pub fn ssh_config(&self) -> PathBuf {
-        self.testbed
-            .ssh_options(0)
-            .ssh_config
-            .expect("the testbed sets an ssh_config")
+        self.testbed.client(0).ssh_config
     }
 
     /// The Machine document of host `i` (named `host{i}`), built by
@@ -117,8 +114,7 @@ impl Fleet {
     /// `extra` is more YAML at the level of `target`.
     pub fn machine_with_key(&self, i: usize, key_of: usize, build: &[&str], extra: &str) -> String {
         let host = self.testbed.host(i);
-        let options = self.testbed.ssh_options(i);
-        let identity = options.identity_file.expect("the testbed sets a key");
+        let identity = self.testbed.client(i).identity_file;
         let argv: Vec<String> = std::iter::once("./build.sh")
             .chain(build.iter().copied())
             .map(|a| format!("{a:?}"))
@@ -219,7 +215,7 @@ impl Fleet {
         self.runs.set(n);
         let out = self.root().join("logs").join(format!("run-{n}.out"));
         let err = self.root().join("logs").join(format!("run-{n}.err"));
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(&self.bin)
             .args(args)
             .env_remove("RUST_LOG")
             .env_remove("CONVERGE_LOG_FORMAT")

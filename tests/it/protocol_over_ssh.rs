@@ -1,20 +1,18 @@
-//! End-to-end scenarios (test only): the machine protocol over a real SSH
-//! target on testbed hosts, with real faults. These become integration tests
-//! (`tests/`, one file per scenario); they must not depend on anything but
-//! the driver's public API and the testbed.
+//! The machine protocol over a real SSH target on testbed hosts, with real
+//! faults, through the driver's public API only.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::driver::Target;
-use crate::driver::build::tree_hash;
-use crate::driver::machine::{
+use converge::driver::Target;
+use converge::driver::build::tree_hash;
+use converge::driver::protocol::{
     self, ConfirmOutcome, ConfirmationState, CurrentLink, GenerationId, InstallOutcome,
     RollbackAction,
 };
-use crate::driver::ssh::SshTarget;
-use crate::testbed::{REMOTE_STATE_DIR, Testbed, make_executable};
+use converge::driver::ssh::SshTarget;
+use testbed::{REMOTE_STATE_DIR, Testbed, make_executable};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -32,7 +30,7 @@ fn artifact(dir: &Path, name: &str, body: &str) -> (PathBuf, String) {
 
 async fn install(t: &SshTarget, n: u64, root: &Path, hash: &str) -> GenerationId {
     let generation = GenerationId::new(n, hash).expect("generation");
-    machine::install(
+    protocol::install(
         t,
         REMOTE_STATE_DIR,
         root,
@@ -60,10 +58,10 @@ fn chain(error: &dyn std::error::Error) -> String {
 async fn the_machine_protocol_runs_end_to_end_over_ssh() {
     let testbed = Testbed::new(1);
     let host = testbed.host(0);
-    let t = SshTarget::new(testbed.ssh_options(0)).expect("target");
+    let t = SshTarget::new(crate::support::ssh::options(&testbed, 0)).expect("target");
     let local = tempfile::tempdir().expect("tempdir");
 
-    let facts = machine::observe(&t, REMOTE_STATE_DIR, T)
+    let facts = protocol::observe(&t, REMOTE_STATE_DIR, T)
         .await
         .expect("observe");
     assert_eq!(facts.hostname, host.name);
@@ -76,7 +74,7 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
         "echo \"mode=$1 generation=$CONVERGE_GENERATION roles=$(cat \"$CONVERGE_ROLES\")\"; echo \"$CONVERGE_GENERATION\" >> \"$CONVERGE_STATE_DIR/ledger\"",
     );
     let g1 = GenerationId::new(1, hash.clone()).expect("generation");
-    let outcome = machine::install(&t, REMOTE_STATE_DIR, &root, b"{\"role\":\"peer\"}", &g1, T)
+    let outcome = protocol::install(&t, REMOTE_STATE_DIR, &root, b"{\"role\":\"peer\"}", &g1, T)
         .await
         .expect("install");
     assert_eq!(outcome, InstallOutcome::Uploaded);
@@ -87,15 +85,15 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
         "uploaded tree is identical"
     );
     let g2 = GenerationId::new(2, hash).expect("generation");
-    let outcome = machine::install(&t, REMOTE_STATE_DIR, &root, b"{}", &g2, T)
+    let outcome = protocol::install(&t, REMOTE_STATE_DIR, &root, b"{}", &g2, T)
         .await
         .expect("install");
     assert_eq!(outcome, InstallOutcome::CopiedOnTarget);
 
-    machine::switch(&t, REMOTE_STATE_DIR, &g1, T)
+    protocol::switch(&t, REMOTE_STATE_DIR, &g1, T)
         .await
         .expect("switch");
-    let result = machine::activate(&t, REMOTE_STATE_DIR, &g1, "switch", T)
+    let result = protocol::activate(&t, REMOTE_STATE_DIR, &g1, "switch", T)
         .await
         .expect("activate");
     assert_eq!(result.code, 0, "{}", result.log);
@@ -103,24 +101,24 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
         result.log,
         format!("mode=switch generation={g1} roles={{\"role\":\"peer\"}}\n")
     );
-    let facts = machine::observe(&t, REMOTE_STATE_DIR, T)
+    let facts = protocol::observe(&t, REMOTE_STATE_DIR, T)
         .await
         .expect("observe");
     assert_eq!(facts.current_generation(), Some(&g1));
     assert_eq!(facts.generations, [g1.clone(), g2.clone()]);
     let argv = ["test", "-e", "/var/lib/converge/current/.complete"].map(str::to_owned);
-    machine::health_check(&t, &argv, T)
+    protocol::health_check(&t, &argv, T)
         .await
         .expect("health check");
 
     // Magic rollback, confirmed over a new connection.
-    machine::switch(&t, REMOTE_STATE_DIR, &g2, T)
+    protocol::switch(&t, REMOTE_STATE_DIR, &g2, T)
         .await
         .expect("switch");
-    let attempt = machine::start_activation(&t, REMOTE_STATE_DIR, &g2, "switch", T)
+    let attempt = protocol::start_activation(&t, REMOTE_STATE_DIR, &g2, "switch", T)
         .await
         .expect("start");
-    let c = machine::arm_confirmation(
+    let c = protocol::arm_confirmation(
         &t,
         REMOTE_STATE_DIR,
         &attempt,
@@ -132,7 +130,7 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
     .await
     .expect("arm");
     assert_eq!(
-        machine::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T)
+        protocol::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T)
             .await
             .expect("wait")
             .code,
@@ -140,7 +138,7 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
     );
     let fresh = t.fresh();
     assert_eq!(
-        machine::confirm(&fresh, REMOTE_STATE_DIR, &c, T)
+        protocol::confirm(&fresh, REMOTE_STATE_DIR, &c, T)
             .await
             .expect("confirm"),
         ConfirmOutcome::Confirmed
@@ -152,7 +150,7 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
     );
     let ledger = fs::read_to_string(host.state_dir.join("ledger")).expect("ledger");
     assert_eq!(ledger, format!("{g1}\n{g2}\n"));
-    let removed = machine::prune(&t, REMOTE_STATE_DIR, 0, &[], T)
+    let removed = protocol::prune(&t, REMOTE_STATE_DIR, 0, &[], T)
         .await
         .expect("prune");
     assert_eq!(removed, [g1]);
@@ -162,20 +160,20 @@ async fn the_machine_protocol_runs_end_to_end_over_ssh() {
 async fn an_activation_survives_a_dropped_connection() {
     let testbed = Testbed::new(1);
     let host = testbed.host(0);
-    let mut options = testbed.ssh_options(0);
+    let mut options = crate::support::ssh::options(&testbed, 0);
     options.connect_timeout = Duration::from_secs(2);
     let t = SshTarget::new(options).expect("target");
     let local = tempfile::tempdir().expect("tempdir");
     let (root, hash) = artifact(local.path(), "slow", "sleep 3; echo finished; exit 4");
     let g1 = install(&t, 1, &root, &hash).await;
-    machine::switch(&t, REMOTE_STATE_DIR, &g1, T)
+    protocol::switch(&t, REMOTE_STATE_DIR, &g1, T)
         .await
         .expect("switch");
-    let attempt = machine::start_activation(&t, REMOTE_STATE_DIR, &g1, "switch", T)
+    let attempt = protocol::start_activation(&t, REMOTE_STATE_DIR, &g1, "switch", T)
         .await
         .expect("start");
     // The controller is waiting when the link drops.
-    let waiting = machine::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T);
+    let waiting = protocol::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T);
     let fault = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         host.link_down();
@@ -195,7 +193,7 @@ async fn an_activation_survives_a_dropped_connection() {
     let fresh = t.fresh();
     let deadline = Instant::now() + Duration::from_secs(15);
     let result = loop {
-        match machine::wait_activation(&fresh, REMOTE_STATE_DIR, &attempt, T).await {
+        match protocol::wait_activation(&fresh, REMOTE_STATE_DIR, &attempt, T).await {
             Ok(result) => break result,
             Err(e) if e.is_transient() && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -212,7 +210,7 @@ async fn an_activation_survives_a_dropped_connection() {
 #[tokio::test]
 async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
     let testbed = Testbed::new(1);
-    let mut options = testbed.ssh_options(0);
+    let mut options = crate::support::ssh::options(&testbed, 0);
     options.connect_timeout = Duration::from_secs(2);
     let t = SshTarget::new(options).expect("target");
     let local = tempfile::tempdir().expect("tempdir");
@@ -224,24 +222,24 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
     );
     let g1 = install(&t, 1, &good, &good_hash).await;
     let g2 = install(&t, 2, &bad, &bad_hash).await;
-    machine::switch(&t, REMOTE_STATE_DIR, &g1, T)
+    protocol::switch(&t, REMOTE_STATE_DIR, &g1, T)
         .await
         .expect("switch");
-    machine::activate(&t, REMOTE_STATE_DIR, &g1, "switch", T)
+    protocol::activate(&t, REMOTE_STATE_DIR, &g1, "switch", T)
         .await
         .expect("activate");
 
-    machine::switch(&t, REMOTE_STATE_DIR, &g2, T)
+    protocol::switch(&t, REMOTE_STATE_DIR, &g2, T)
         .await
         .expect("switch");
-    let attempt = machine::start_activation(&t, REMOTE_STATE_DIR, &g2, "switch", T)
+    let attempt = protocol::start_activation(&t, REMOTE_STATE_DIR, &g2, "switch", T)
         .await
         .expect("start");
     // Armed before waiting: the activation may cut us off. The window is
     // longer than the dead-link bound (6 s), so the controller's connection
     // is surely dropped before the machine restores its network.
     let window = t.options().dead_link_bound() + Duration::from_secs(2);
-    let c = machine::arm_confirmation(
+    let c = protocol::arm_confirmation(
         &t,
         REMOTE_STATE_DIR,
         &attempt,
@@ -253,7 +251,7 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
     .await
     .expect("arm");
     let started = Instant::now();
-    let error = match machine::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T).await {
+    let error = match protocol::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T).await {
         Ok(result) => panic!("the activation must take the network down: {result:?}"),
         Err(error) => error,
     };
@@ -263,7 +261,7 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
         chain(&error)
     );
     assert!(error.is_transient());
-    let error = machine::confirm(&t.fresh(), REMOTE_STATE_DIR, &c, T)
+    let error = protocol::confirm(&t.fresh(), REMOTE_STATE_DIR, &c, T)
         .await
         .expect_err("cannot confirm: unreachable");
     assert!(error.is_transient(), "{error:?}");
@@ -271,7 +269,7 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
     // The machine rolls back on its own and comes back; the controller reads what happened.
     let deadline = Instant::now() + Duration::from_secs(30);
     let rollback = loop {
-        match machine::confirmation_state(&t.fresh(), REMOTE_STATE_DIR, &c, T).await {
+        match protocol::confirmation_state(&t.fresh(), REMOTE_STATE_DIR, &c, T).await {
             Ok(ConfirmationState::Fired { rollback })
                 if rollback.action != RollbackAction::InProgress =>
             {
@@ -299,11 +297,11 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
         matches!(&rollback.action, RollbackAction::RolledBack { to, code: Some(0), .. } if *to == g1),
         "{rollback:?}"
     );
-    let facts = machine::observe(&t, REMOTE_STATE_DIR, T)
+    let facts = protocol::observe(&t, REMOTE_STATE_DIR, T)
         .await
         .expect("observe");
     assert_eq!(facts.current_generation(), Some(&g1));
-    match machine::confirm(&t, REMOTE_STATE_DIR, &c, T)
+    match protocol::confirm(&t, REMOTE_STATE_DIR, &c, T)
         .await
         .expect("confirm")
     {
@@ -318,7 +316,7 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
 async fn ssh_timings_per_host() {
     let testbed = Testbed::new(20);
     let targets: Vec<SshTarget> = (0..20)
-        .map(|i| SshTarget::new(testbed.ssh_options(i)).expect("target"))
+        .map(|i| SshTarget::new(crate::support::ssh::options(&testbed, i)).expect("target"))
         .collect();
     let argv = ["true".to_owned()];
     let mut connect = Vec::new();
@@ -333,7 +331,7 @@ async fn ssh_timings_per_host() {
             t.run(&argv, &[], T).await.expect("again");
             command.push(s.elapsed());
             let s = Instant::now();
-            machine::observe(t, REMOTE_STATE_DIR, T)
+            protocol::observe(t, REMOTE_STATE_DIR, T)
                 .await
                 .expect("observe");
             observe.push(s.elapsed());
@@ -343,7 +341,7 @@ async fn ssh_timings_per_host() {
     let all = futures::future::join_all(
         targets
             .iter()
-            .map(|t| machine::observe(t, REMOTE_STATE_DIR, T)),
+            .map(|t| protocol::observe(t, REMOTE_STATE_DIR, T)),
     )
     .await;
     let fleet_observe = fleet.elapsed();
@@ -374,7 +372,7 @@ async fn ssh_timings_per_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn command_output_is_never_truncated() {
     let testbed = Testbed::new(1);
-    let t = SshTarget::new(testbed.ssh_options(0)).expect("target");
+    let t = SshTarget::new(crate::support::ssh::options(&testbed, 0)).expect("target");
     let argv: Vec<String> = [
         "sh",
         "-c",
