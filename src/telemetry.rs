@@ -15,6 +15,22 @@ pub const FIELD_REVISION: &str = "revision";
 /// Target of drift lines (one WARN per detected change).
 pub const DRIFT_TARGET: &str = "converge::drift";
 
+/// `e` and its sources, joined with ": ", each said once, so a message says
+/// what failed and why.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Readable lines (colored on a terminal).

@@ -164,7 +164,7 @@ pub fn vm_rows(store: &Store) -> Result<Vec<serde_json::Value>, crate::store::St
             "qmpStatus": facts.get("qmpStatus"),
             "disks": facts.get("disks"),
             "ready": ready.map(|c| c.status),
-            "reason": ready.map(|c| c.reason.clone()),
+            "reason": ready.map(|c| c.reason),
             "message": ready.map(|c| c.message.clone()),
             "lastSeenMs": observed_ms,
         }));

@@ -257,15 +257,12 @@ pub fn history(args: HistoryArgs) -> anyhow::Result<u8> {
                 .into_iter()
                 .flatten()
                 .map(|s| {
-                    format!(
-                        "{}{}",
-                        text(s.get("name")).split(' ').next().unwrap_or(""),
-                        if s["ok"].as_bool() == Some(true) {
-                            ""
-                        } else {
-                            "!"
-                        }
-                    )
+                    let mark = match s["status"].as_str() {
+                        Some("failed") => "!",
+                        Some("skipped") => "-",
+                        _ => "",
+                    };
+                    format!("{}{mark}", text(s.get("name")))
                 })
                 .collect();
             vec![
@@ -291,13 +288,19 @@ pub fn history(args: HistoryArgs) -> anyhow::Result<u8> {
         for a in &attempts {
             writeln!(out, "\nattempt {}:", text(a.get("id")))?;
             for s in a["steps"].as_array().into_iter().flatten() {
+                let detail = match s.get("detail") {
+                    Some(Value::Object(map)) if !map.is_empty() => {
+                        format!(" {}", Value::Object(map.clone()))
+                    }
+                    _ => String::new(),
+                };
                 writeln!(
                     out,
-                    "  [{}] {} ({}ms)",
-                    if s["ok"].as_bool() == Some(true) {
-                        "ok"
-                    } else {
-                        "FAILED"
+                    "  [{}] {}{detail} ({}ms)",
+                    match s["status"].as_str() {
+                        Some("succeeded") => "ok",
+                        Some("skipped") => "skipped",
+                        _ => "FAILED",
                     },
                     text(s.get("name")),
                     text(s.get("duration_ms"))

@@ -138,7 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                         } else {
                             "False".into()
                         },
-                        r.reason.clone(),
+                        r.reason.to_string(),
                         r.generation.clone().unwrap_or_else(|| "-".into()),
                         r.attempts.to_string(),
                         r.message.clone(),

@@ -113,7 +113,7 @@ pub async fn run<D: Drivers>(
     let _watch = match triggers::watch_dir(&root, options.debounce, changes_tx) {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::error!(error = %crate::controller::reconcile::machine::error_chain(&e), "file changes will not be noticed; objects still resync on their interval");
+            tracing::error!(error = %crate::telemetry::error_chain(&e), "file changes will not be noticed; objects still resync on their interval");
             None
         }
     };
@@ -199,7 +199,7 @@ async fn reload<D: Drivers>(
     let (assembled, stats, snapshot) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
-            tracing::error!(error = %crate::controller::reconcile::machine::error_chain(&e), "cannot read the desired-state directory; keeping the last valid desired state");
+            tracing::error!(error = %crate::telemetry::error_chain(&e), "cannot read the desired-state directory; keeping the last valid desired state");
             return;
         }
     };

@@ -13,13 +13,14 @@ use tokio::task::JoinHandle;
 
 use super::applier::{self, Config as ApplierConfig, Finished, Phase, Request, RunSummary};
 use super::context::{Context, Snapshot};
+use super::error::ReconcileError;
 use super::metrics::Metrics;
-use super::reconcile::{ReconcileError, reconcile};
+use super::reconcile::reconcile;
 use crate::driver::capability::Drivers;
 use crate::driver::git;
 use crate::source::{LoadStats, Source};
 use crate::spec::{Assembled, DesiredState, Kind, ObjectKey};
-use crate::store::records::{ConditionKind, now_ms};
+use crate::store::records::{ConditionKind, Reason, now_ms};
 
 /// Loads the directory; a valid result becomes a snapshot.
 pub fn load(
@@ -123,9 +124,8 @@ pub fn dependents_index(desired: &DesiredState) -> HashMap<ObjectKey, Vec<Object
 /// Whether `key` last ended waiting for dependencies.
 pub fn is_waiting<D>(ctx: &Context<D>, key: &ObjectKey) -> bool {
     ctx.store.status(key).ok().flatten().is_some_and(|s| {
-        s.condition(ConditionKind::Reconciling).is_some_and(|c| {
-            c.status && c.reason == super::reconcile::machine::DEPENDENCY_NOT_READY
-        })
+        s.condition(ConditionKind::Reconciling)
+            .is_some_and(|c| c.status && c.reason == Reason::DependencyNotReady)
     })
 }
 
@@ -158,7 +158,7 @@ pub fn start<D: Drivers>(
             let timed = async move {
                 let started = std::time::Instant::now();
                 let result = reconcile(ctx, key).await;
-                let failure = result.as_ref().err().map(|e| e.reason.as_str());
+                let failure = result.as_ref().err().map(|e| e.reason().as_str());
                 metrics.observe(kind, started.elapsed().as_secs_f64(), failure);
                 result
             };

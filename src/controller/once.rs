@@ -18,7 +18,7 @@ use super::context::Context;
 use super::lifecycle::{self, Loop};
 use crate::driver::capability::Drivers;
 use crate::spec::ObjectKey;
-use crate::store::records::{ConditionKind, now_ms};
+use crate::store::records::{ConditionKind, Reason, now_ms};
 
 /// Options of one `--once` run.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub struct OnceOptions {
 pub struct Row {
     pub key: ObjectKey,
     pub ready: bool,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
     pub attempts: u32,
     pub generation: Option<String>,
@@ -187,11 +187,11 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
         status.set_condition(
             ConditionKind::Ready,
             false,
-            "DependencyFailed",
+            Reason::DependencyFailed,
             message,
             now,
         );
-        status.set_condition(ConditionKind::Reconciling, false, "", "", now);
+        status.set_condition(ConditionKind::Reconciling, false, Reason::Unset, "", now);
         if let Err(e) = ctx.store.put_status(key, &status) {
             tracing::error!(object = %key, error = %e, "failed to record status");
         }
@@ -217,9 +217,7 @@ fn row<D>(ctx: &Context<D>, key: &ObjectKey, attempts: u32) -> Row {
     Row {
         key: key.clone(),
         ready: status.is_ready(),
-        reason: ready
-            .map(|c| c.reason.clone())
-            .unwrap_or_else(|| "NotReconciled".to_owned()),
+        reason: ready.map(|c| c.reason).unwrap_or(Reason::NotReconciled),
         message: ready.map(|c| c.message.clone()).unwrap_or_default(),
         attempts,
         generation: status.last_applied.as_ref().map(|a| {

@@ -1,17 +1,22 @@
 //! The plan of a whole desired state: what `converge plan` prints.
 //!
-//! Observes every machine and VM (in parallel, bounded by the probe timeout), reads
-//! what was applied from the store, and runs the same pure `plan::diff` that
-//! reconcile uses. Changes nothing: no build, no step, no record written.
+//! Observes every machine and VM (in parallel, bounded by the probe
+//! timeout), reads what was applied from the store, and runs the same pure
+//! `plan::diff` over the same per-kind inputs that reconcile uses
+//! (`reconcile::machine`, `reconcile::vm`). Changes nothing: no build, no
+//! step, no record written.
 
 use std::collections::BTreeSet;
 
 use futures::StreamExt;
 
 use super::context::Context;
+use super::placement;
+use super::reconcile::{machine, vm};
 use crate::driver::capability::Drivers;
-use crate::plan::{self, Plan};
-use crate::spec::{Kind, ObjectKey, OnDelete, VmPowerState};
+use crate::plan::{self, DesiredKind, Plan};
+use crate::spec::{Kind, ObjectKey};
+use crate::telemetry::error_chain;
 
 /// Objects observed at once while planning.
 const PARALLEL_OBSERVES: usize = 16;
@@ -56,27 +61,17 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         };
         let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(key).ok().flatten();
-        let view = super::reconcile::machine::plan_inputs(
+        let view = machine::desired(
             object,
             &roles.hash,
             &snapshot.revision.build_input,
+            ctx.config.keep_generations,
         );
-        let applied = status.last_applied.as_ref().map(|a| plan::Applied {
-            document: record.as_ref().map(|r| &r.spec),
-            spec_hash: &a.spec_hash,
-            roles_hash: a.roles_hash.as_deref(),
-            build_input: record.as_ref().and_then(|r| r.revision.as_deref()),
-            generation: Some(format!("{}-{}", a.generation, a.artifact)),
-            delete_on_removal: false,
-        });
+        let applied = machine::applied(&status, record.as_ref());
         let observed = match facts {
-            Ok(facts) => Some(plan::Observed {
-                current_generation: facts.current_generation().map(ToString::to_string),
-                ..plan::Observed::default()
-            }),
+            Ok(facts) => Some(machine::observed(&facts)),
             Err(e) => {
-                out.unobserved
-                    .push((key.clone(), super::reconcile::machine::error_chain(&e)));
+                out.unobserved.push((key.clone(), error_chain(&e)));
                 None
             }
         };
@@ -91,19 +86,24 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         .map(|object| {
             let ctx = ctx.clone();
             async move {
-                let result = match super::reconcile::vm::hypervisor(
-                    &ctx,
-                    &object.key,
-                    &object.spec.host.value,
-                ) {
+                let root = ctx.snapshot().root.clone();
+                let result = match placement::hypervisor(&ctx, &object.key, &object.spec.host.value)
+                {
                     Ok(host) => {
                         let dir = host.vm_dir(&ctx.vm_root, object.key.name.as_str());
+                        let launch = ctx.driver.vm_launch_identity(
+                            object.key.name.as_str(),
+                            &object.spec,
+                            &dir,
+                            &root,
+                        );
                         ctx.driver
                             .vm_observe(&host, &dir, &object.spec.disks)
                             .await
-                            .map_err(|e| super::reconcile::machine::error_chain(&e))
+                            .map(|facts| (facts, launch.clone()))
+                            .map_err(|e| (error_chain(&e), Some(launch)))
                     }
-                    Err(e) => Err(e.message),
+                    Err(e) => Err((error_chain(&e), None)),
                 };
                 (object, result)
             }
@@ -113,19 +113,31 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         .await;
     for (object, facts) in &vm_observed {
         let key = &object.key;
-        let spec = &object.spec;
         let status = ctx.store.status(key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(key).ok().flatten();
+        let applied = vm::applied(&status, record.as_ref());
+        let (launch, observed) = match facts {
+            Ok((facts, launch)) => (launch.clone(), Some(vm::observed(facts))),
+            Err((message, launch)) => {
+                out.unobserved.push((key.clone(), message.clone()));
+                (launch.clone().unwrap_or_default(), None)
+            }
+        };
+        let view = vm::desired(object, &launch);
+        let (change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
+        out.changes.extend(change);
+        out.drift.extend(drift);
+    }
+
+    // Services: resolved with the desired state; planned from the records.
+    for (name, service) in &desired.services {
+        let key = ObjectKey::service(name.clone());
+        let status = ctx.store.status(&key).ok().flatten().unwrap_or_default();
+        let record = ctx.store.spec(&key).ok().flatten();
         let view = plan::Desired {
-            document: super::reconcile::vm::spec_document(&key.name, spec),
-            spec_hash: &object.spec_hash,
-            roles_hash: None,
-            build_input: None,
-            activation_mode: None,
-            health_checks: 0,
-            vm_running: Some(spec.state == VmPowerState::Running),
-            drift_policy: "correct",
-            delete_on_removal: spec.on_delete == OnDelete::Delete,
+            document: super::reconcile::service_document(&key, &service.spec),
+            spec_hash: &service.spec_hash,
+            kind: DesiredKind::Service,
         };
         let applied = status.last_applied.as_ref().map(|a| plan::Applied {
             document: record.as_ref().map(|r| &r.spec),
@@ -135,47 +147,30 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
             generation: None,
             delete_on_removal: false,
         });
-        let observed = match facts {
-            Ok(facts) => Some(plan::Observed {
-                vm_running: Some(facts.running),
-                vm_disks: facts
-                    .disks
-                    .iter()
-                    .filter(|d| d.exists)
-                    .map(|d| d.name.clone())
-                    .collect(),
-                ..plan::Observed::default()
-            }),
-            Err(message) => {
-                out.unobserved.push((key.clone(), message.clone()));
-                None
-            }
-        };
-        let (change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
+        let (change, _) = plan::diff(&key, Some(&view), applied.as_ref(), None);
         out.changes.extend(change);
-        out.drift.extend(drift);
     }
 
     // Objects converge applied before but the YAML no longer has.
     let wanted: BTreeSet<ObjectKey> = desired.spec_hashes().into_keys().collect();
     for key in ctx.store.keys().unwrap_or_default() {
-        if wanted.contains(&key) || key.kind == Kind::Service {
+        if wanted.contains(&key) {
             continue;
         }
         let status = ctx.store.status(&key).ok().flatten().unwrap_or_default();
         let record = ctx.store.spec(&key).ok().flatten();
-        let delete = record
-            .as_ref()
-            .and_then(|r| r.spec.pointer("/spec/onDelete"))
-            .and_then(|v| v.as_str())
-            == Some("delete");
         let applied = plan::Applied {
             document: record.as_ref().map(|r| &r.spec),
             spec_hash: status.observed_spec_hash.as_deref().unwrap_or(""),
             roles_hash: None,
             build_input: None,
             generation: None,
-            delete_on_removal: delete,
+            delete_on_removal: key.kind == Kind::VirtualMachine
+                && record
+                    .as_ref()
+                    .and_then(|r| r.spec.pointer("/spec/onDelete"))
+                    .and_then(|v| v.as_str())
+                    == Some("delete"),
         };
         let (change, _) = plan::diff(&key, None, Some(&applied), None);
         out.changes.extend(change);

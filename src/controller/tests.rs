@@ -31,7 +31,7 @@ use crate::driver::qemu::{DiskFacts, DiskGrowth, Started, StopOutcome, VmFacts};
 use crate::source::Source;
 use crate::spec::{ByteSize, Disk, ObjectKey, OnDelete, Target as TargetSpec, VmSpec};
 use crate::store::Store;
-use crate::store::records::{AttemptRecord, AttemptResult, ConditionKind, StatusRecord};
+use crate::store::records::{AttemptRecord, AttemptResult, ConditionKind, Reason, StatusRecord};
 
 // ------------------------------------------------------------------ fake driver
 
@@ -337,14 +337,14 @@ impl MachineDriver for FakeDriver {
         })
     }
 
-    async fn activate_confirmed(
+    async fn activate_watched(
         &self,
         target: &TargetSpec,
         generation: &GenerationId,
         _previous: Option<&GenerationId>,
         mode: &str,
         timeout: Duration,
-        _confirm_timeout: Duration,
+        _watchdog: Option<Duration>,
     ) -> Result<(ActivationResult, Option<Confirmation>), DriverError> {
         // The fake arms no watchdog: there is nothing to confirm.
         let result = MachineDriver::activate(self, target, generation, mode, timeout).await?;
@@ -858,7 +858,7 @@ async fn dependents_of_a_failed_machine_end_dependency_failed_without_being_acti
 
     let gw1 = row(&report, "machine/gw1");
     assert!(!gw1.ready);
-    assert_eq!(gw1.reason, "BuildFailed");
+    assert_eq!(gw1.reason, Reason::BuildFailed);
     assert!(row(&report, "machine/gw2").ready);
     assert!(row(&report, "machine/slow").ready);
     for peer in ["machine/p1", "machine/p2"] {
@@ -868,7 +868,7 @@ async fn dependents_of_a_failed_machine_end_dependency_failed_without_being_acti
         // applier still has it queued (dependency poll) and its wait check
         // overwrites Ready with DependencyNotReady; and a wait that finishes
         // after the failure is read back as a success and counted as an attempt.
-        assert_eq!(r.reason, "DependencyFailed", "{r:?}");
+        assert_eq!(r.reason, Reason::DependencyFailed, "{r:?}");
         assert!(r.message.contains("machine/gw1"), "{r:?}");
         assert_eq!(r.attempts, 0, "waiting is not an attempt: {r:?}");
     }
@@ -919,14 +919,14 @@ async fn failed_activation_with_rollback_auto_reactivates_the_previous_generatio
     assert_eq!(generation(&h, "web"), Some(1));
     let r = row(&report, "machine/web");
     assert!(!r.ready);
-    assert_eq!(r.reason, "RolledBack");
+    assert_eq!(r.reason, Reason::RolledBack);
     match &h.history("machine/web")[0].result {
         AttemptResult::RolledBack {
             reason,
             to_generation,
             ..
         } => {
-            assert_eq!(reason, "ActivationFailed");
+            assert_eq!(*reason, Reason::ActivationFailed);
             assert_eq!(*to_generation, Some(1));
         }
         other => panic!("expected a rollback, got {other:?}"),
@@ -963,10 +963,10 @@ async fn failed_activation_with_rollback_never_stays_on_the_new_generation_and_f
     assert_eq!(generation(&h, "web"), Some(2));
     let r = row(&report, "machine/web");
     assert!(!r.ready);
-    assert_eq!(r.reason, "ActivationFailed");
+    assert_eq!(r.reason, Reason::ActivationFailed);
     assert!(r.message.contains("rollback: never"), "{r:?}");
     match &h.history("machine/web")[0].result {
-        AttemptResult::Failed { reason, .. } => assert_eq!(reason, "ActivationFailed"),
+        AttemptResult::Failed { reason, .. } => assert_eq!(*reason, Reason::ActivationFailed),
         other => panic!("expected a plain failure, got {other:?}"),
     }
 }
@@ -1006,14 +1006,14 @@ async fn failed_health_check_rolls_back_to_the_previous_generation() {
         ]
     );
     assert_eq!(generation(&h, "web"), Some(1));
-    assert_eq!(row(&report, "machine/web").reason, "RolledBack");
+    assert_eq!(row(&report, "machine/web").reason, Reason::RolledBack);
     match &h.history("machine/web")[0].result {
         AttemptResult::RolledBack {
             reason,
             to_generation,
             ..
         } => {
-            assert_eq!(reason, "HealthCheckFailed");
+            assert_eq!(*reason, Reason::HealthCheckFailed);
             assert_eq!(*to_generation, Some(1));
         }
         other => panic!("expected a rollback, got {other:?}"),
@@ -1048,7 +1048,7 @@ async fn a_terminal_error_stalls_the_object_and_is_never_retried() {
         } => {
             assert!(!transient);
             assert_eq!(retry_in, None);
-            assert_eq!(error.reason, "Unsupported");
+            assert_eq!(error.reason(), Reason::Unsupported);
         }
         other => panic!("expected a terminal failure, got {other:?}"),
     }
@@ -1066,7 +1066,7 @@ async fn a_terminal_error_stalls_the_object_and_is_never_retried() {
         .condition(ConditionKind::Stalled)
         .expect("Stalled set");
     assert!(stalled.status);
-    assert_eq!(stalled.reason, "Unsupported");
+    assert_eq!(stalled.reason, Reason::Unsupported);
     assert!(!status.is_ready());
     assert!(
         !status
@@ -1097,7 +1097,7 @@ async fn transient_failures_are_retried_with_growing_delays_and_success_resets_f
     assert_eq!(status.failures, 1);
     let reconciling = status.condition(ConditionKind::Reconciling).expect("set");
     assert!(reconciling.status);
-    assert_eq!(reconciling.reason, "ProgressingWithRetry");
+    assert_eq!(reconciling.reason, Reason::ProgressingWithRetry);
     tokio::time::sleep_until(t0 + Duration::from_secs(3)).await;
     assert_eq!(h.status("machine/web").failures, 2);
 
@@ -1147,7 +1147,7 @@ async fn a_second_run_with_nothing_changed_only_observes_and_begins_no_attempt()
     let ops: Vec<Op> = h.fake().calls()[from..].iter().map(|c| c.op).collect();
     assert_eq!(ops, vec![Op::Observe; 4], "only observations");
     for key in keys {
-        assert_eq!(row(&second, key).reason, "Converged");
+        assert_eq!(row(&second, key).reason, Reason::Converged);
         assert_eq!(h.status(key).in_progress, None);
     }
 }
@@ -1190,7 +1190,7 @@ async fn drift_with_policy_correct_reactivates_the_applied_generation_without_bu
         .events_for(&object("machine/web"), 10)
         .expect("events");
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].reason, "DriftDetected");
+    assert_eq!(events[0].reason, Reason::DriftDetected);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1216,7 +1216,7 @@ async fn drift_with_policy_warn_only_sets_drifted_and_reports_it_once() {
     for report in [report, again] {
         let r = row(&report, "machine/web");
         assert!(r.ready, "{r:?}");
-        assert_eq!(r.reason, "DriftReported");
+        assert_eq!(r.reason, Reason::DriftReported);
     }
     let drifted = h
         .status("machine/web")
@@ -1224,7 +1224,7 @@ async fn drift_with_policy_warn_only_sets_drifted_and_reports_it_once() {
         .cloned()
         .expect("Drifted set");
     assert!(drifted.status);
-    assert_eq!(drifted.reason, "DriftReported");
+    assert_eq!(drifted.reason, Reason::DriftReported);
     let events = h
         .ctx
         .store
@@ -1309,12 +1309,17 @@ async fn a_vm_is_stopped_and_deleted_with_the_power_off_grace_its_spec_gives() {
         &vm("running", "  stopTimeout: 7s\n"),
     ));
     assert!(h.once(1).await.all_ready());
-    // Removed: the grace of the spec it was last converged with.
+    // Removed: the grace of the spec it was last converged with, for its
+    // `stop-vm` and for the stop its `delete-vm` makes sure of.
     h.change(&fleet(&[M::new("m")], ""));
     h.once(1).await;
     assert_eq!(
         h.fake().world().stop_graces,
-        vec![Duration::from_secs(30), Duration::from_secs(7)]
+        vec![
+            Duration::from_secs(30),
+            Duration::from_secs(7),
+            Duration::from_secs(7)
+        ]
     );
 }
 
@@ -1337,7 +1342,7 @@ async fn a_guest_that_never_answers_fails_its_machine_after_the_boot_window() {
 
     let inner = row(&report, "machine/inner");
     assert!(!inner.ready, "{inner:?}");
-    assert_eq!(inner.reason, "Unreachable", "{inner:?}");
+    assert_eq!(inner.reason, Reason::Unreachable, "{inner:?}");
     assert!(
         inner.message.contains("vm/box") && inner.message.contains("did not answer within 180s"),
         "{inner:?}"
@@ -1370,7 +1375,7 @@ async fn a_machine_in_a_stopped_vm_is_stalled_with_that_reason_and_never_contact
 
     let inner = row(&report, "machine/inner");
     assert!(!inner.ready);
-    assert_eq!(inner.reason, "HostVmStopped", "{inner:?}");
+    assert_eq!(inner.reason, Reason::HostVmStopped, "{inner:?}");
     assert!(inner.message.contains("vm/box"), "{inner:?}");
     assert!(
         h.fake().calls().iter().all(|c| c.machine != "inner"),

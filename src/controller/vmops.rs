@@ -115,7 +115,7 @@ pub enum VmOpError {
         verb: &'static str,
         name: String,
         #[source]
-        source: super::reconcile::vm::Unresolved,
+        source: super::placement::Unresolved,
     },
     #[error(
         "revert vm/{name} to {snap}: the VM is running and {snap} holds no RAM state (it was taken while stopped); stop the VM (`state: stopped`), revert, then start it"
@@ -175,11 +175,11 @@ pub async fn operate<D: VmDriver>(
         source,
     };
     // Where the VM was last seen: the CLI has no desired state to ask.
-    let last = super::reconcile::vm::last_place(store, &key).map_err(unresolved)?;
-    let host = super::reconcile::vm::resolve_hypervisor(
+    let last = super::placement::last_place(store, &key).map_err(unresolved)?;
+    let host = super::placement::resolve_hypervisor(
         desired,
         store,
-        &super::reconcile::vm::recorded_host(Some(&record)),
+        &super::placement::recorded_host(Some(&record)),
         last.as_ref().map(|l| &l.host),
     )
     .map_err(unresolved)?;
@@ -244,7 +244,12 @@ pub async fn operate<D: VmDriver>(
 
 fn record_event(store: &Store, key: &ObjectKey, message: &str) {
     tracing::info!(object = %key, "{message}");
-    if let Err(error) = store.append_event(key, Severity::Info, "OperatorVerb", message) {
+    if let Err(error) = store.append_event(
+        key,
+        Severity::Info,
+        crate::store::records::Reason::OperatorVerb,
+        message,
+    ) {
         tracing::warn!(object = %key, %error, "recording an operator verb's event failed");
     }
 }

@@ -106,18 +106,18 @@ pub trait MachineDriver: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<ActivationResult, DriverError>> + Send;
 
-    /// Starts `activate MODE` detached, arms a confirmation watchdog on the
-    /// target when the mode changes the running system (the target rolls
-    /// back to `previous` unless confirmed within `confirm_timeout` after the
-    /// activation ends), and waits for the activation's result.
-    fn activate_confirmed(
+    /// Starts `activate MODE` detached and waits for its result. With
+    /// `watchdog`, arms a confirmation watchdog on the target right after
+    /// the start: unless confirmed within that long after the activation
+    /// ends, the target rolls back to `previous` by itself.
+    fn activate_watched(
         &self,
         target: &TargetSpec,
         generation: &GenerationId,
         previous: Option<&GenerationId>,
         mode: &str,
         timeout: Duration,
-        confirm_timeout: Duration,
+        watchdog: Option<Duration>,
     ) -> impl Future<Output = Result<(ActivationResult, Option<Confirmation>), DriverError>> + Send;
 
     /// Claims an armed confirmation over a NEW connection: proves the machine

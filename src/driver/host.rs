@@ -310,25 +310,22 @@ impl MachineDriver for HostDriver {
         Ok(wait_reattaching(&t, target.state_dir(), &attempt, timeout).await?)
     }
 
-    async fn activate_confirmed(
+    async fn activate_watched(
         &self,
         target: &TargetSpec,
         generation: &GenerationId,
         previous: Option<&GenerationId>,
         mode: &str,
         timeout: Duration,
-        confirm_timeout: Duration,
+        watchdog: Option<Duration>,
     ) -> Result<(ActivationResult, Option<Confirmation>), DriverError> {
         let t = self.target_for(target)?;
         let state_dir = target.state_dir();
         let attempt = protocol::start_activation(&t, state_dir, generation, mode, timeout).await?;
         // Armed right after the start: an activation that cuts the network is
         // exactly what the watchdog is for, so arming must not wait for it.
-        // Local targets have no network between converge and the machine to
-        // lose, so nothing to guard: no watchdog there.
-        let remote = matches!(t, AnyTarget::Ssh(_));
-        let confirmation = if remote && protocol::needs_confirmation(mode) {
-            Some(
+        let confirmation = match watchdog {
+            Some(confirm_timeout) => Some(
                 protocol::arm_confirmation(
                     &t,
                     state_dir,
@@ -339,9 +336,8 @@ impl MachineDriver for HostDriver {
                     timeout,
                 )
                 .await?,
-            )
-        } else {
-            None
+            ),
+            None => None,
         };
         let result = wait_reattaching(&t, state_dir, &attempt, timeout).await?;
         Ok((result, confirmation))

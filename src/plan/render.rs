@@ -5,32 +5,13 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::{ChangeKind, Plan, Step};
+use super::model::{ChangeKind, Plan};
 
 fn value(v: &Option<Value>) -> String {
     match v {
         None => "(none)".to_owned(),
         Some(Value::String(s)) => format!("{s:?}"),
         Some(other) => other.to_string(),
-    }
-}
-
-fn step(s: &Step) -> String {
-    match s {
-        Step::Build => "build".to_owned(),
-        Step::Install => "install a new generation".to_owned(),
-        Step::Activate { mode } => format!("activate ({mode})"),
-        Step::HealthCheck { count } => {
-            format!("{count} health check{}", if *count == 1 { "" } else { "s" })
-        }
-        Step::Reactivate => "re-activate the applied generation".to_owned(),
-        Step::CreateDisk { disk } => format!("create disk {disk}"),
-        Step::GrowDisk { disk } => format!("grow disk {disk}"),
-        Step::StartVm => "start".to_owned(),
-        Step::StopVm => "stop".to_owned(),
-        Step::RestartVm => "restart".to_owned(),
-        Step::DeleteVm => "delete disks".to_owned(),
-        Step::Forget => "forget".to_owned(),
     }
 }
 
@@ -94,8 +75,16 @@ pub fn render_text(plan: &Plan) -> String {
             );
         }
         if !change.steps.is_empty() {
-            let steps: Vec<String> = change.steps.iter().map(step).collect();
-            let _ = writeln!(out, "      steps: {}", steps.join(", "));
+            let _ = writeln!(out, "      steps:");
+            for step in &change.steps {
+                let _ = writeln!(out, "        - {}", step.describe());
+            }
+        }
+        if let Some(generation) = &change.rollback_to {
+            let _ = writeln!(
+                out,
+                "      on failure: roll back to generation {generation}"
+            );
         }
     }
     let (add, change, destroy) = plan.summary();

@@ -1,9 +1,12 @@
 //! Data-driven plan tests: each case renders the plan as text and compares it
-//! with an insta snapshot.
+//! with an insta snapshot, and checks the steps the diff decided.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::*;
+use crate::spec::{
+    Activation, At, ByteSize, Disk, DriftPolicy, HealthCheck, HumanDuration, Name, ObjectKey,
+};
 
 fn key(s: &str) -> ObjectKey {
     s.parse().unwrap()
@@ -15,17 +18,32 @@ fn machine_doc(mode: &str, host: &str) -> Value {
                     "activation": {"mode": mode}}})
 }
 
-fn desired<'a>(document: Value, spec_hash: &'a str, roles: &'a str, rev: &'a str) -> Desired<'a> {
+fn activation() -> Activation {
+    Activation {
+        health_checks: vec![HealthCheck {
+            exec: At::unplaced(vec!["true".to_owned()]),
+            timeout: At::unplaced(HumanDuration::from_secs(30)),
+        }],
+        ..Activation::default()
+    }
+}
+
+fn machine<'a>(activation: &'a Activation, roles: &'a str, rev: &'a str) -> MachineDesired<'a> {
+    MachineDesired {
+        roles_hash: roles,
+        build_input: rev,
+        activation,
+        remote: true,
+        drift: DriftPolicy::Correct,
+        keep_generations: 5,
+    }
+}
+
+fn desired<'a>(document: Value, spec_hash: &'a str, machine: MachineDesired<'a>) -> Desired<'a> {
     Desired {
         document,
         spec_hash,
-        roles_hash: Some(roles),
-        build_input: Some(rev),
-        activation_mode: Some("switch"),
-        health_checks: 1,
-        vm_running: None,
-        drift_policy: "correct",
-        delete_on_removal: false,
+        kind: DesiredKind::Machine(machine),
     }
 }
 
@@ -45,6 +63,13 @@ fn applied<'a>(
     }
 }
 
+fn observed_machine(current: &str, generations: &[&str]) -> Observed {
+    Observed::Machine {
+        current: Some(current.to_owned()),
+        generations: generations.iter().map(|g| (*g).to_owned()).collect(),
+    }
+}
+
 fn plan_of(items: Vec<(Option<Change>, Vec<Drift>)>) -> Plan {
     let mut plan = Plan::default();
     for (change, drift) in items {
@@ -54,25 +79,64 @@ fn plan_of(items: Vec<(Option<Change>, Vec<Drift>)>) -> Plan {
     plan
 }
 
+fn names(change: &Change) -> Vec<&'static str> {
+    change.steps.iter().map(Step::name).collect()
+}
+
 #[test]
 fn plan_creates_a_machine_never_applied() {
     let k = key("machine/web");
-    let d = desired(machine_doc("switch", "10.0.0.5"), "h1", "r1", "rev1");
+    let act = activation();
+    let d = desired(
+        machine_doc("switch", "10.0.0.5"),
+        "h1",
+        machine(&act, "r1", "rev1"),
+    );
     let plan = plan_of(vec![diff(&k, Some(&d), None, None)]);
     assert_eq!(plan.summary(), (1, 0, 0));
+    assert_eq!(
+        names(&plan.changes[0]),
+        [
+            "build",
+            "install",
+            "switch",
+            "activate",
+            "health-check",
+            "confirm",
+            "prune"
+        ]
+    );
     insta::assert_snapshot!(render_text(&plan));
+}
+
+#[test]
+fn plan_confirms_only_remote_activations_that_change_the_running_system() {
+    let k = key("machine/web");
+    let mut act = activation();
+    let mut local = machine(&act, "r1", "rev1");
+    local.remote = false;
+    let d = desired(machine_doc("switch", "10.0.0.5"), "h1", local);
+    let (change, _) = diff(&k, Some(&d), None, None);
+    assert!(!names(&change.unwrap()).contains(&"confirm"));
+
+    act.mode = crate::spec::ActivationMode::Boot;
+    let d = desired(
+        machine_doc("boot", "10.0.0.5"),
+        "h1",
+        machine(&act, "r1", "rev1"),
+    );
+    let (change, _) = diff(&k, Some(&d), None, None);
+    assert!(!names(&change.unwrap()).contains(&"confirm"));
 }
 
 #[test]
 fn plan_is_empty_when_nothing_changed_and_nothing_drifted() {
     let k = key("machine/web");
     let doc = machine_doc("switch", "10.0.0.5");
-    let d = desired(doc.clone(), "h1", "r1", "rev1");
+    let act = activation();
+    let d = desired(doc.clone(), "h1", machine(&act, "r1", "rev1"));
     let a = applied(&doc, "h1", "r1", "rev1");
-    let o = Observed {
-        current_generation: Some("3-aaaa".to_owned()),
-        ..Observed::default()
-    };
+    let o = observed_machine("3-aaaa", &["3-aaaa"]);
     let (change, drift) = diff(&k, Some(&d), Some(&a), Some(&o));
     assert!(change.is_none());
     assert!(drift.is_empty());
@@ -83,10 +147,20 @@ fn plan_is_empty_when_nothing_changed_and_nothing_drifted() {
 fn plan_names_the_fields_that_changed() {
     let k = key("machine/web");
     let before = machine_doc("switch", "10.0.0.5");
-    let d = desired(machine_doc("boot", "10.0.0.5"), "h2", "r2", "rev1");
+    let mut act = activation();
+    act.mode = crate::spec::ActivationMode::Boot;
+    let d = desired(
+        machine_doc("boot", "10.0.0.5"),
+        "h2",
+        machine(&act, "r2", "rev1"),
+    );
     let a = applied(&before, "h1", "r1", "rev1");
     let plan = plan_of(vec![diff(&k, Some(&d), Some(&a), None)]);
     assert_eq!(plan.summary(), (0, 1, 0));
+    assert!(
+        !plan.changes[0].only_if_artifact_changed,
+        "an activation change activates even an unchanged artifact"
+    );
     insta::assert_snapshot!(render_text(&plan));
 }
 
@@ -94,7 +168,12 @@ fn plan_names_the_fields_that_changed() {
 fn plan_replaces_a_machine_whose_target_moved() {
     let k = key("machine/web");
     let before = machine_doc("switch", "10.0.0.5");
-    let d = desired(machine_doc("switch", "10.0.0.6"), "h2", "r1", "rev1");
+    let act = activation();
+    let d = desired(
+        machine_doc("switch", "10.0.0.6"),
+        "h2",
+        machine(&act, "r1", "rev1"),
+    );
     let a = applied(&before, "h1", "r1", "rev1");
     let plan = plan_of(vec![diff(&k, Some(&d), Some(&a), None)]);
     assert_eq!(plan.summary(), (1, 0, 1));
@@ -105,24 +184,38 @@ fn plan_replaces_a_machine_whose_target_moved() {
 fn plan_reports_drift_separately_and_corrects_per_policy() {
     let k = key("machine/web");
     let doc = machine_doc("switch", "10.0.0.5");
-    let d = desired(doc.clone(), "h1", "r1", "rev1");
+    let act = activation();
+    let d = desired(doc.clone(), "h1", machine(&act, "r1", "rev1"));
     let a = applied(&doc, "h1", "r1", "rev1");
-    let o = Observed {
-        current_generation: Some("2-bbbb".to_owned()),
-        ..Observed::default()
-    };
+    let o = observed_machine("2-bbbb", &["2-bbbb", "3-aaaa"]);
     let plan = plan_of(vec![diff(&k, Some(&d), Some(&a), Some(&o))]);
     assert_eq!(plan.drift.len(), 1);
+    assert_eq!(
+        names(&plan.changes[0]),
+        ["switch", "activate", "health-check", "confirm"],
+        "the applied generation is still there: re-activated, not rebuilt"
+    );
+    assert_eq!(plan.changes[0].rollback_to.as_deref(), Some("2-bbbb"));
     insta::assert_snapshot!(render_text(&plan));
 
-    let mut warn_only = d.clone();
-    warn_only.drift_policy = "warn";
+    let gone = observed_machine("2-bbbb", &["2-bbbb"]);
+    let (change, _) = diff(&k, Some(&d), Some(&a), Some(&gone));
+    assert_eq!(
+        names(&change.unwrap())[..2],
+        ["build", "install"],
+        "the applied generation is gone from the target: built and installed again"
+    );
+
+    let mut warn = machine(&act, "r1", "rev1");
+    warn.drift = DriftPolicy::Warn;
+    let warn_only = desired(doc.clone(), "h1", warn);
     let (change, drift) = diff(&k, Some(&warn_only), Some(&a), Some(&o));
     assert!(change.is_none(), "warn reports drift but plans no action");
     assert_eq!(drift[0].action, "warn");
 
-    let mut ignore = d;
-    ignore.drift_policy = "ignore";
+    let mut ignore = machine(&act, "r1", "rev1");
+    ignore.drift = DriftPolicy::Ignore;
+    let ignore = desired(doc.clone(), "h1", ignore);
     let (change, drift) = diff(&k, Some(&ignore), Some(&a), Some(&o));
     assert!(change.is_none() && drift.is_empty());
 }
@@ -142,23 +235,34 @@ fn plan_forgets_removed_machines_and_destroys_removed_vms_per_on_delete() {
     insta::assert_snapshot!(render_text(&plan));
 }
 
+fn vm_doc(memory: &str, disk: &str) -> Value {
+    json!({"apiVersion": "converge/v1", "kind": "VirtualMachine", "metadata": {"name": "builder"},
+        "spec": {"host": "local", "memory": memory, "cpus": 1, "disks": [{"name": "root", "size": disk}]}})
+}
+
+fn disks(size: u64) -> Vec<Disk> {
+    vec![Disk {
+        name: At::unplaced(Name::new("root").unwrap()),
+        size: At::unplaced(ByteSize::from_bytes(size)),
+        backing_image: None,
+    }]
+}
+
+const GIB: u64 = 1 << 30;
+
 #[test]
 fn plan_marks_vm_fields_that_force_a_restart() {
     let k = key("vm/builder");
-    let before = json!({"apiVersion": "converge/v1", "kind": "VirtualMachine", "metadata": {"name": "builder"},
-        "spec": {"host": "local", "memory": "1GiB", "cpus": 1, "disks": [{"name": "root", "size": "1GiB"}]}});
-    let after = json!({"apiVersion": "converge/v1", "kind": "VirtualMachine", "metadata": {"name": "builder"},
-        "spec": {"host": "local", "memory": "2GiB", "cpus": 1, "disks": [{"name": "root", "size": "2GiB"}]}});
+    let before = vm_doc("1GiB", "1GiB");
+    let spec_disks = disks(2 * GIB);
     let d = Desired {
-        document: after,
+        document: vm_doc("2GiB", "2GiB"),
         spec_hash: "h2",
-        roles_hash: None,
-        build_input: None,
-        activation_mode: None,
-        health_checks: 0,
-        vm_running: Some(true),
-        drift_policy: "correct",
-        delete_on_removal: false,
+        kind: DesiredKind::Vm(VmDesired {
+            running: true,
+            disks: &spec_disks,
+            launch: "launch-2",
+        }),
     };
     let a = Applied {
         document: Some(&before),
@@ -168,12 +272,56 @@ fn plan_marks_vm_fields_that_force_a_restart() {
         generation: None,
         delete_on_removal: false,
     };
-    let o = Observed {
-        vm_running: Some(true),
-        vm_disks: vec!["root".to_owned()],
-        ..Observed::default()
-    };
+    let o = Observed::Vm(VmObserved {
+        running: true,
+        launched: Some("launch-1".to_owned()),
+        disks: vec![("root".to_owned(), Some(GIB))],
+    });
     let plan = plan_of(vec![diff(&k, Some(&d), Some(&a), Some(&o))]);
     insta::assert_snapshot!(render_text(&plan));
+    assert_eq!(names(&plan.changes[0]), ["grow-disk", "restart-vm"]);
     assert!(plan.changes[0].steps.iter().any(Step::is_disruptive));
+}
+
+#[test]
+fn a_vm_restarts_exactly_when_its_launch_differs_from_what_runs() {
+    let k = key("vm/builder");
+    let doc = vm_doc("1GiB", "1GiB");
+    let spec_disks = disks(GIB);
+    let d = Desired {
+        document: doc.clone(),
+        spec_hash: "h1",
+        kind: DesiredKind::Vm(VmDesired {
+            running: true,
+            disks: &spec_disks,
+            launch: "launch-1",
+        }),
+    };
+    let a = Applied {
+        document: Some(&doc),
+        spec_hash: "h1",
+        roles_hash: None,
+        build_input: None,
+        generation: None,
+        delete_on_removal: false,
+    };
+    let running = |launched: &str| {
+        Observed::Vm(VmObserved {
+            running: true,
+            launched: Some(launched.to_owned()),
+            disks: vec![("root".to_owned(), Some(GIB))],
+        })
+    };
+    let (same, _) = diff(&k, Some(&d), Some(&a), Some(&running("launch-1")));
+    assert!(same.is_none(), "{same:?}");
+    let (other, _) = diff(&k, Some(&d), Some(&a), Some(&running("launch-0")));
+    assert_eq!(names(&other.unwrap()), ["restart-vm"]);
+    let dead = Observed::Vm(VmObserved {
+        running: false,
+        launched: None,
+        disks: vec![("root".to_owned(), Some(GIB))],
+    });
+    let (change, drift) = diff(&k, Some(&d), Some(&a), Some(&dead));
+    assert_eq!(names(&change.unwrap()), ["start-vm"]);
+    assert_eq!(drift[0].field, "running");
 }

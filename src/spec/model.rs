@@ -249,6 +249,17 @@ pub enum DriftPolicy {
     Ignore,
 }
 
+impl DriftPolicy {
+    /// The word as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftPolicy::Correct => "correct",
+            DriftPolicy::Warn => "warn",
+            DriftPolicy::Ignore => "ignore",
+        }
+    }
+}
+
 // ---------------------------------------------------------------- VirtualMachine
 
 /// The desired state of one QEMU virtual machine.

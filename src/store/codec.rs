@@ -39,9 +39,44 @@ impl Versioned for FactsRecord {
 }
 impl Versioned for StatusRecord {
     const FORMAT: u32 = StatusRecord::FORMAT;
+
+    /// v1 has the same shape: reasons were the same strings, and
+    /// `in_progress` had no steps (read as none).
+    fn migrate(version: u32, bytes: &[u8]) -> Option<Result<Self, serde_json::Error>> {
+        (version == 1).then(|| serde_json::from_slice::<Envelope<Self>>(bytes).map(|e| e.data))
+    }
 }
 impl Versioned for AttemptRecord {
     const FORMAT: u32 = AttemptRecord::FORMAT;
+
+    /// v1 steps were `{name, ok, duration_ms, output}`: `ok` becomes
+    /// succeeded or failed, with no detail.
+    fn migrate(version: u32, bytes: &[u8]) -> Option<Result<Self, serde_json::Error>> {
+        if version != 1 {
+            return None;
+        }
+        Some((|| {
+            let mut envelope: serde_json::Value = serde_json::from_slice(bytes)?;
+            let steps = envelope
+                .pointer_mut("/data/steps")
+                .and_then(serde_json::Value::as_array_mut);
+            for step in steps.into_iter().flatten() {
+                if let Some(step) = step.as_object_mut() {
+                    let ok = step.remove("ok").and_then(|v| v.as_bool()).unwrap_or(false);
+                    step.insert(
+                        "status".into(),
+                        if ok { "succeeded" } else { "failed" }.into(),
+                    );
+                    step.insert("detail".into(), serde_json::json!({}));
+                }
+            }
+            let data = envelope
+                .get_mut("data")
+                .map(serde_json::Value::take)
+                .unwrap_or_default();
+            serde_json::from_value(data)
+        })())
+    }
 }
 impl Versioned for EventRecord {
     const FORMAT: u32 = EventRecord::FORMAT;
@@ -160,11 +195,12 @@ mod tests {
                 started_ms: 5,
                 spec_hash: "h2".into(),
                 revision: None,
+                steps: Vec::new(),
             }),
             last_attempt_id: Some(8),
         };
-        s.set_condition(ConditionKind::Ready, true, "Succeeded", "ok", 3);
-        s.set_condition(ConditionKind::Drifted, false, "NoDrift", "", 4);
+        s.set_condition(ConditionKind::Ready, true, Reason::Converged, "ok", 3);
+        s.set_condition(ConditionKind::Drifted, false, Reason::NoDrift, "", 4);
         s
     }
 
@@ -180,7 +216,8 @@ mod tests {
             artifact: Some("b3:abc".into()),
             steps: vec![StepRecord {
                 name: "build".into(),
-                ok: true,
+                status: StepStatus::Succeeded,
+                detail: json!({}),
                 duration_ms: 1500,
                 output: "built\n".into(),
             }],
@@ -212,11 +249,11 @@ mod tests {
             AttemptResult::NoChange,
             AttemptResult::Interrupted,
             AttemptResult::Failed {
-                reason: "BuildFailed".into(),
+                reason: Reason::BuildFailed,
                 message: "exit 1".into(),
             },
             AttemptResult::RolledBack {
-                reason: "HealthCheckFailed".into(),
+                reason: Reason::HealthCheckFailed,
                 message: "timeout".into(),
                 to_generation: Some(6),
             },
@@ -228,7 +265,7 @@ mod tests {
             time_ms: 2,
             key: key(),
             severity: Severity::Warning,
-            reason: "Drifted".into(),
+            reason: Reason::DriftDetected,
             message: "generation 7 -> 6".into(),
         });
         round_trip(u64::MAX);
@@ -246,8 +283,70 @@ mod tests {
         assert_eq!(again, literal);
     }
 
+    /// Decodes a hand-written literal of an older format into the current
+    /// record: what a store written by an older converge reads as.
+    fn migrates<T: Versioned + PartialEq + std::fmt::Debug>(literal: serde_json::Value, want: T) {
+        let bytes = serde_json::to_vec(&literal).unwrap();
+        let got: T = decode("t", &"k", &bytes).unwrap();
+        assert_eq!(got, want);
+    }
+
+    fn status_literal(v: u32, in_progress: serde_json::Value) -> serde_json::Value {
+        json!({"v": v, "data": {
+            "conditions": [
+                {"kind": "Ready", "status": true, "reason": "Converged", "message": "ok", "last_transition_ms": 3},
+                {"kind": "Drifted", "status": false, "reason": "NoDrift", "message": "", "last_transition_ms": 4}
+            ],
+            "observed_spec_hash": "h1",
+            "last_applied": {"generation": 7, "artifact": "b3:abc", "revision": "deadbeef",
+                             "spec_hash": "h1", "roles_hash": null, "applied_ms": 1_700_000_000_000u64},
+            "failures": 2,
+            "next_attempt_ms": 1_700_000_060_000u64,
+            "in_progress": in_progress,
+            "last_attempt_id": 8
+        }})
+    }
+
+    fn attempt_literal(
+        v: u32,
+        step: serde_json::Value,
+        result: serde_json::Value,
+    ) -> serde_json::Value {
+        json!({"v": v, "data": {
+            "id": 42, "key": "machine/web1", "started_ms": 1, "finished_ms": 2,
+            "revision": "deadbeef-dirty", "spec_hash": "h1", "generation": 7,
+            "artifact": "b3:abc",
+            "steps": [step],
+            "result": result
+        }})
+    }
+
+    fn results() -> Vec<(serde_json::Value, AttemptResult)> {
+        vec![
+            (json!({"kind": "Succeeded"}), AttemptResult::Succeeded),
+            (json!({"kind": "NoChange"}), AttemptResult::NoChange),
+            (json!({"kind": "Interrupted"}), AttemptResult::Interrupted),
+            (
+                json!({"kind": "Failed", "reason": "BuildFailed", "message": "exit 1"}),
+                AttemptResult::Failed {
+                    reason: Reason::BuildFailed,
+                    message: "exit 1".into(),
+                },
+            ),
+            (
+                json!({"kind": "RolledBack", "reason": "HealthCheckFailed",
+                       "message": "timeout", "to_generation": 6}),
+                AttemptResult::RolledBack {
+                    reason: Reason::HealthCheckFailed,
+                    message: "timeout".into(),
+                    to_generation: Some(6),
+                },
+            ),
+        ]
+    }
+
     #[test]
-    fn v1_literals_of_every_record_decode_and_reencode_identically() {
+    fn current_literals_of_every_record_decode_and_reencode_identically() {
         pinned(
             json!({"v": 1, "data": {"spec_hash": "h", "revision": "abc", "spec": {"a": 1}, "seen_ms": 5}}),
             SpecRecord {
@@ -265,60 +364,17 @@ mod tests {
             },
         );
         pinned(
-            json!({"v": 1, "data": {
-                "conditions": [
-                    {"kind": "Ready", "status": true, "reason": "Succeeded", "message": "ok", "last_transition_ms": 3},
-                    {"kind": "Drifted", "status": false, "reason": "NoDrift", "message": "", "last_transition_ms": 4}
-                ],
-                "observed_spec_hash": "h1",
-                "last_applied": {"generation": 7, "artifact": "b3:abc", "revision": "deadbeef",
-                                 "spec_hash": "h1", "roles_hash": null, "applied_ms": 1_700_000_000_000u64},
-                "failures": 2,
-                "next_attempt_ms": 1_700_000_060_000u64,
-                "in_progress": {"attempt_id": 9, "started_ms": 5, "spec_hash": "h2", "revision": null},
-                "last_attempt_id": 8
-            }}),
+            status_literal(
+                2,
+                json!({"attempt_id": 9, "started_ms": 5, "spec_hash": "h2", "revision": null, "steps": []}),
+            ),
             status(),
         );
-        let attempt_literal = |result: serde_json::Value| {
-            json!({"v": 1, "data": {
-                "id": 42, "key": "machine/web1", "started_ms": 1, "finished_ms": 2,
-                "revision": "deadbeef-dirty", "spec_hash": "h1", "generation": 7,
-                "artifact": "b3:abc",
-                "steps": [{"name": "build", "ok": true, "duration_ms": 1500, "output": "built\n"}],
-                "result": result
-            }})
-        };
-        pinned(
-            attempt_literal(json!({"kind": "Succeeded"})),
-            attempt(AttemptResult::Succeeded),
-        );
-        pinned(
-            attempt_literal(json!({"kind": "NoChange"})),
-            attempt(AttemptResult::NoChange),
-        );
-        pinned(
-            attempt_literal(json!({"kind": "Interrupted"})),
-            attempt(AttemptResult::Interrupted),
-        );
-        pinned(
-            attempt_literal(
-                json!({"kind": "Failed", "reason": "BuildFailed", "message": "exit 1"}),
-            ),
-            attempt(AttemptResult::Failed {
-                reason: "BuildFailed".into(),
-                message: "exit 1".into(),
-            }),
-        );
-        pinned(
-            attempt_literal(json!({"kind": "RolledBack", "reason": "HealthCheckFailed",
-                                   "message": "timeout", "to_generation": 6})),
-            attempt(AttemptResult::RolledBack {
-                reason: "HealthCheckFailed".into(),
-                message: "timeout".into(),
-                to_generation: Some(6),
-            }),
-        );
+        let step = json!({"name": "build", "status": "succeeded", "detail": {},
+                          "duration_ms": 1500, "output": "built\n"});
+        for (literal, result) in results() {
+            pinned(attempt_literal(2, step.clone(), literal), attempt(result));
+        }
         pinned(
             json!({"v": 1, "data": {"seq": 1, "time_ms": 2, "key": "vm/builder", "severity": "Error",
                                     "reason": "StartFailed", "message": "qemu exited"}}),
@@ -327,11 +383,43 @@ mod tests {
                 time_ms: 2,
                 key: "vm/builder".parse().unwrap(),
                 severity: Severity::Error,
-                reason: "StartFailed".into(),
+                reason: Reason::StartFailed,
                 message: "qemu exited".into(),
             },
         );
         pinned(json!({"v": 1, "data": 17}), 17u64);
+    }
+
+    #[test]
+    fn v1_statuses_and_attempts_migrate() {
+        migrates(
+            status_literal(
+                1,
+                json!({"attempt_id": 9, "started_ms": 5, "spec_hash": "h2", "revision": null}),
+            ),
+            status(),
+        );
+        let v1_step =
+            json!({"name": "build", "ok": true, "duration_ms": 1500, "output": "built\n"});
+        for (literal, result) in results() {
+            migrates(
+                attempt_literal(1, v1_step.clone(), literal),
+                attempt(result),
+            );
+        }
+        let failed = json!({"name": "activate", "ok": false, "duration_ms": 3, "output": ""});
+        let mut want = attempt(AttemptResult::Succeeded);
+        want.steps = vec![StepRecord {
+            name: "activate".into(),
+            status: StepStatus::Failed,
+            detail: json!({}),
+            duration_ms: 3,
+            output: String::new(),
+        }];
+        migrates(
+            attempt_literal(1, failed, json!({"kind": "Succeeded"})),
+            want,
+        );
     }
 
     #[test]

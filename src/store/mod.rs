@@ -447,6 +447,7 @@ impl Store {
                 started_ms,
                 spec_hash: spec_hash.to_owned(),
                 revision: revision.map(str::to_owned),
+                steps: Vec::new(),
             });
             record.last_attempt_id = Some(id);
             let bytes = encode(inner.status.name, key, &record).map_err(abort)?;
@@ -456,6 +457,39 @@ impl Store {
         let id = result.map_err(|e| transaction_error("status,meta", key, e))?;
         self.flush()?;
         Ok(id)
+    }
+
+    /// Records one step of the attempt `attempt_id` on `key` that just
+    /// ended, in the status's `in_progress`, and flushes before returning:
+    /// an attempt a crash cuts short keeps the steps it finished. Does
+    /// nothing when that attempt is no longer in progress.
+    pub fn record_step(
+        &self,
+        key: &ObjectKey,
+        attempt_id: u64,
+        step: &StepRecord,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let status_key = layout::object(key);
+        let result = inner.status.tree.transaction(|status| {
+            let abort = ConflictableTransactionError::Abort;
+            let Some(bytes) = status.get(&status_key)? else {
+                return Ok(());
+            };
+            let mut record =
+                decode::<StatusRecord>(inner.status.name, key, &bytes).map_err(abort)?;
+            match &mut record.in_progress {
+                Some(in_progress) if in_progress.attempt_id == attempt_id => {
+                    in_progress.steps.push(step.clone());
+                }
+                _ => return Ok(()),
+            }
+            let bytes = encode(inner.status.name, key, &record).map_err(abort)?;
+            status.insert(status_key.as_slice(), bytes)?;
+            Ok(())
+        });
+        result.map_err(|e| transaction_error("status", key, e))?;
+        self.flush()
     }
 
     /// Records a finished attempt: writes `attempt` to the history and
@@ -551,7 +585,7 @@ impl Store {
         &self,
         key: &ObjectKey,
         severity: Severity,
-        reason: &str,
+        reason: Reason,
         message: &str,
     ) -> Result<u64, StoreError> {
         let tree = &self.inner.events;
@@ -581,7 +615,7 @@ impl Store {
             time_ms: now_ms(),
             key: key.clone(),
             severity,
-            reason: reason.to_owned(),
+            reason,
             message: message.to_owned(),
         };
         tree.put(&layout::event(seq), &seq, &event)?;

@@ -70,6 +70,114 @@ pub enum ConditionKind {
     Drifted,
 }
 
+/// Why a condition is what it is, or why an attempt ended as it did: the
+/// CamelCase words users and programs match on (`HealthCheckFailed`),
+/// stored and shown as those strings. The one vocabulary of reasons: every
+/// condition, attempt result and event names one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Reason {
+    /// A condition that is false for no particular reason (stored as "").
+    #[serde(rename = "")]
+    Unset,
+    // Ready=True.
+    /// A machine's generation is current and healthy.
+    Converged,
+    /// A VM runs as its spec says.
+    Running,
+    /// A VM is stopped as its spec says.
+    Stopped,
+    /// A service's roles are resolved.
+    Resolved,
+    /// Drifted, and the drift policy only reports it.
+    DriftReported,
+    // Progress.
+    /// A machine waits for the machines of an earlier role, or for its VM.
+    DependencyNotReady,
+    /// The last attempt failed transiently; it is retried with backoff.
+    ProgressingWithRetry,
+    // Failures.
+    BuildFailed,
+    InstallFailed,
+    SwitchFailed,
+    ActivationFailed,
+    HealthCheckFailed,
+    /// The target was not reached over a new connection after activating.
+    NotConfirmed,
+    /// The activated generation failed and the previous one was re-activated.
+    RolledBack,
+    Unreachable,
+    StoreFailed,
+    RolesMissing,
+    /// The VM a machine lives in is declared stopped.
+    HostVmStopped,
+    /// A machine this one waits for failed in this run.
+    DependencyFailed,
+    Unsupported,
+    /// A VM's `host` changed while it exists where it ran.
+    HostChanged,
+    HypervisorUnknown,
+    DiskFailed,
+    StopFailed,
+    StartFailed,
+    DeleteFailed,
+    /// The process died mid-attempt.
+    Interrupted,
+    /// Never reconciled yet.
+    NotReconciled,
+    // Drift.
+    NoDrift,
+    DriftDetected,
+    // Events.
+    /// An operator ran a VM verb.
+    OperatorVerb,
+}
+
+impl Reason {
+    /// The word as users see it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unset => "",
+            Reason::Converged => "Converged",
+            Reason::Running => "Running",
+            Reason::Stopped => "Stopped",
+            Reason::Resolved => "Resolved",
+            Reason::DriftReported => "DriftReported",
+            Reason::DependencyNotReady => "DependencyNotReady",
+            Reason::ProgressingWithRetry => "ProgressingWithRetry",
+            Reason::BuildFailed => "BuildFailed",
+            Reason::InstallFailed => "InstallFailed",
+            Reason::SwitchFailed => "SwitchFailed",
+            Reason::ActivationFailed => "ActivationFailed",
+            Reason::HealthCheckFailed => "HealthCheckFailed",
+            Reason::NotConfirmed => "NotConfirmed",
+            Reason::RolledBack => "RolledBack",
+            Reason::Unreachable => "Unreachable",
+            Reason::StoreFailed => "StoreFailed",
+            Reason::RolesMissing => "RolesMissing",
+            Reason::HostVmStopped => "HostVmStopped",
+            Reason::DependencyFailed => "DependencyFailed",
+            Reason::Unsupported => "Unsupported",
+            Reason::HostChanged => "HostChanged",
+            Reason::HypervisorUnknown => "HypervisorUnknown",
+            Reason::DiskFailed => "DiskFailed",
+            Reason::StopFailed => "StopFailed",
+            Reason::StartFailed => "StartFailed",
+            Reason::DeleteFailed => "DeleteFailed",
+            Reason::Interrupted => "Interrupted",
+            Reason::NotReconciled => "NotReconciled",
+            Reason::NoDrift => "NoDrift",
+            Reason::DriftDetected => "DriftDetected",
+            Reason::OperatorVerb => "OperatorVerb",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One condition with kstatus semantics: `last_transition_ms` is when
 /// `status` last flipped, not when the condition was last written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,8 +185,7 @@ pub enum ConditionKind {
 pub struct Condition {
     pub kind: ConditionKind,
     pub status: bool,
-    /// A CamelCase word a program can match on (`HealthCheckFailed`).
-    pub reason: String,
+    pub reason: Reason,
     /// A sentence for humans.
     pub message: String,
     pub last_transition_ms: u64,
@@ -110,6 +217,10 @@ pub struct InProgress {
     pub spec_hash: String,
     /// The revision the attempt was working from.
     pub revision: Option<String>,
+    /// The steps that ended so far, each recorded when it ended, so an
+    /// attempt cut by a crash keeps them.
+    #[serde(default)]
+    pub steps: Vec<StepRecord>,
 }
 
 impl InProgress {
@@ -125,7 +236,7 @@ impl InProgress {
             spec_hash: self.spec_hash.clone(),
             generation: None,
             artifact: None,
-            steps: Vec::new(),
+            steps: self.steps.clone(),
             result: AttemptResult::Interrupted,
         }
     }
@@ -153,7 +264,9 @@ pub struct StatusRecord {
 }
 
 impl StatusRecord {
-    pub const FORMAT: u32 = 1;
+    /// v2: conditions' reasons are [`Reason`]s (the same strings), and
+    /// `in_progress` keeps the steps that ended.
+    pub const FORMAT: u32 = 2;
 
     /// The condition of this kind, if it was ever set.
     pub fn condition(&self, kind: ConditionKind) -> Option<&Condition> {
@@ -167,11 +280,10 @@ impl StatusRecord {
         &mut self,
         kind: ConditionKind,
         status: bool,
-        reason: impl Into<String>,
+        reason: Reason,
         message: impl Into<String>,
         now_ms: u64,
     ) {
-        let reason = reason.into();
         let message = message.into();
         match self.conditions.iter_mut().find(|c| c.kind == kind) {
             Some(c) => {
@@ -199,15 +311,38 @@ impl StatusRecord {
     }
 }
 
-/// One step of an attempt, as it ran.
+/// How one step of an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepStatus {
+    Succeeded,
+    Failed,
+    /// Planned, but not run: an earlier step failed, or what it would do
+    /// was already so (an unchanged artifact).
+    Skipped,
+}
+
+/// One step of an attempt, as it ran. `name` and `detail` are the plan's
+/// step (`plan::Step`): the same word `converge plan` prints, in the same
+/// order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepRecord {
     pub name: String,
-    pub ok: bool,
+    pub status: StepStatus,
+    /// The step's own fields (a health check's command, a disk's size);
+    /// an empty object when it has none.
+    pub detail: serde_json::Value,
     pub duration_ms: u64,
     /// The tail of the step's output kept for `converge history`.
     pub output: String,
+}
+
+impl StepRecord {
+    /// True unless the step failed.
+    pub fn ok(&self) -> bool {
+        self.status != StepStatus::Failed
+    }
 }
 
 /// How an attempt ended.
@@ -219,13 +354,13 @@ pub enum AttemptResult {
     /// Facts already matched the spec: nothing was executed.
     NoChange,
     Failed {
-        reason: String,
+        reason: Reason,
         message: String,
     },
     /// The attempt failed after activation and the previous generation was
     /// re-activated (`to_generation`, if known).
     RolledBack {
-        reason: String,
+        reason: Reason,
         message: String,
         to_generation: Option<u64>,
     },
@@ -261,7 +396,9 @@ pub struct AttemptRecord {
 }
 
 impl AttemptRecord {
-    pub const FORMAT: u32 = 1;
+    /// v2: steps say succeeded, failed or skipped and carry their detail;
+    /// results' reasons are [`Reason`]s (the same strings).
+    pub const FORMAT: u32 = 2;
 }
 
 /// How serious an event is.
@@ -281,7 +418,7 @@ pub struct EventRecord {
     pub time_ms: u64,
     pub key: ObjectKey,
     pub severity: Severity,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -296,13 +433,25 @@ mod tests {
     #[test]
     fn set_condition_moves_transition_time_only_when_status_flips() {
         let mut s = StatusRecord::default();
-        s.set_condition(ConditionKind::Ready, false, "Pending", "first", 10);
-        s.set_condition(ConditionKind::Ready, false, "Building", "second", 20);
+        s.set_condition(
+            ConditionKind::Ready,
+            false,
+            Reason::NotReconciled,
+            "first",
+            10,
+        );
+        s.set_condition(
+            ConditionKind::Ready,
+            false,
+            Reason::BuildFailed,
+            "second",
+            20,
+        );
         let c = s.condition(ConditionKind::Ready).unwrap();
-        assert_eq!((c.last_transition_ms, c.reason.as_str()), (10, "Building"));
+        assert_eq!((c.last_transition_ms, c.reason), (10, Reason::BuildFailed));
         assert!(!s.is_ready());
 
-        s.set_condition(ConditionKind::Ready, true, "Succeeded", "done", 30);
+        s.set_condition(ConditionKind::Ready, true, Reason::Converged, "done", 30);
         assert_eq!(
             s.condition(ConditionKind::Ready)
                 .unwrap()
@@ -317,7 +466,7 @@ mod tests {
     fn status_without_ready_condition_is_not_ready() {
         let mut s = StatusRecord::default();
         assert!(!s.is_ready());
-        s.set_condition(ConditionKind::Drifted, true, "Drift", "x", 1);
+        s.set_condition(ConditionKind::Drifted, true, Reason::DriftDetected, "x", 1);
         assert!(!s.is_ready());
         assert!(s.condition(ConditionKind::Stalled).is_none());
     }

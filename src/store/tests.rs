@@ -320,7 +320,7 @@ fn records_round_trip_through_the_store() {
         facts: json!({"running": true}),
     };
     let mut status = StatusRecord::default();
-    status.set_condition(ConditionKind::Ready, true, "Running", "ok", 3);
+    status.set_condition(ConditionKind::Ready, true, Reason::Running, "ok", 3);
     store.put_spec(&k, &spec).unwrap();
     store.put_facts(&k, &facts).unwrap();
     store.put_status(&k, &status).unwrap();
@@ -397,7 +397,7 @@ fn events_keep_the_newest_ten_thousand_in_sequence_order() {
         };
         assert_eq!(
             store
-                .append_event(k, sev, "Reason", &format!("event {i}"))
+                .append_event(k, sev, Reason::DriftDetected, &format!("event {i}"))
                 .unwrap(),
             i
         );
@@ -427,7 +427,9 @@ fn events_keep_the_newest_ten_thousand_in_sequence_order() {
     // Sequence numbers go on after a restart.
     let store = Store::open(tmp.path()).unwrap();
     assert_eq!(
-        store.append_event(&a, Severity::Warning, "R", "m").unwrap(),
+        store
+            .append_event(&a, Severity::Warning, Reason::OperatorVerb, "m")
+            .unwrap(),
         total + 1
     );
 }
@@ -439,7 +441,7 @@ fn attempt_begun_and_never_finished_is_interrupted_after_reopen() {
     let store = Store::open(tmp.path()).unwrap();
     run_attempt(&store, &b);
     let mut status = StatusRecord::default();
-    status.set_condition(ConditionKind::Ready, true, "Succeeded", "ok", 1);
+    status.set_condition(ConditionKind::Ready, true, Reason::Converged, "ok", 1);
     store.put_status(&a, &status).unwrap();
     let id = store.begin_attempt(&a, "h2", Some("rev2")).unwrap();
     // begin_attempt keeps what the status said and adds the attempt.
@@ -513,7 +515,7 @@ fn forget_removes_everything_but_events() {
             .unwrap();
         run_attempt(&store, k);
         store
-            .append_event(k, Severity::Info, "Applied", "ok")
+            .append_event(k, Severity::Info, Reason::OperatorVerb, "ok")
             .unwrap();
     }
     assert_eq!(store.keys().unwrap(), vec![a.clone(), ab.clone()]);
@@ -599,8 +601,12 @@ fn corrupt_keys_and_values_are_skipped_in_scans_and_reported_on_reads() {
     assert_eq!(store.events(10).unwrap(), vec![]);
     // A corrupt key sorting after every valid event does not reset the
     // sequence.
-    store.append_event(&good, Severity::Info, "R", "m").unwrap();
-    let seq = store.append_event(&good, Severity::Info, "R", "m").unwrap();
+    store
+        .append_event(&good, Severity::Info, Reason::OperatorVerb, "m")
+        .unwrap();
+    let seq = store
+        .append_event(&good, Severity::Info, Reason::OperatorVerb, "m")
+        .unwrap();
     assert_eq!(seq, 2);
     assert_eq!(store.events(10).unwrap().len(), 2);
 }
@@ -614,14 +620,14 @@ fn a_newer_format_fails_reads_and_scans_with_unsupported_format() {
         .inner
         .status
         .tree
-        .insert(layout::object(&k), br#"{"v":2,"data":{}}"#.as_slice())
+        .insert(layout::object(&k), br#"{"v":3,"data":{}}"#.as_slice())
         .unwrap();
     for result in [store.status(&k).map(|_| ()), store.statuses().map(|_| ())] {
         match result {
             Err(
                 e @ StoreError::UnsupportedFormat {
-                    version: 2,
-                    supported: 1,
+                    version: 3,
+                    supported: 2,
                     ..
                 },
             ) => {
@@ -664,7 +670,7 @@ fn print_cost_of_status_writes_and_finish_attempt() {
     status.set_condition(
         ConditionKind::Ready,
         true,
-        "Succeeded",
+        Reason::Converged,
         "applied generation 7",
         1,
     );

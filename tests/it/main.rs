@@ -27,6 +27,7 @@ mod invalid_inputs;
 mod invalid_yaml_while_daemon_runs;
 mod link_down;
 mod link_down_during_upload;
+mod plan_is_what_runs;
 mod protocol_over_ssh;
 mod remote_hypervisor;
 mod role_settings;

@@ -100,8 +100,18 @@ fn quickstart_converges_with_a_running_vm_that_stops_when_its_spec_says_stopped(
         pidfile: fleet.state().join("vms/sandbox/qemu.pid"),
     };
 
+    let plan = fleet.plan_json();
+    let planned = super::support::planned_steps(&plan);
+    let keys: Vec<&str> = planned.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["machine/web", "service/hello", "vm/sandbox"],
+        "{plan}"
+    );
     let run = fleet.reconcile_once(&["--timeout", "90s"]);
     run.assert_code(0);
+    // The plan is what ran: each object's attempt recorded exactly its steps.
+    fleet.assert_history_matches(&plan);
     let statuses = fleet.statuses();
     let vm = statuses
         .iter()
@@ -125,7 +135,14 @@ fn quickstart_converges_with_a_running_vm_that_stops_when_its_spec_says_stopped(
         "vm.yaml",
         &vm_yaml.replace("state: running", "state: stopped"),
     );
+    let plan = fleet.plan_json();
+    assert_eq!(
+        super::support::planned_steps(&plan)["vm/sandbox"],
+        ["stop-vm"],
+        "{plan}"
+    );
     fleet.reconcile_once(&["--timeout", "90s"]).assert_code(0);
+    fleet.assert_history_matches(&plan);
     assert!(
         !alive_with(pid, &guard.pidfile),
         "QEMU (pid {pid}) is gone after state: stopped"

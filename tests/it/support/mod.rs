@@ -298,6 +298,44 @@ impl Fleet {
         self.converge(&args)
     }
 
+    /// `converge plan --output json` of the fleet.
+    pub fn plan_json(&self) -> Value {
+        let dir = self.dir();
+        let state = self.state();
+        let run = self.converge(&[
+            "plan",
+            "--dir",
+            dir.to_str().expect("utf-8"),
+            "--state",
+            state.to_str().expect("utf-8"),
+            "--output",
+            "json",
+        ]);
+        run.assert_code(0);
+        run.json()
+    }
+
+    /// Asserts that the newest attempt of every key `plan` listed recorded
+    /// exactly the planned steps, name for name and in order, all succeeded.
+    pub fn assert_history_matches(&self, plan: &Value) {
+        let planned = planned_steps(plan);
+        assert!(!planned.is_empty(), "the plan lists no change: {plan}");
+        for (key, steps) in &planned {
+            let history = self.history(key);
+            let newest = history
+                .first()
+                .unwrap_or_else(|| panic!("{key}: no attempt recorded"));
+            assert_eq!(
+                &recorded_steps(newest),
+                steps,
+                "{key}: the attempt recorded other steps than the plan listed\nplan: {plan}\nattempt: {newest}"
+            );
+            for step in newest["steps"].as_array().into_iter().flatten() {
+                assert_eq!(step["status"], "succeeded", "{key}: {step}");
+            }
+        }
+    }
+
     /// `converge status --output json`: one entry per object.
     pub fn statuses(&self) -> Vec<Value> {
         let state = self.state();
@@ -725,4 +763,33 @@ impl Random {
     pub fn between(&mut self, low: u64, high: u64) -> u64 {
         low + self.next() % (high - low + 1)
     }
+}
+
+/// The step names `plan --output json` lists for each key, in order.
+pub fn planned_steps(plan: &Value) -> std::collections::BTreeMap<String, Vec<String>> {
+    plan["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|change| {
+            let key = change["key"].as_str().unwrap_or_default().to_owned();
+            let steps = change["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| s["step"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            (key, steps)
+        })
+        .collect()
+}
+
+/// The step names of an attempt as `history --output json` records them, in order.
+pub fn recorded_steps(attempt: &Value) -> Vec<String> {
+    attempt["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }

@@ -29,7 +29,7 @@ fn start_step(fleet: &Fleet, name: &str) -> (u64, String) {
         .unwrap_or_default();
     let start: &Value = steps
         .iter()
-        .find(|s| s["name"] == "start")
+        .find(|s| s["name"] == "start-vm")
         .unwrap_or_else(|| panic!("vm/{name} has no start step: {history:?}"));
     (
         start["duration_ms"].as_u64().unwrap_or(0),
