@@ -38,6 +38,7 @@ mod source_cache;
 mod sshd_killed_during_activation;
 mod support;
 mod testbed_harness;
+mod tidy;
 mod transient_retry_backoff;
 mod twenty_hosts;
 mod vm_bad_specs;
