@@ -258,9 +258,9 @@ fn named_paths(module: &[String], children: &[String], code: &str) -> Vec<Vec<St
     // `super` of module a::b (`a/b.rs` or `a/b/mod.rs`) is a.
     let parent: Vec<String> = module[..module.len().saturating_sub(1)].to_vec();
     let resolve = |segments: &[&str]| -> Option<Vec<String>> {
-        let (base, rest): (Vec<String>, &[&str]) = match segments.first()? {
-            &"crate" => (Vec::new(), &segments[1..]),
-            &"super" => {
+        let (base, rest): (Vec<String>, &[&str]) = match *segments.first()? {
+            "crate" => (Vec::new(), &segments[1..]),
+            "super" => {
                 let mut base = parent.clone();
                 let mut rest = &segments[1..];
                 while rest.first() == Some(&"super") {
@@ -269,7 +269,7 @@ fn named_paths(module: &[String], children: &[String], code: &str) -> Vec<Vec<St
                 }
                 (base, rest)
             }
-            &"self" => (module.to_vec(), &segments[1..]),
+            "self" => (module.to_vec(), &segments[1..]),
             // A child module (`use a::A` in `c/mod.rs`), or another crate:
             // that resolves to this file itself, which is no edge.
             _ => (module.to_vec(), segments),
