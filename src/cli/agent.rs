@@ -8,7 +8,7 @@
 
 use anyhow::Context as _;
 
-use super::{EXIT_OK, runtime};
+use super::args::{EXIT_OK, runtime};
 use crate::driver::qemu::agent::{self, Request};
 
 /// Run one VM operation on this host and print its JSON reply.

@@ -10,8 +10,7 @@ use std::io::Write;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use super::{EXIT_FATAL, EXIT_OK, Output, StateArg};
-use crate::controller::lifecycle;
+use super::args::{EXIT_FATAL, EXIT_OK, Output, StateArg};
 use crate::spec::ObjectKey;
 use crate::store::Store;
 
@@ -65,7 +64,7 @@ fn fetch(
     path: &str,
     direct: impl FnOnce(&Store) -> anyhow::Result<Option<Value>>,
 ) -> anyhow::Result<Option<Value>> {
-    if let Some((status, body)) = super::ask(&state.state, "GET", path)? {
+    if let Some((status, body)) = super::args::ask(&state.state, "GET", path)? {
         return match status {
             200 => Ok(Some(
                 serde_json::from_str(&body).context("parse the daemon's answer")?,
@@ -80,7 +79,7 @@ fn fetch(
 /// Opens the store under `--state` for a read or an operator verb, refusing
 /// to create one where nothing was ever reconciled.
 pub(crate) fn open_existing_store(state: &StateArg) -> anyhow::Result<Store> {
-    let dir = lifecycle::store_dir(&state.state);
+    let dir = crate::controller::context::store_dir(&state.state);
     if !dir.exists() {
         anyhow::bail!(
             "no store at {}: nothing was reconciled with this --state yet",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use super::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
+use super::args::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
 use crate::controller::context::{Config, Context};
 use crate::controller::{lifecycle, preview};
 use crate::plan::{Plan, render_text};
@@ -35,7 +35,7 @@ pub struct Args {
     #[command(flatten)]
     pub state: StateArg,
     #[command(flatten)]
-    pub ssh: super::SshArgs,
+    pub ssh: super::args::SshArgs,
     /// Exit 2 when there are changes, 0 when none (1 stays an error).
     #[arg(long)]
     pub detailed_exitcode: bool,
@@ -55,16 +55,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         writeln!(out, "invalid desired state: no plan")?;
         return Ok(EXIT_FATAL);
     };
-    let plan: Plan = match super::ask(&args.state.state, "GET", "/v1/plan")? {
+    let plan: Plan = match super::args::ask(&args.state.state, "GET", "/v1/plan")? {
         Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's plan")?,
         Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
         None => {
             let state = &args.state.state;
-            super::create_state_dir(state)?;
-            let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
+            super::args::create_state_dir(state)?;
+            let store = Store::open(&crate::controller::context::store_dir(state))
+                .context("open the store")?;
             let driver = args
                 .ssh
-                .driver(state, &args.dir.dir, super::ONE_SHOT_SSH_PERSIST);
+                .driver(state, &args.dir.dir, super::args::ONE_SHOT_SSH_PERSIST);
             let ctx = Arc::new(Context::new(
                 store,
                 driver,
@@ -72,7 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 state,
                 snapshot,
             ));
-            super::runtime()?.block_on(preview::plan(&ctx))
+            super::args::runtime()?.block_on(preview::plan(&ctx))
         }
     };
     let mut out = std::io::stdout().lock();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use super::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
+use super::args::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
 use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
 use crate::controller::lifecycle;
@@ -49,7 +49,7 @@ pub struct Args {
     #[command(flatten)]
     pub state: StateArg,
     #[command(flatten)]
-    pub ssh: super::SshArgs,
+    pub ssh: super::args::SshArgs,
     /// Bound on the whole run (e.g. 10m); past it, steps are aborted and the exit code is 4.
     #[arg(long)]
     pub timeout: Option<HumanDuration>,
@@ -93,8 +93,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         tracing::warn!("{}", warning.to_string().trim_end());
     }
     let state = &args.state.state;
-    super::create_state_dir(state)?;
-    let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
+    super::args::create_state_dir(state)?;
+    let store =
+        Store::open(&crate::controller::context::store_dir(state)).context("open the store")?;
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,
@@ -102,7 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let driver = args
         .ssh
-        .driver(state, &args.dir.dir, super::ONE_SHOT_SSH_PERSIST);
+        .driver(state, &args.dir.dir, super::args::ONE_SHOT_SSH_PERSIST);
     let ctx = Arc::new(Context::new(store, driver, config, state, snapshot));
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,
@@ -114,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         timeout: args.timeout.map(HumanDuration::get),
         applier,
     };
-    let runtime = super::runtime()?;
+    let runtime = super::args::runtime()?;
     let report = runtime.block_on(once::run(ctx.clone(), options));
     if let Err(e) = ctx.store.flush() {
         tracing::error!(error = %e, "failed to flush the store");
@@ -184,7 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
 /// `converge reconcile KEY`: asks the daemon to reconcile one object now.
 fn request_reconcile(state: &std::path::Path, key: &ObjectKey) -> anyhow::Result<u8> {
-    match super::ask(state, "POST", &format!("/v1/reconcile/{key}"))? {
+    match super::args::ask(state, "POST", &format!("/v1/reconcile/{key}"))? {
         None => {
             eprintln!(
                 "error: no daemon answers at {}: start `converge run`, or use `converge reconcile --once`",

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 
-use super::{DirArg, EXIT_FATAL, EXIT_OK, StateArg};
+use super::args::{DirArg, EXIT_FATAL, EXIT_OK, StateArg};
 use crate::api::{self, ApiState};
 use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
@@ -41,7 +41,7 @@ pub struct Args {
     #[command(flatten)]
     pub state: StateArg,
     #[command(flatten)]
-    pub ssh: super::SshArgs,
+    pub ssh: super::args::SshArgs,
     /// Objects reconciled at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -60,7 +60,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let runtime = super::runtime()?;
+    let runtime = super::args::runtime()?;
     // Before anything else: a stop signal during start-up stops cleanly.
     let signals = runtime
         .block_on(async { Signals::install() })
@@ -76,11 +76,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         return Ok(EXIT_FATAL);
     };
     let state = &args.state.state;
-    super::create_state_dir(state)?;
-    let store = Store::open(&lifecycle::store_dir(state)).context("open the store")?;
+    super::args::create_state_dir(state)?;
+    let store =
+        Store::open(&crate::controller::context::store_dir(state)).context("open the store")?;
     let driver = args
         .ssh
-        .driver(state, &args.dir.dir, super::DAEMON_SSH_PERSIST);
+        .driver(state, &args.dir.dir, super::args::DAEMON_SSH_PERSIST);
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::{EXIT_FATAL, EXIT_OK};
+use super::args::{EXIT_FATAL, EXIT_OK};
 use crate::spec::schema;
 
 /// Write one JSON Schema per kind, plus document.json for any document.

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::Context;
 
-use super::{DirArg, EXIT_FATAL, EXIT_OK, Output};
+use super::args::{DirArg, EXIT_FATAL, EXIT_OK, Output};
 use crate::source::Source;
 
 /// Check a desired-state directory: syntax, schema, references, roles.

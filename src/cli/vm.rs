@@ -6,17 +6,17 @@
 //! `console` attaches to the VM's serial port socket directly; `history` is
 //! `converge history vm/NAME`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::{DirArg, EXIT_FATAL, EXIT_OK, ONE_SHOT_SSH_PERSIST, Output, SshArgs, StateArg};
-use crate::controller::lifecycle;
-use crate::controller::vmops::{self, VmLocks, VmOp, VmOpOutcome};
+use super::args::{DirArg, EXIT_FATAL, EXIT_OK, ONE_SHOT_SSH_PERSIST, Output, SshArgs, StateArg};
+use crate::controller::context::VmLocks;
+use crate::controller::vmops::{self, VmOp, VmOpOutcome};
+use crate::driver::console::{Console, RawTerminal, SessionEnd};
 use crate::spec::{HumanDuration, Name, ObjectKey};
 
 /// Operate VMs: list them, attach to a console, snapshot and revert, show history.
@@ -139,7 +139,7 @@ fn parse_name(name: &str) -> anyhow::Result<Name> {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<u8> {
-    let rows: Vec<Value> = match super::ask(&args.state.state, "GET", "/v1/vm")? {
+    let rows: Vec<Value> = match super::args::ask(&args.state.state, "GET", "/v1/vm")? {
         Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
         Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
         None => crate::api::vm_rows(&super::inspect::open_existing_store(&args.state)?)?,
@@ -227,37 +227,39 @@ fn operate(args: &NameArgs, op: VmOp) -> anyhow::Result<u8> {
     };
     // Waiting for the VM's lock (a reconcile may be starting or stopping
     // it) and a `savevm`/`loadvm` of a large guest both take a while.
-    let outcome: VmOpOutcome = match super::ask_within(&state.state, path.0, &path.1, VERB_TIMEOUT)?
-    {
-        Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's answer")?,
-        Some((_, body)) => {
-            eprintln!("error: {}", body.trim());
-            return Ok(EXIT_FATAL);
-        }
-        None => {
-            let store = super::inspect::open_existing_store(state)?;
-            let vm_root = lifecycle::vm_root(&state.state);
-            let runtime = super::runtime()?;
-            let driver = ssh.driver(&state.state, &dir.dir, ONE_SHOT_SSH_PERSIST);
-            let done = runtime.block_on(vmops::operate(
-                &driver,
-                &store,
-                &VmLocks::default(),
-                &vm_root,
-                None,
-                &name,
-                &op,
-            ));
-            store.flush().context("flush the store")?;
-            match done {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    eprintln!("error: {:#}", anyhow::Error::new(e));
-                    return Ok(EXIT_FATAL);
+    let outcome: VmOpOutcome =
+        match super::args::ask_within(&state.state, path.0, &path.1, VERB_TIMEOUT)? {
+            Some((200, body)) => {
+                serde_json::from_str(&body).context("parse the daemon's answer")?
+            }
+            Some((_, body)) => {
+                eprintln!("error: {}", body.trim());
+                return Ok(EXIT_FATAL);
+            }
+            None => {
+                let store = super::inspect::open_existing_store(state)?;
+                let vm_root = crate::controller::context::vm_root(&state.state);
+                let runtime = super::args::runtime()?;
+                let driver = ssh.driver(&state.state, &dir.dir, ONE_SHOT_SSH_PERSIST);
+                let done = runtime.block_on(vmops::operate(
+                    &driver,
+                    &store,
+                    &VmLocks::default(),
+                    &vm_root,
+                    None,
+                    &name,
+                    &op,
+                ));
+                store.flush().context("flush the store")?;
+                match done {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        eprintln!("error: {:#}", anyhow::Error::new(e));
+                        return Ok(EXIT_FATAL);
+                    }
                 }
             }
-        }
-    };
+        };
     let mut out = std::io::stdout().lock();
     if *output == Output::Json {
         writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?;
@@ -292,7 +294,7 @@ const DETACH: u8 = 0x1d;
 /// The hypervisor Machine a VM runs on, when converge knows it and it is
 /// not this host.
 fn hypervisor_of(state: &StateArg, name: &Name) -> Option<String> {
-    let rows: Vec<Value> = match super::ask(&state.state, "GET", "/v1/vm").ok()? {
+    let rows: Vec<Value> = match super::args::ask(&state.state, "GET", "/v1/vm").ok()? {
         Some((200, body)) => serde_json::from_str(&body).ok()?,
         Some(_) => return None,
         None => crate::api::vm_rows(&super::inspect::open_existing_store(state).ok()?).ok()?,
@@ -312,7 +314,7 @@ fn console(args: ConsoleArgs) -> anyhow::Result<u8> {
         );
         return Ok(EXIT_FATAL);
     }
-    let dir = lifecycle::vm_root(&args.state.state).join(name.as_str());
+    let dir = crate::controller::context::vm_root(&args.state.state).join(name.as_str());
     let paths = crate::driver::qemu::launch::VmPaths::new(&dir);
     if args.log {
         let log = std::fs::read(&paths.serial_log).with_context(|| {
@@ -324,8 +326,8 @@ fn console(args: ConsoleArgs) -> anyhow::Result<u8> {
         std::io::stdout().lock().write_all(&log)?;
         return Ok(EXIT_OK);
     }
-    let stream = match UnixStream::connect(&paths.console_socket) {
-        Ok(s) => s,
+    let console = match Console::connect(&paths.console_socket) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!(
                 "error: vm/{name} has no console to attach to at {} ({e}): it is not running here; `converge vm list` shows its state",
@@ -334,155 +336,23 @@ fn console(args: ConsoleArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_FATAL);
         }
     };
-    if is_terminal_stdin() {
-        interactive(stream, &name)
-    } else {
-        piped(stream, args.quiet_for.get())
+    if !std::io::stdin().is_terminal() {
+        console
+            .exchange(
+                std::io::stdin(),
+                &mut std::io::stdout().lock(),
+                args.quiet_for.get(),
+            )
+            .context("the console connection")?;
+        return Ok(EXIT_OK);
     }
-}
-
-fn is_terminal_stdin() -> bool {
-    use std::io::IsTerminal;
-    std::io::stdin().is_terminal()
-}
-
-/// Copies the socket to stdout until it closes.
-fn pump_out(mut from: UnixStream) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let mut out = std::io::stdout();
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-    })
-}
-
-/// The terminal's settings before raw mode; restored when dropped, on every
-/// path out of the session.
-struct RawTerminal {
-    saved: String,
-}
-
-impl RawTerminal {
-    fn enter() -> anyhow::Result<RawTerminal> {
-        let saved = stty(&["-g"]).context("read the terminal's settings (stty -g)")?;
-        stty(&["raw", "-echo"]).context("put the terminal in raw mode")?;
-        Ok(RawTerminal {
-            saved: saved.trim().to_owned(),
-        })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        let _ = stty(&[&self.saved]);
-    }
-}
-
-fn interactive(stream: UnixStream, name: &Name) -> anyhow::Result<u8> {
-    let to = stream.try_clone().context("the console connection")?;
     eprintln!("converge: attached to vm/{name}'s serial console; Ctrl-] detaches");
-    let raw = RawTerminal::enter()?;
-    let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
-    let out = pump_out(stream);
-    // When the VM's side closes (QEMU exited), end the session without
-    // waiting for a key.
-    std::thread::spawn(move || {
-        let _ = out.join();
-        let _ = closed_tx.send(());
-    });
-    let input = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut to = to;
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = stdin.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            let chunk = &buf[..n];
-            if let Some(at) = chunk.iter().position(|&b| b == DETACH) {
-                let _ = to.write_all(&chunk[..at]);
-                let _ = to.shutdown(std::net::Shutdown::Both);
-                return Ok(());
-            }
-            to.write_all(chunk)?;
-        }
-    });
-    let result = loop {
-        if input.is_finished() {
-            break input
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the input thread panicked")));
-        }
-        if closed.recv_timeout(Duration::from_millis(50)).is_ok() {
-            drop(raw);
-            eprintln!("\nconverge: vm/{name}'s console closed (the VM stopped?)");
-            return Ok(EXIT_OK);
-        }
-    };
+    let raw = RawTerminal::enter().context("put the terminal in raw mode (stty)")?;
+    let end = console.attach(std::io::stdin(), std::io::stdout(), DETACH);
     drop(raw);
-    eprintln!("\nconverge: detached from vm/{name}");
-    result.context("the console connection")?;
-    Ok(EXIT_OK)
-}
-
-fn stty(args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("stty")
-        .args(args)
-        .stdin(std::process::Stdio::inherit())
-        .output()
-        .context("run stty")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "stty {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    match end.context("the console connection")? {
+        SessionEnd::Closed => eprintln!("\nconverge: vm/{name}'s console closed (the VM stopped?)"),
+        SessionEnd::Detached => eprintln!("\nconverge: detached from vm/{name}"),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Sends stdin, prints the guest's output, and returns once stdin ended and
-/// the guest was quiet for `quiet_for`.
-fn piped(stream: UnixStream, quiet_for: Duration) -> anyhow::Result<u8> {
-    let mut to = stream.try_clone()?;
-    let sender = std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let _ = std::io::copy(&mut stdin, &mut to);
-    });
-    let mut from = stream;
-    from.set_read_timeout(Some(quiet_for.max(Duration::from_millis(10))))?;
-    let mut out = std::io::stdout().lock();
-    let mut buf = [0u8; 4096];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                out.write_all(&buf[..n])?;
-                out.flush()?;
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if sender.is_finished() {
-                    break;
-                }
-            }
-            Err(e) => return Err(e).context("read the console"),
-        }
-    }
-    let _ = from.shutdown(std::net::Shutdown::Both);
     Ok(EXIT_OK)
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::driver::git::Revision;
-use crate::spec::{DesiredState, ObjectKey};
+use crate::spec::{DesiredState, Name, ObjectKey};
 use crate::store::Store;
 
 /// A valid desired state and where it came from.
@@ -87,7 +87,7 @@ pub struct Context<D> {
     /// VM processes already watched for exit, by key.
     pub watched: Mutex<HashMap<ObjectKey, u32>>,
     /// Held by a VM's reconcile and by operator verbs on it.
-    pub vm_locks: super::vmops::VmLocks,
+    pub vm_locks: VmLocks,
 }
 
 impl<D> Context<D> {
@@ -106,12 +106,12 @@ impl<D> Context<D> {
             driver,
             config,
             build_cache: state.join("builds"),
-            vm_root: super::lifecycle::vm_root(state),
+            vm_root: vm_root(state),
             snapshot: RwLock::new(Arc::new(snapshot)),
             builds,
             wakeups: None,
             watched: Mutex::new(HashMap::new()),
-            vm_locks: super::vmops::VmLocks::default(),
+            vm_locks: VmLocks::default(),
         }
     }
 
@@ -139,4 +139,39 @@ impl<D> Context<D> {
             Err(poisoned) => *poisoned.into_inner() = new,
         }
     }
+}
+
+/// One lock per VM name, shared by its reconcile and operator verbs.
+#[derive(Debug, Default)]
+pub struct VmLocks {
+    locks: Mutex<HashMap<Name, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VmLocks {
+    /// Waits for, then holds, the lock of VM `name`.
+    pub async fn lock(&self, name: &Name) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = match self.locks.lock() {
+                Ok(l) => l,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            Arc::clone(locks.entry(name.clone()).or_default())
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// The state directory's layout.
+pub fn store_dir(state: &Path) -> std::path::PathBuf {
+    state.join("store")
+}
+
+/// Where builds are cached under the state directory.
+pub fn build_cache_dir(state: &Path) -> std::path::PathBuf {
+    state.join("builds")
+}
+
+/// Where local VMs live under the state directory, one directory each.
+pub fn vm_root(state: &Path) -> std::path::PathBuf {
+    state.join("vms")
 }

@@ -5,7 +5,6 @@
 //! Shared by `reconcile --once` and the daemon, so both behave the same.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -173,19 +172,4 @@ pub fn start<D: Drivers>(
         phase,
         handle,
     }
-}
-
-/// The state directory's layout.
-pub fn store_dir(state: &Path) -> std::path::PathBuf {
-    state.join("store")
-}
-
-/// Where builds are cached under the state directory.
-pub fn build_cache_dir(state: &Path) -> std::path::PathBuf {
-    state.join("builds")
-}
-
-/// Where local VMs live under the state directory, one directory each.
-pub fn vm_root(state: &Path) -> std::path::PathBuf {
-    state.join("vms")
 }

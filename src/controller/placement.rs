@@ -5,7 +5,6 @@
 
 use serde_json::Value;
 
-use super::context::Context;
 use crate::driver::capability::Hypervisor;
 use crate::spec::{Name, ObjectKey, Target as TargetSpec, VmHost};
 use crate::store::Store;
@@ -190,17 +189,14 @@ pub fn place_name(host: &Hypervisor) -> String {
     }
 }
 
-/// [`resolve_hypervisor`] for a reconcile of `key`, whose spec names `host`.
-pub fn hypervisor<D>(
-    ctx: &Context<D>,
+/// Where VM `key`, whose spec names `host`, lives: [`resolve_hypervisor`]
+/// with where it was last observed.
+pub fn hypervisor(
+    desired: &crate::spec::DesiredState,
+    store: &Store,
     key: &ObjectKey,
     host: &VmHost,
 ) -> Result<Hypervisor, Unresolved> {
-    let last = last_place(&ctx.store, key)?;
-    resolve_hypervisor(
-        Some(&ctx.snapshot().desired),
-        &ctx.store,
-        host,
-        last.as_ref().map(|l| &l.host),
-    )
+    let last = last_place(store, key)?;
+    resolve_hypervisor(Some(desired), store, host, last.as_ref().map(|l| &l.host))
 }

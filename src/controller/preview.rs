@@ -86,9 +86,14 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
         .map(|object| {
             let ctx = ctx.clone();
             async move {
-                let root = ctx.snapshot().root.clone();
-                let result = match placement::hypervisor(&ctx, &object.key, &object.spec.host.value)
-                {
+                let snapshot = ctx.snapshot();
+                let root = snapshot.root.clone();
+                let result = match placement::hypervisor(
+                    &snapshot.desired,
+                    &ctx.store,
+                    &object.key,
+                    &object.spec.host.value,
+                ) {
                     Ok(host) => {
                         let dir = host.vm_dir(&ctx.vm_root, object.key.name.as_str());
                         let launch = ctx.driver.vm_launch_identity(

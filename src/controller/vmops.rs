@@ -14,37 +14,16 @@
 //! A VM on a hypervisor Machine is operated through converge's agent there,
 //! like its reconcile (see `driver::hypervisor`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::context::VmLocks;
 use crate::driver::capability::{DriverError, VmDriver};
 use crate::driver::qemu::SnapshotInfo;
 use crate::spec::{DesiredState, Name, ObjectKey};
 use crate::store::Store;
 use crate::store::records::Severity;
-
-/// One lock per VM name, shared by its reconcile and operator verbs.
-#[derive(Debug, Default)]
-pub struct VmLocks {
-    locks: Mutex<HashMap<Name, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl VmLocks {
-    /// Waits for, then holds, the lock of VM `name`.
-    pub async fn lock(&self, name: &Name) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = match self.locks.lock() {
-                Ok(l) => l,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            Arc::clone(locks.entry(name.clone()).or_default())
-        };
-        lock.lock_owned().await
-    }
-}
 
 /// What an operator asks of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 
 pub mod build;
 pub mod capability;
+pub mod console;
 pub mod git;
 pub mod host;
 pub mod hypervisor;

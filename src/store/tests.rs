@@ -1,12 +1,10 @@
-//! Tests of the store against real sled databases in temporary directories,
-//! including other processes (this test binary run again) that hold the lock
-//! or are killed with SIGKILL mid-write.
+//! Tests of the store against real sled databases in temporary directories.
+//! The tests across processes (a held lock, SIGKILL mid-write) are in
+//! tests/it/store_across_processes.rs.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
 
@@ -145,159 +143,6 @@ fn second_open_in_the_same_process_is_locked() {
     drop(first);
     // Dropping the last handle releases the lock.
     Store::open(tmp.path()).unwrap();
-}
-
-/// Environment variable that turns this test binary into a helper process
-/// for the test named in it.
-const CHILD_ENV: &str = "CONVERGE_STORE_TEST_CHILD";
-/// The store directory of a helper process.
-const CHILD_DIR_ENV: &str = "CONVERGE_STORE_TEST_DIR";
-
-/// This test's directory, if this process is the helper for `test`.
-fn child_dir(test: &str) -> Option<PathBuf> {
-    if std::env::var(CHILD_ENV).ok()? == test {
-        Some(std::env::var_os(CHILD_DIR_ENV)?.into())
-    } else {
-        None
-    }
-}
-
-/// Runs this test binary again, running only `test` (a function of this
-/// module) as the helper process, with its stdout piped.
-fn spawn_helper(test: &str, dir: &Path) -> Child {
-    let module = module_path!()
-        .split_once("::")
-        .map_or(module_path!(), |(_, rest)| rest);
-    Command::new(std::env::current_exe().unwrap())
-        .args([&format!("{module}::{test}"), "--exact", "--nocapture"])
-        .env(CHILD_ENV, test)
-        .env(CHILD_DIR_ENV, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-#[test]
-fn open_while_another_process_holds_the_store_is_locked() {
-    const TEST: &str = "open_while_another_process_holds_the_store_is_locked";
-    if let Some(dir) = child_dir(TEST) {
-        let _store = Store::open(&dir).unwrap();
-        println!("holding");
-        std::thread::sleep(Duration::from_secs(60));
-        return;
-    }
-    let tmp = tempdir();
-    let mut child = spawn_helper(TEST, tmp.path());
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(
-        lines.any(|l| l.unwrap() == "holding"),
-        "helper exited before opening the store"
-    );
-    let result = Store::open(tmp.path());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        matches!(result, Err(StoreError::Locked { .. })),
-        "expected Locked, got {result:?}"
-    );
-    // The lock dies with its process.
-    Store::open(tmp.path()).unwrap();
-}
-
-#[test]
-fn finished_attempts_survive_sigkill() {
-    const TEST: &str = "finished_attempts_survive_sigkill";
-    if let Some(dir) = child_dir(TEST) {
-        let store = Store::open(&dir).unwrap();
-        for i in 0u64.. {
-            // Spread attempts over keys so that trimming keeps them all.
-            let k = key(&format!("machine/c{}", i / 50));
-            let id = run_attempt(&store, &k);
-            println!("finished {k} {id}");
-            // Most kills land here, after finish_attempt and before the next
-            // begin_attempt flushes: only finish_attempt's own flush keeps the
-            // attempt just printed.
-            std::thread::sleep(Duration::from_millis(3));
-        }
-        return;
-    }
-    let tmp = tempdir();
-    let mut child = spawn_helper(TEST, tmp.path());
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| {
-                let rest = l.strip_prefix("finished ")?;
-                let (k, id) = rest.split_once(' ')?;
-                Some((key(k), id.parse::<u64>().unwrap()))
-            })
-            .collect::<Vec<_>>()
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
-    let finished = reader.join().unwrap();
-    assert!(
-        finished.len() >= 2,
-        "the helper finished {} attempts in 300 ms",
-        finished.len()
-    );
-
-    let store = Store::open(tmp.path()).unwrap();
-    for (k, id) in &finished {
-        let record = store.attempt(k, *id).unwrap();
-        assert!(
-            record.is_some(),
-            "attempt {k}#{id} was reported finished but is lost"
-        );
-    }
-    // At most the one attempt that had begun and not finished is left
-    // in progress, and it is newer than every finished one.
-    let interrupted = store.interrupted().unwrap();
-    assert!(interrupted.len() <= 1, "{interrupted:?}");
-    let newest = finished.iter().map(|(_, id)| *id).max().unwrap();
-    for k in interrupted {
-        let in_progress = store.status(&k).unwrap().unwrap().in_progress.unwrap();
-        assert!(in_progress.attempt_id > newest);
-    }
-    // Ids go on increasing after the crash.
-    assert!(
-        store
-            .begin_attempt(&key("machine/after"), "h", None)
-            .unwrap()
-            > newest
-    );
-}
-
-#[test]
-fn begun_attempt_survives_sigkill_as_interrupted() {
-    const TEST: &str = "begun_attempt_survives_sigkill_as_interrupted";
-    let k = key("machine/web1");
-    if let Some(dir) = child_dir(TEST) {
-        let store = Store::open(&dir).unwrap();
-        let id = store.begin_attempt(&k, "h", None).unwrap();
-        println!("begun {id}");
-        std::thread::sleep(Duration::from_secs(60));
-        return;
-    }
-    let tmp = tempdir();
-    let mut child = spawn_helper(TEST, tmp.path());
-    let begun = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("begun ")?.parse::<u64>().ok());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let id = begun.expect("the helper exited before beginning an attempt");
-
-    let store = Store::open(tmp.path()).unwrap();
-    assert_eq!(store.interrupted().unwrap(), vec![k.clone()]);
-    let in_progress = store.status(&k).unwrap().unwrap().in_progress.unwrap();
-    assert_eq!(in_progress.attempt_id, id);
 }
 
 #[test]

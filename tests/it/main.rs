@@ -36,6 +36,7 @@ mod schemas;
 mod shutdown_signals;
 mod source_cache;
 mod sshd_killed_during_activation;
+mod store_across_processes;
 mod support;
 mod testbed_harness;
 mod tidy;

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::attempt::Attempt;
-use super::machine::document_json;
 use super::record::set_ready;
 use crate::controller::context::{Context, Snapshot};
 use crate::controller::error::ReconcileError;
@@ -36,6 +35,8 @@ pub struct Inputs<'a> {
     pub roles_hash: &'a str,
     /// What was observed right before planning.
     pub facts: &'a MachineFacts,
+    /// The machine's document as recorded once applied.
+    pub document: serde_json::Value,
 }
 
 /// How one step ended, when it did not fail the attempt.
@@ -486,6 +487,7 @@ pub async fn execute<D: Drivers>(
     let key = inputs.key;
     let object = inputs.object;
     let roles_hash = inputs.roles_hash;
+    let document = inputs.document.clone();
     let mut attempt = Attempt::begin(ctx, key, &object.spec_hash, snapshot.revision.short())?;
     let mut run = Run {
         ctx,
@@ -577,7 +579,7 @@ pub async fn execute<D: Drivers>(
                 &SpecRecord {
                     spec_hash: object.spec_hash.clone(),
                     revision: Some(snapshot.revision.build_input.clone()),
-                    spec: document_json(object),
+                    spec: document,
                     seen_ms: now,
                 },
             )?;

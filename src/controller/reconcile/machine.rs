@@ -291,6 +291,7 @@ pub async fn reconcile<D: Drivers>(
             roles_document: &roles.document,
             roles_hash: &roles.hash,
             facts: &facts,
+            document: desired.document.clone(),
         },
         status,
         &change,
