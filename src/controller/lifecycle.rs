@@ -28,7 +28,7 @@ pub fn load(
     let (mut assembled, stats) = source.load()?;
     let snapshot = assembled.desired.take().map(|desired| Snapshot {
         desired,
-        revision: git::revision(source.root()),
+        revision: git::revision(source.root(), &crate::source::content_hash(source.root())),
         root: source.root().to_path_buf(),
     });
     Ok((assembled, stats, snapshot))

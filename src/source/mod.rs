@@ -10,6 +10,9 @@
 //! directory is returned as diagnostics, and the caller keeps its last valid
 //! desired state.
 
+mod content;
+mod ignored;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::spec::parse::{ParsedFile, parse_file};
 use crate::spec::{Assembled, CheckedFile, Diagnostic, Resolution, Severity, assemble_with};
+
+pub use content::content_hash;
+use ignored::is_ignored_name;
 
 /// Directories nested deeper than this are not walked.
 const MAX_DEPTH: usize = 32;
@@ -178,16 +184,6 @@ fn file_error(file: &Path, message: String) -> Diagnostic {
         source_line: None,
         related: Vec::new(),
     }
-}
-
-/// Hidden files, editor backups and temporary files.
-fn is_ignored_name(name: &str) -> bool {
-    name.starts_with('.')
-        || name.starts_with('#')
-        || name.ends_with('~')
-        || [".swp", ".swx", ".swo", ".bak", ".orig", ".tmp", ".rej"]
-            .iter()
-            .any(|suffix| name.ends_with(suffix))
 }
 
 fn walk(

@@ -32,9 +32,18 @@ fn frozen_during_activation(extra: &str) {
                 Duration::from_secs(60),
                 || starts.exists().then_some(()),
             );
-            // Converge is waiting for the activation's result by now
-            // (activate sleeps 3 s on host0).
-            std::thread::sleep(Duration::from_secs(1));
+            // Freeze while converge waits for the activation's result
+            // (activate sleeps 3 s on host0): its wait script runs there.
+            wait_for(
+                "converge to wait for host0's activation",
+                Duration::from_secs(60),
+                || {
+                    let waiting = testbed
+                        .host(0)
+                        .processes_mentioning("converge: wait_activation.sh");
+                    (!waiting.is_empty()).then_some(())
+                },
+            );
             testbed.host(0).freeze();
         });
         let run = fleet.reconcile_within(

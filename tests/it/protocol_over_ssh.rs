@@ -172,22 +172,28 @@ async fn an_activation_survives_a_dropped_connection() {
     let attempt = protocol::start_activation(&t, REMOTE_STATE_DIR, &g1, "switch", T)
         .await
         .expect("start");
-    // The controller is waiting when the link drops.
+    // The link drops while the controller waits, and stays down until the
+    // wait gives up (the master's ServerAlive bound): that wait fails.
     let waiting = protocol::wait_activation(&t, REMOTE_STATE_DIR, &attempt, T);
     let fault = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while host
+            .processes_mentioning("converge: wait_activation.sh")
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the wait script never ran on the host"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         host.link_down();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        host.link_up();
     };
     let (waited, ()) = tokio::join!(waiting, fault);
+    host.link_up();
     match waited {
-        // The old master may or may not have survived a 2 s outage.
-        Ok(result) => println!("the first wait survived the outage: code {}", result.code),
-        Err(error) => {
-            println!("the first wait failed: {}", chain(&error));
-            assert!(error.is_transient(), "{error:?}");
-        }
+        Ok(result) => panic!("a wait over a dead link returned a result: {result:?}"),
+        Err(error) => assert!(error.is_transient(), "{error:?}"),
     }
     // Over a new connection, the real result of the activation that kept running.
     let fresh = t.fresh();

@@ -455,6 +455,19 @@ fn sshd_pids(netns: &str) -> Vec<u32> {
 }
 
 impl Host {
+    /// The processes running in this host's network namespace whose command
+    /// line contains `needle`: (pid, command line with spaces for NULs).
+    pub fn processes_mentioning(&self, needle: &str) -> Vec<(u32, String)> {
+        netns_pids(&self.netns)
+            .into_iter()
+            .filter_map(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(needle).then_some((pid, cmdline))
+            })
+            .collect()
+    }
+
     fn spawn_sshd(&self) {
         let _ = fs::remove_file(self.dir.join("sshd.pid"));
         let dir = self.dir.to_string_lossy().into_owned();
