@@ -732,7 +732,7 @@ fn profile_memory(dir: &Path, state: &Path) -> anyhow::Result<()> {
         base,
     );
     let keys = lifecycle::keys(&snapshot.desired);
-    let store = Store::open(&lifecycle::store_dir(state))?;
+    let store = Store::open(&converge::controller::context::store_dir(state))?;
     let after_open = report("store opened", after_load);
     for key in &keys {
         let _ = store.status(key)?;
