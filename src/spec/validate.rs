@@ -27,7 +27,7 @@ use super::names::Name;
 use super::parse::{Located, ParsedFile, ParsedObject};
 use super::quantity::{ByteSize, HumanDuration};
 use super::roles::{self, MachineRoles, Members, ServicePieces};
-use super::{DesiredState, Object};
+use super::desired::{DesiredState, Object};
 
 /// Name no Machine may take: `host: local` of a VM means the controller's host.
 const RESERVED_MACHINE_NAME: &str = "local";
