@@ -21,9 +21,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::VmError;
+use super::error::VmError;
 #[cfg(test)]
-use super::VmFacts;
+use super::facts::VmFacts;
 use crate::spec::{ByteSize, Disk, OnDelete, VmSpec};
 
 /// One operation on one VM directory of the hypervisor.
@@ -151,9 +151,9 @@ fn reply<T: Serialize>(result: Result<T, VmError>) -> Reply {
 pub async fn execute(request: Request) -> Reply {
     let root = Path::new("/");
     match request {
-        Request::Observe { dir, disks } => ok(&super::observe(&dir, &disks).await),
+        Request::Observe { dir, disks } => ok(&super::observe::observe(&dir, &disks).await),
         Request::CreateDisk { dir, disk, backing } => {
-            reply(super::create_disk(&dir, &disk, backing.as_deref()).await)
+            reply(super::disk::create_disk(&dir, &disk, backing.as_deref()).await)
         }
         Request::GrowDisk {
             dir,
@@ -161,9 +161,9 @@ pub async fn execute(request: Request) -> Reply {
             size,
             online,
         } => reply(if online {
-            super::grow_disk_online(&dir, &disk, size).await
+            super::disk::grow_disk_online(&dir, &disk, size).await
         } else {
-            super::grow_disk(&dir, &disk, size).await
+            super::disk::grow_disk(&dir, &disk, size).await
         }),
         Request::Start {
             dir,
@@ -174,7 +174,7 @@ pub async fn execute(request: Request) -> Reply {
         } => reply({
             // This host is the hypervisor the spec names.
             spec.host = crate::spec::At::unplaced(crate::spec::VmHost::Local);
-            super::start(
+            super::lifecycle::start(
                 &dir,
                 &name,
                 &spec,
@@ -185,17 +185,19 @@ pub async fn execute(request: Request) -> Reply {
             .await
         }),
         Request::Stop { dir, graceful_ms } => {
-            reply(super::stop(&dir, Duration::from_millis(graceful_ms)).await)
+            reply(super::lifecycle::stop(&dir, Duration::from_millis(graceful_ms)).await)
         }
         Request::Delete {
             dir,
             on_delete,
             graceful_ms,
-        } => reply(super::delete(&dir, on_delete, Duration::from_millis(graceful_ms)).await),
-        Request::RunningPid { dir } => ok(&super::running_pid(&dir).await),
-        Request::Snapshots { dir } => reply(super::snapshots(&dir).await),
-        Request::Snapshot { dir, snap } => reply(super::snapshot(&dir, &snap).await),
-        Request::Revert { dir, snap } => reply(super::revert(&dir, &snap).await),
+        } => reply(
+            super::lifecycle::delete(&dir, on_delete, Duration::from_millis(graceful_ms)).await,
+        ),
+        Request::RunningPid { dir } => ok(&super::observe::running_pid(&dir).await),
+        Request::Snapshots { dir } => reply(super::snapshot::snapshots(&dir).await),
+        Request::Snapshot { dir, snap } => reply(super::snapshot::snapshot(&dir, &snap).await),
+        Request::Revert { dir, snap } => reply(super::snapshot::revert(&dir, &snap).await),
     }
 }
 

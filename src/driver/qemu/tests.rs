@@ -5,10 +5,14 @@
 //! kills its QEMUs when it ends, even by panic. A missing QEMU fails the tests
 //! with the packages to install.
 
+use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
+use std::time::{Duration, Instant};
 
+use super::disk::image_info;
+use super::monitor::query_status;
 use super::*;
-use crate::spec::VmSpec;
+use crate::spec::{OnDelete, VmSpec};
 
 const START: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_millis(300);
