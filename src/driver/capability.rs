@@ -17,7 +17,7 @@ use super::protocol::{
     MachineFacts,
 };
 use super::qemu::{DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
-use super::{CommandOutput, TargetError};
+use super::target::{CommandOutput, TargetError};
 use crate::spec::{ByteSize, Disk, Name, OnDelete, Target as TargetSpec, VmSpec};
 
 /// Why a driver step failed.

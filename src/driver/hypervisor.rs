@@ -30,7 +30,7 @@ use serde_json::Value;
 use super::capability::DriverError;
 use super::qemu::agent::{Reply, Request};
 use super::ssh::SshTarget;
-use super::{CommandOutput, Target, TargetError};
+use super::target::{CommandOutput, Target, TargetError};
 
 /// Bound on a presence or kind check on the hypervisor.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);

@@ -39,9 +39,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    CommandOutput, Target, TargetError, argv_summary, exit_text, io_is_transient, unique_suffix,
-};
+use super::command::{argv_summary, exit_text, io_is_transient, unique_suffix};
+use super::target::{CommandOutput, Target, TargetError};
 
 /// Where generations live when a machine's spec does not say.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/converge";

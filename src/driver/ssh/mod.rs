@@ -25,9 +25,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::{Instant, timeout_at};
 
-use super::{
-    CommandOutput, OUTPUT_LIMIT, Target, TargetError, argv_summary, read_tail, unique_suffix,
-};
+use super::command::{argv_summary, read_tail, unique_suffix};
+use super::target::{CommandOutput, OUTPUT_LIMIT, Target, TargetError};
 
 /// Runs every command: reports its process group, exports env, execs argv.
 const RUN_SCRIPT: &str = include_str!("run.sh");
@@ -225,7 +224,7 @@ impl SshError {
             | Self::HostKeyMismatch { .. }
             | Self::HostKeyUnknown { .. }
             | Self::Auth { .. } => false,
-            Self::Prepare { source, .. } => super::io_is_transient(source),
+            Self::Prepare { source, .. } => super::command::io_is_transient(source),
             Self::Connect { source, .. } => !matches!(
                 source,
                 openssh::Error::Connect(e) | openssh::Error::Master(e)
