@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::command::{argv_summary, io_is_transient};
-use super::ssh::SshError;
+use super::ssh::error::SshError;
 
 /// How many bytes of each output stream a driver keeps: the last 64 KiB.
 pub const OUTPUT_LIMIT: usize = 64 * 1024;
