@@ -12,6 +12,7 @@ use std::time::Duration;
 use std::path::Path;
 
 use super::build::{Artifact, BuildError, BuildRequest};
+use super::hypervisor_error::HypervisorError;
 use super::protocol::{
     ActivationResult, ConfirmOutcome, Confirmation, GenerationId, InstallOutcome, MachineError,
     MachineFacts,
@@ -34,7 +35,7 @@ pub enum DriverError {
     #[error("use {what}: not supported by this converge yet")]
     Unsupported { what: String },
     #[error(transparent)]
-    Hypervisor(#[from] super::hypervisor::HypervisorError),
+    Hypervisor(#[from] HypervisorError),
 }
 
 impl DriverError {

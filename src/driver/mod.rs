@@ -12,6 +12,7 @@ mod command;
 pub mod git;
 pub mod host;
 pub mod hypervisor;
+mod hypervisor_error;
 pub mod local;
 pub mod protocol;
 pub mod qemu;
