@@ -13,10 +13,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::command::{argv_summary, exit_text, io_is_transient, trim_front, unique_suffix};
 use super::local::run_process;
-use super::{
-    OUTPUT_LIMIT, TargetError, argv_summary, exit_text, io_is_transient, trim_front, unique_suffix,
-};
+use super::target::{OUTPUT_LIMIT, TargetError};
 
 /// Runs the build command with stderr merged into stdout, in order. The
 /// command is `"$@"`: no argument is ever re-parsed by the shell.

@@ -12,12 +12,13 @@ use std::time::Duration;
 use std::path::Path;
 
 use super::build::{Artifact, BuildError, BuildRequest};
+use super::hypervisor_error::HypervisorError;
 use super::protocol::{
     ActivationResult, ConfirmOutcome, Confirmation, GenerationId, InstallOutcome, MachineError,
     MachineFacts,
 };
 use super::qemu::{DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
-use super::{CommandOutput, TargetError};
+use super::target::{CommandOutput, TargetError};
 use crate::spec::{ByteSize, Disk, Name, OnDelete, Target as TargetSpec, VmSpec};
 
 /// Why a driver step failed.
@@ -34,7 +35,7 @@ pub enum DriverError {
     #[error("use {what}: not supported by this converge yet")]
     Unsupported { what: String },
     #[error(transparent)]
-    Hypervisor(#[from] super::hypervisor::HypervisorError),
+    Hypervisor(#[from] HypervisorError),
 }
 
 impl DriverError {

@@ -28,7 +28,7 @@ use super::protocol::{
 use super::qemu::agent::{self as vm_agent, Request};
 use super::qemu::{self, DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
 use super::ssh::{SshOptions, SshTarget};
-use super::{CommandOutput, Target, TargetError};
+use super::target::{CommandOutput, Target, TargetError};
 use crate::spec::fields::SpecPath;
 use crate::spec::{ByteSize, Disk, Name, OnDelete, Target as TargetSpec, VmSpec};
 

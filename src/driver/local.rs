@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::{
-    CommandOutput, OUTPUT_LIMIT, Target, TargetError, argv_summary, read_tail, unique_suffix,
-};
+use super::command::{argv_summary, read_tail, unique_suffix};
+use super::target::{CommandOutput, OUTPUT_LIMIT, Target, TargetError};
 
 /// How long a killed command's pipes are drained for its last output.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
