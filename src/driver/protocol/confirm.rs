@@ -177,6 +177,12 @@ pub async fn arm_confirmation<T: Target>(
         .to_string();
     let generation = attempt.generation.to_string();
     let previous_name = previous.map(ToString::to_string).unwrap_or_default();
+    // The watchdog waits at most this long for an activation to end.
+    let activation_ticks = timeout
+        .as_millis()
+        .div_ceil(CONFIRM_TICK_MS)
+        .max(1)
+        .to_string();
     let output = run_script(
         t,
         &step,
@@ -192,6 +198,7 @@ pub async fn arm_confirmation<T: Target>(
             &confirmation.rollback_id,
             CONFIRM_WATCHDOG_SCRIPT,
             ACTIVATE_SCRIPT,
+            &activation_ticks,
         ],
         timeout,
     )

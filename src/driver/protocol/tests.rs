@@ -36,6 +36,7 @@ echo "mode=$1 env_mode=$CONVERGE_MODE generation=$CONVERGE_GENERATION"
 echo "roles=$(cat "$CONVERGE_ROLES")"
 echo "cwd=$(pwd)"
 echo "$CONVERGE_GENERATION" >> "${CONVERGE_ROLES%/generations/*}/activation-runs"
+[ -e hang ] && exec sleep 600
 read -r code < exit-code
 echo "exiting with $code" >&2
 exit "$code"
@@ -79,11 +80,24 @@ impl Machine {
 
     async fn installed(&self, number: u64, version: &str, code: i32) -> GenerationId {
         let (root, hash) = self.artifact(&format!("a{number}"), version, code);
+        self.install(number, &root, hash).await
+    }
+
+    /// Installed as generation `number`, with an activate that never ends.
+    async fn installed_hanging(&self, number: u64) -> GenerationId {
+        let name = format!("a{number}");
+        let (root, _) = self.artifact(&name, "hangs", 0);
+        fs::write(root.join("hang"), "").expect("write");
+        let hash = tree_hash(&root).expect("hash");
+        self.install(number, &root, hash).await
+    }
+
+    async fn install(&self, number: u64, root: &Path, hash: String) -> GenerationId {
         let generation = GenerationId::new(number, hash).expect("generation");
         install(
             &self.target,
             &self.state_dir,
-            &root,
+            root,
             b"{\"r\":1}",
             &generation,
             T,
@@ -979,6 +993,64 @@ async fn an_unconfirmed_activation_rolls_back_to_the_previous_generation() {
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(confirm_files(&m, &c), [".fired", ".pid", ".result"]);
+}
+
+#[tokio::test]
+async fn a_watchdog_waits_for_a_hung_activation_no_longer_than_its_timeout() {
+    let m = Machine::new();
+    let g1 = m.installed(1, "v1", 0).await;
+    switch(&m.target, &m.state_dir, &g1, T)
+        .await
+        .expect("switch");
+    activate(&m.target, &m.state_dir, &g1, "switch", T)
+        .await
+        .expect("activate");
+    let g2 = m.installed_hanging(2).await;
+    switch(&m.target, &m.state_dir, &g2, T)
+        .await
+        .expect("switch");
+    let attempt = start_activation(&m.target, &m.state_dir, &g2, "switch", T)
+        .await
+        .expect("start");
+    // The activation hangs forever; the watchdog's wait for it is bounded
+    // by the activation timeout (1 s here), then it rolls back.
+    let c = arm_confirmation(
+        &m.target,
+        &m.state_dir,
+        &attempt,
+        Some(&g1),
+        "switch",
+        Duration::from_millis(200),
+        Duration::from_secs(1),
+    )
+    .await
+    .expect("arm");
+    let rollback = wait_fired(&m.target, &m.state_dir, &c).await;
+    assert!(
+        matches!(&rollback.action, RollbackAction::RolledBack { to, code: Some(0), .. } if *to == g1),
+        "{rollback:?}"
+    );
+    assert_eq!(
+        rollback.activation_code, None,
+        "the hung activation has no exit code"
+    );
+    let result = fs::read_to_string(m.state().join("confirm").join(format!("{}.result", c.id)))
+        .expect("the watchdog's record");
+    assert!(result.contains("activation=timeout"), "{result}");
+    // The hung activation's runner leads its own process group: end it.
+    let pid_file = m
+        .state()
+        .join("generations")
+        .join(g2.to_string())
+        .join("activations")
+        .join(format!("{}.pid", attempt.id));
+    let pid = fs::read_to_string(pid_file).expect("pid file");
+    let pid = pid.split_whitespace().next().expect("a pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 # script $9 detached (own session, stdio on /dev/null) with this script's arguments, so it
 # outlives the connection. $5 is the generation to roll back to (empty: none), $6 the activation
 # mode, $7 the confirmation window in ticks of 100 ms, $8 the id of the rollback's activation
-# attempt, ${10} the activate script the watchdog re-activates with. Prints "armed" once the
+# attempt, ${10} the activate script the watchdog re-activates with, ${11} the activation timeout
+# in ticks of 100 ms (bounding the watchdog's waits). Prints "armed" once the
 # watchdog has recorded its pid. Exits 3 when a generation is not installed, 4 when current does
 # not point at generation $3, 5 when the activation attempt does not exist.
 set -u

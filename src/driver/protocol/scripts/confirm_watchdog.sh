@@ -4,7 +4,9 @@
 # there, claims it by renaming it to $2.fired: rename is atomic, so exactly one of confirm and
 # the watchdog wins. Then, when current still points at $3, switches current back to $5 (or
 # removes it when $5 is empty) and re-activates $5 in mode $6 as attempt $8 with the activate
-# script ${10}. Writes $2.result (key=value lines) last, by rename.
+# script ${10}. Writes $2.result (key=value lines) last, by rename. Each wait for an activation
+# to end is bounded by ${11} ticks of 100 ms (the activation timeout): an activation that hangs
+# longer counts as ended with "timeout", so the watchdog never waits forever.
 set -u
 d=$1
 c=$d/confirm
@@ -12,9 +14,11 @@ r=$c/$2.result
 read -r boot < /proc/sys/kernel/random/boot_id
 echo "$$ $boot" > "$c/$2.pid.tmp" && mv "$c/$2.pid.tmp" "$c/$2.pid"
 
-# Prints the exit code of attempt $2 in generation dir $1 once it has ended, or "lost" when its
-# runner is gone without a status. Returns 1 early when the canary is claimed meanwhile.
+# Prints the exit code of attempt $2 in generation dir $1 once it has ended, "lost" when its
+# runner is gone without a status, or "timeout" after $4 ticks of 100 ms. Returns 1 early when
+# the canary $3 (if given) is claimed meanwhile.
 ended() {
+	n=0
 	while :; do
 		if [ -e "$1/activations/$2.status" ]; then
 			read -r code < "$1/activations/$2.status"
@@ -38,7 +42,12 @@ ended() {
 		if [ -n "${3:-}" ] && [ ! -e "$3" ]; then
 			return 1
 		fi
+		if [ "$n" -ge "$4" ]; then
+			echo timeout
+			return 0
+		fi
 		sleep 0.1
+		n=$((n + 1))
 	done
 }
 
@@ -46,7 +55,7 @@ record() {
 	printf '%s\n' "$@" > "$r.tmp" && mv "$r.tmp" "$r"
 }
 
-activation=$(ended "$d/generations/$3" "$4" "$c/$2") || exit 0
+activation=$(ended "$d/generations/$3" "$4" "$c/$2" "${11}") || exit 0
 i=0
 while [ "$i" -lt "$7" ]; do
 	[ -e "$c/$2" ] || exit 0
@@ -78,5 +87,5 @@ if [ "$started" != started ]; then
 	record action=failed "activation=$activation" "reason=could not start activation of $5: $started" "fired=$fired"
 	exit 0
 fi
-code=$(ended "$d/generations/$5" "$8")
+code=$(ended "$d/generations/$5" "$8" "" "${11}")
 record action=rolled-back "activation=$activation" "previous=$5" "rollback_attempt=$8" "rollback_status=$code" "fired=$fired"
