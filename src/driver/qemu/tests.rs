@@ -352,9 +352,14 @@ async fn a_launch_failure_carries_qemus_stderr_and_leaves_no_process() {
 async fn a_vm_killed_from_outside_is_noticed_at_once_and_can_be_started_again() {
     let d = VmDir::new();
     let (s, st) = started(&d, IDLE, "h").await;
-    let watch = tokio::spawn(watch_exit(st.pid));
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(!watch.is_finished());
+    let mut watch = tokio::spawn(watch_exit(st.pid));
+    // The window is the check: the watch stays pending while the VM runs.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(150), &mut watch)
+            .await
+            .is_err(),
+        "the watch ended while the VM runs"
+    );
     let killed = Instant::now();
     process::kill9(st.pid).await.unwrap();
     tokio::time::timeout(Duration::from_secs(2), watch)
