@@ -554,9 +554,28 @@ mod tests {
             "converge-test",
             pid_file.to_str().expect("utf-8 path"),
         ]);
-        let run = target.run(&command, &[], Duration::from_secs(300));
-        let _ = tokio::time::timeout(Duration::from_millis(500), run).await;
-        let pid = fs::read_to_string(&pid_file).expect("pid file written");
+        // The run is dropped (select! drops the branch that lost) once its
+        // grandchild runs and has written its pid.
+        let written = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let pid = fs::read_to_string(&pid_file).unwrap_or_default();
+                if pid.ends_with('\n') {
+                    return pid;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the grandchild's pid file holds {pid:?} after 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let pid = tokio::select! {
+            out = target.run(&command, &[], Duration::from_secs(300)) => {
+                panic!("the run ended by itself: {out:?}")
+            }
+            pid = written => pid,
+        };
         let pid = pid.trim();
         let deadline = Instant::now() + Duration::from_secs(3);
         while is_alive(pid) && Instant::now() < deadline {

@@ -4,7 +4,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde_json::json;
 
@@ -502,46 +501,4 @@ fn a_store_with_a_newer_key_layout_is_refused() {
             ..
         })
     ));
-}
-
-/// Prints what the hot paths cost. Run in release:
-/// `cargo test --release -- --ignored --nocapture print_cost`.
-#[test]
-#[ignore = "measurement, not a check"]
-fn print_cost_of_status_writes_and_finish_attempt() {
-    let tmp = tempdir();
-    let store = Store::open(tmp.path()).unwrap();
-    let mut status = StatusRecord::default();
-    status.set_condition(
-        ConditionKind::Ready,
-        true,
-        Reason::Converged,
-        "applied generation 7",
-        1,
-    );
-    status.observed_spec_hash = Some("b3:0123456789abcdef0123456789abcdef".into());
-    let keys: Vec<ObjectKey> = (0..1000).map(|i| key(&format!("machine/m{i}"))).collect();
-
-    let start = Instant::now();
-    for k in keys.iter().chain(&keys) {
-        store.put_status(k, &status).unwrap();
-    }
-    let puts = start.elapsed();
-
-    let k = &keys[0];
-    let mut finishes = vec![];
-    for _ in 0..20 {
-        let id = store.begin_attempt(k, "h", None).unwrap();
-        let record = attempt(k, id, AttemptResult::NoChange);
-        let start = Instant::now();
-        store.finish_attempt(&record, &status).unwrap();
-        finishes.push(start.elapsed());
-    }
-    finishes.sort();
-    println!(
-        "2000 put_status: {puts:?}; finish_attempt median {:?}, max {:?} (dir {})",
-        finishes[finishes.len() / 2],
-        finishes[finishes.len() - 1],
-        tmp.path().display()
-    );
 }

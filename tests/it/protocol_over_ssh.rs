@@ -316,64 +316,6 @@ async fn an_activation_that_cuts_the_network_is_rolled_back_on_the_machine() {
     }
 }
 
-/// Timings per host: `cargo test --release -- --ignored --nocapture ssh_timings`.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "measurement, not a check"]
-async fn ssh_timings_per_host() {
-    let testbed = Testbed::new(20);
-    let targets: Vec<SshTarget> = (0..20)
-        .map(|i| SshTarget::new(crate::support::ssh::options(&testbed, i)).expect("target"))
-        .collect();
-    let argv = ["true".to_owned()];
-    let mut connect = Vec::new();
-    let mut command = Vec::new();
-    let mut observe = Vec::new();
-    for t in &targets {
-        let s = Instant::now();
-        t.run(&argv, &[], T).await.expect("first");
-        connect.push(s.elapsed());
-        for _ in 0..10 {
-            let s = Instant::now();
-            t.run(&argv, &[], T).await.expect("again");
-            command.push(s.elapsed());
-            let s = Instant::now();
-            protocol::observe(t, REMOTE_STATE_DIR, T)
-                .await
-                .expect("observe");
-            observe.push(s.elapsed());
-        }
-    }
-    let fleet = Instant::now();
-    let all = futures::future::join_all(
-        targets
-            .iter()
-            .map(|t| protocol::observe(t, REMOTE_STATE_DIR, T)),
-    )
-    .await;
-    let fleet_observe = fleet.elapsed();
-    assert!(all.iter().all(Result::is_ok));
-    let fresh: Vec<SshTarget> = targets.iter().map(SshTarget::fresh).collect();
-    let fleet = Instant::now();
-    let all = futures::future::join_all(fresh.iter().map(|t| t.run(&argv, &[], T))).await;
-    let fleet_connect = fleet.elapsed();
-    assert!(all.iter().all(Result::is_ok));
-    for (name, mut times) in [
-        ("fresh connect + command", connect),
-        ("command over master", command),
-        ("observe over master", observe),
-    ] {
-        times.sort();
-        println!(
-            "{name:26} median {:>9.2?} min {:>9.2?} max {:>9.2?}",
-            times[times.len() / 2],
-            times[0],
-            times[times.len() - 1]
-        );
-    }
-    println!("observe 20 hosts at once (warm masters): {fleet_observe:.2?}");
-    println!("connect 20 hosts at once (fresh masters): {fleet_connect:.2?}");
-}
-
 /// Regression: native-mux output was cut when the exit status overtook it.
 #[tokio::test(flavor = "multi_thread")]
 async fn command_output_is_never_truncated() {

@@ -849,6 +849,32 @@ async fn wait_fired<T: Target>(t: &T, state_dir: &str, c: &Confirmation) -> Roll
     }
 }
 
+/// Polls every 20 ms until the watchdog of `c` has exited (or is a zombie),
+/// after which it can no longer act; fails after 20 s with what /proc still
+/// shows of it and the confirmation's files.
+async fn wait_watchdog_gone(m: &Machine, c: &Confirmation) {
+    let pidfile = m.state().join("confirm").join(format!("{}.pid", c.id));
+    let line = fs::read_to_string(&pidfile).expect("the watchdog's pid file");
+    let pid = line.split_whitespace().next().expect("a pid").to_owned();
+    let stat = || fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = stat()
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+        if !running {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog {pid} still runs after 20 s: {}; confirm files {:?}",
+            stat(),
+            confirm_files(m, c)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// g1 active and current; g2 installed, switched to and activated (its
 /// activation started, not waited for).
 async fn deployed_pair(m: &Machine) -> (GenerationId, GenerationId, ActivationAttempt) {
@@ -922,7 +948,8 @@ async fn a_confirmation_in_time_means_no_rollback() {
             .expect("confirm"),
         ConfirmOutcome::Confirmed
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Once the watchdog is gone, nothing can roll back any more.
+    wait_watchdog_gone(&m, &c).await;
     assert_eq!(
         confirmation_state(&m.target, &m.state_dir, &c, T)
             .await
@@ -1089,8 +1116,9 @@ async fn confirm_and_the_watchdog_racing_have_exactly_one_winner() {
         let outcome = confirm(&m.target, &m.state_dir, &c, T)
             .await
             .expect("confirm");
-        // Let a watchdog that might (wrongly) act as well do so.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Let a watchdog that might (wrongly) act as well do so: once it
+        // has exited, whatever it did is on disk.
+        wait_watchdog_gone(&m, &c).await;
         let files = confirm_files(&m, &c);
         let current = observe(&m.target, &m.state_dir, T)
             .await
@@ -1235,6 +1263,8 @@ async fn the_confirmation_window_starts_when_the_activation_ends() {
     )
     .await
     .expect("arm");
+    // The sleep is the scenario: 900 ms after arming is past a 300 ms window
+    // counted from arming, and before the 1 s activation ends.
     tokio::time::sleep(Duration::from_millis(900).saturating_sub(armed.elapsed())).await;
     assert_eq!(
         confirmation_state(&m.target, &m.state_dir, &c, T)
@@ -1360,67 +1390,4 @@ async fn arming_refuses_what_it_cannot_watch() {
         .expect_err("never armed");
     assert!(matches!(error, MachineError::ConfirmationMissing { .. }) && !error.is_transient());
     assert!(!m.state().join("confirm").exists(), "nothing was armed");
-}
-
-/// Step timings on this host: `cargo test --release -- --ignored --nocapture timings`.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "measurement, not a check"]
-async fn timings_of_steps_on_a_local_target() {
-    let m = Machine::new();
-    let rounds = 20;
-    let mut observe_t = Vec::new();
-    let mut install_t = Vec::new();
-    let mut copy_t = Vec::new();
-    let mut present_t = Vec::new();
-    let mut switch_t = Vec::new();
-    let mut activate_t = Vec::new();
-    for n in 0..rounds {
-        let (root, hash) = m.artifact(&format!("t{n}"), &format!("v{n}"), 0);
-        let generation = GenerationId::new(2 * n + 1, hash.clone()).expect("generation");
-        let copy = GenerationId::new(2 * n + 2, hash).expect("generation");
-        let s = Instant::now();
-        observe(&m.target, &m.state_dir, T).await.expect("observe");
-        observe_t.push(s.elapsed());
-        let s = Instant::now();
-        install(&m.target, &m.state_dir, &root, b"{}", &generation, T)
-            .await
-            .expect("install");
-        install_t.push(s.elapsed());
-        let s = Instant::now();
-        install(&m.target, &m.state_dir, &root, b"{}", &copy, T)
-            .await
-            .expect("install");
-        copy_t.push(s.elapsed());
-        let s = Instant::now();
-        install(&m.target, &m.state_dir, &root, b"{}", &copy, T)
-            .await
-            .expect("install");
-        present_t.push(s.elapsed());
-        let s = Instant::now();
-        switch(&m.target, &m.state_dir, &generation, T)
-            .await
-            .expect("switch");
-        switch_t.push(s.elapsed());
-        let s = Instant::now();
-        activate(&m.target, &m.state_dir, &generation, "switch", T)
-            .await
-            .expect("activate");
-        activate_t.push(s.elapsed());
-    }
-    for (name, mut times) in [
-        ("observe", observe_t),
-        ("install (upload)", install_t),
-        ("install (copy on target)", copy_t),
-        ("install (already present)", present_t),
-        ("switch", switch_t),
-        ("activate (start + wait)", activate_t),
-    ] {
-        times.sort();
-        println!(
-            "{name:28} median {:>7.2?}  min {:>7.2?}  max {:>7.2?}",
-            times[times.len() / 2],
-            times[0],
-            times[times.len() - 1]
-        );
-    }
 }

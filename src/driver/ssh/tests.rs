@@ -39,6 +39,21 @@ fn is_alive(pid: &str) -> bool {
     })
 }
 
+/// Polls every 20 ms until process `pid` is gone (exited, or a zombie);
+/// fails after 5 s saying `what` should have happened and what /proc still
+/// shows of the process.
+async fn wait_gone(pid: &str, what: &str) {
+    let deadline = StdInstant::now() + Duration::from_secs(5);
+    while is_alive(pid) {
+        assert!(
+            StdInstant::now() < deadline,
+            "{what}: process {pid} still runs after 5 s: {}",
+            fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn run_returns_output_env_exit_codes_and_keeps_arguments_verbatim() {
     let testbed = Testbed::new(1);
@@ -208,7 +223,7 @@ async fn commands_share_one_master_and_a_dead_master_is_rebuilt() {
         .args(["-KILL", &master_pid])
         .status()
         .expect("kill");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_gone(&master_pid, "the killed master exits").await;
     assert!(
         t.run(&argv(&["true"]), &[], T)
             .await
@@ -279,7 +294,9 @@ async fn a_kept_master_outlives_its_target_and_the_next_one_resumes_it() {
     let fresh_socket = fresh.master_socket().await.expect("a master");
     assert_ne!(fresh_socket, socket);
     drop(fresh);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(pid) = pid_of(&fresh_socket) {
+        wait_gone(&pid, "a fresh master is not kept").await;
+    }
     assert!(
         pid_of(&fresh_socket).is_none(),
         "a fresh master is not kept"
@@ -291,7 +308,7 @@ async fn a_kept_master_outlives_its_target_and_the_next_one_resumes_it() {
         .args(["-KILL", &master_pid])
         .status()
         .expect("kill");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_gone(&master_pid, "the killed kept master exits").await;
     let third = SshTarget::new(options).expect("target");
     assert!(
         third
@@ -307,7 +324,9 @@ async fn a_kept_master_outlives_its_target_and_the_next_one_resumes_it() {
         "the dead master's directory is removed"
     );
     third.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(pid) = pid_of(&replaced) {
+        wait_gone(&pid, "disconnect stops a kept master").await;
+    }
     assert!(
         pid_of(&replaced).is_none(),
         "disconnect stops a kept master"
@@ -592,14 +611,35 @@ async fn a_host_whose_link_is_down_fails_within_the_connect_timeout() {
     );
 }
 
-/// Starts a long command, injects `fault` after a second, and returns how
-/// long after the fault the command failed, and its error.
-async fn fault_during_command(t: &SshTarget, fault: impl FnOnce()) -> (Duration, TargetError) {
+/// Starts a long command on testbed host 0, whose state directory is
+/// `host_state` here, injects `fault` once the command runs there, and
+/// returns how long after the fault the command failed, and its error.
+async fn fault_during_command(
+    t: &SshTarget,
+    host_state: &Path,
+    fault: impl FnOnce(),
+) -> (Duration, TargetError) {
     t.connect().await.expect("connect");
-    let long = argv(&["sleep", "60"]);
+    let long = argv(&[
+        "sh",
+        "-c",
+        "echo running > \"$1\"; exec sleep 60",
+        "converge-test",
+        &remote("long-command"),
+    ]);
+    let running = host_state.join("long-command");
     let command = t.run(&long, &[], Duration::from_secs(90));
     let inject = async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let deadline = StdInstant::now() + Duration::from_secs(20);
+        while fs::read_to_string(&running).unwrap_or_default() != "running\n" {
+            assert!(
+                StdInstant::now() < deadline,
+                "the long command did not start on the host within 20 s: {} holds {:?}",
+                running.display(),
+                fs::read_to_string(&running)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         fault();
         StdInstant::now()
     };
@@ -612,7 +652,10 @@ async fn a_link_that_drops_during_a_command_fails_within_the_server_alive_bound(
     let testbed = Testbed::new(1);
     let t = target(&testbed, 0);
     let bound = t.options().dead_link_bound();
-    let (took, error) = fault_during_command(&t, || testbed.host(0).link_down()).await;
+    let (took, error) = fault_during_command(&t, &testbed.host(0).state_dir, || {
+        testbed.host(0).link_down();
+    })
+    .await;
     println!(
         "link down mid-command: failed after {took:?} (bound {bound:?}): {}",
         error_chain(&error)
@@ -633,7 +676,10 @@ async fn a_frozen_sshd_is_noticed_within_the_server_alive_bound() {
     let testbed = Testbed::new(1);
     let t = target(&testbed, 0);
     let bound = t.options().dead_link_bound();
-    let (took, error) = fault_during_command(&t, || testbed.host(0).freeze()).await;
+    let (took, error) = fault_during_command(&t, &testbed.host(0).state_dir, || {
+        testbed.host(0).freeze();
+    })
+    .await;
     println!(
         "sshd frozen mid-command: failed after {took:?} (bound {bound:?}): {}",
         error_chain(&error)
