@@ -2,6 +2,7 @@
 //! current and active again, and the run, history and status all say so.
 
 use super::support::{Fleet, generation_number, ready_of, result_kind};
+use crate::support::Converge as _;
 
 #[test]
 fn failed_activation_rolls_back_to_the_previous_generation_and_exits_3() {

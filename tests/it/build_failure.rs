@@ -2,6 +2,7 @@
 //! Ready, and its history keeps the build's output.
 
 use super::support::{BUILD_FAILURE_MARKER as MARKER, Fleet, is_ready, result_kind};
+use crate::support::Converge as _;
 
 #[test]
 fn failed_build_installs_no_generation_and_keeps_its_output_in_history() {

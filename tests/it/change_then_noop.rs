@@ -2,6 +2,7 @@
 //! machine touches that machine only.
 
 use super::support::{Fleet, result_kind};
+use crate::support::Converge as _;
 
 const MACHINES: [&str; 3] = ["alpha", "beta", "gamma"];
 

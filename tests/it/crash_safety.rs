@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::support::{Fleet, Random, is_ready, wait_for};
+use crate::support::Converge as _;
 
 const MACHINES: usize = 20;
 const KILLS: usize = 20;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::support::{Fleet, Run, condition, is_ready};
+use super::support::{Converge as _, Fleet, Run, condition, is_ready};
 
 const DRIFT_TARGET: &str = "converge::drift";
 

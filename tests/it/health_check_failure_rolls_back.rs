@@ -2,6 +2,7 @@
 //! fault is lifted, the same change converges.
 
 use super::support::{Fleet, generation_number, ready_of, result_kind};
+use crate::support::Converge as _;
 
 #[test]
 fn failed_health_check_rolls_back_and_the_change_converges_once_the_fault_is_lifted() {

@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::support::{Fleet, WAIT_LIMIT, is_ready, wait_for};
+use crate::support::Converge as _;
 
 #[test]
 fn broken_yaml_is_logged_with_its_location_and_never_applied_and_a_fix_converges() {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::support::Converge as _;
 use crate::support::ssh::result_kind;
 
 #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::support::Converge as _;
 use crate::support::ssh::{SshFleet, ready_of};
 
 const RUN_LIMIT: Duration = Duration::from_secs(180);

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::support::{Fleet, WAIT_LIMIT, result_kind, wait_for};
+use crate::support::Converge as _;
 
 #[test]
 fn first_sigterm_lets_the_running_activation_finish_and_exits_0() {

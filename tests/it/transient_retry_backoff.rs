@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::support::{Fleet, result_kind};
+use crate::support::Converge as _;
 
 #[test]
 fn transient_health_failures_are_retried_with_growing_delays_and_success_resets_failures() {

@@ -1,6 +1,8 @@
 //! Twenty fresh SSH hosts converge in one `reconcile --once`, and a second
 //! run changes nothing: no activation, no new attempt in the history.
 
+use crate::support::Converge as _;
+
 #[test]
 fn twenty_hosts_converge_from_nothing_and_the_second_run_is_a_noop() {
     const N: usize = 20;

@@ -4,6 +4,7 @@
 
 use super::support::{Fleet, condition, processes_mentioning};
 use super::vm_quickstart::require;
+use crate::support::Converge as _;
 
 fn vm(name: &str, extra: &str) -> String {
     format!(

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use super::support::{Fleet, ready_of};
 use super::vm_quickstart::{QemuGuard, free_port, require};
+use crate::support::Converge as _;
 
 /// The guest image, built once per checkout into `target/guest-image`.
 struct Image {

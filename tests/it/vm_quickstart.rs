@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::support::{Fleet, processes_mentioning, ready_of};
+use crate::support::Converge as _;
 
 /// Kills the VM's QEMU by its pidfile, if it is still that QEMU, on drop.
 pub struct QemuGuard {

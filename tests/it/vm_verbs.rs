@@ -5,6 +5,7 @@
 
 use super::support::Fleet;
 use super::vm_quickstart::{QemuGuard, require};
+use crate::support::Converge as _;
 
 fn vm_yaml(state: &str) -> String {
     format!(

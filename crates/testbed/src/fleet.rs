@@ -7,14 +7,12 @@
 //! runs out fails the test with what was seen.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::Value;
-
+use crate::run::{Converge, run_within, write_atomically};
+pub use crate::run::{Run, read_lines, ready_of, result_kind, wait_for};
 use crate::{REMOTE_STATE_DIR, Testbed, leftovers};
 
 /// Bound on one `reconcile --once` of a small fleet, or a read command.
@@ -97,11 +95,6 @@ impl SshFleet {
     /// The desired-state directory.
     pub fn dir(&self) -> PathBuf {
         self.root().join("d")
-    }
-
-    /// The controller's state directory.
-    pub fn state(&self) -> PathBuf {
-        self.root().join("s")
     }
 
     /// The testbed's (empty) ssh_config, passed as `--ssh-config`.
@@ -209,49 +202,6 @@ impl SshFleet {
         generation
     }
 
-    /// Runs `converge ARGS...` to its end (killed and failing past `limit`).
-    pub fn converge_within(&self, args: &[&str], limit: Duration) -> Run {
-        let n = self.runs.get() + 1;
-        self.runs.set(n);
-        let out = self.root().join("logs").join(format!("run-{n}.out"));
-        let err = self.root().join("logs").join(format!("run-{n}.err"));
-        let mut child = Command::new(&self.bin)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("CONVERGE_LOG_FORMAT")
-            .env_remove("CONVERGE_DIR")
-            .env_remove("CONVERGE_STATE")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out).expect("create a log file"))
-            .stderr(fs::File::create(&err).expect("create a log file"))
-            .spawn()
-            .expect("start converge");
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for converge") {
-                break status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`converge {}` did not end within {limit:?}; it was killed.\nstdout:\n{}\nstderr:\n{}",
-                    args.join(" "),
-                    read_text(&out),
-                    read_text(&err)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Run {
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            code: status.code(),
-            stdout: read_text(&out),
-            stderr: read_text(&err),
-            elapsed: started.elapsed(),
-        }
-    }
-
     /// The argv of `converge reconcile --once` for this fleet, plus `extra`.
     pub fn reconcile_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = [
@@ -282,47 +232,6 @@ impl SshFleet {
         self.reconcile_within(extra, COMMAND_LIMIT)
     }
 
-    /// The status of `key` (`machine/host0`), from `converge status KEY --output json`.
-    pub fn status(&self, key: &str) -> Value {
-        let state = self.state();
-        let run = self.converge_within(
-            &[
-                "status",
-                key,
-                "--state",
-                state.to_str().expect("utf-8"),
-                "--output",
-                "json",
-            ],
-            COMMAND_LIMIT,
-        );
-        run.assert_code(0);
-        run.json()
-    }
-
-    /// The attempts of `key`, newest first.
-    pub fn history(&self, key: &str) -> Vec<Value> {
-        let state = self.state();
-        let run = self.converge_within(
-            &[
-                "history",
-                key,
-                "--limit",
-                "1000",
-                "--state",
-                state.to_str().expect("utf-8"),
-                "--output",
-                "json",
-            ],
-            COMMAND_LIMIT,
-        );
-        run.assert_code(0);
-        match run.json() {
-            Value::Array(rows) => rows,
-            other => panic!("history --output json is not an array: {other}"),
-        }
-    }
-
     /// Asserts that each of `hosts` is Ready with a complete current generation.
     pub fn assert_ready(&self, hosts: impl IntoIterator<Item = usize>) {
         for i in hosts {
@@ -347,99 +256,22 @@ impl SshFleet {
     }
 }
 
-/// The outcome of one command.
-#[derive(Debug)]
-pub struct Run {
-    pub args: Vec<String>,
-    /// `None` when it was killed by a signal.
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-impl Run {
-    /// Fails, showing the output, unless the command exited with `code`.
-    pub fn assert_code(&self, code: i32) -> &Run {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "`converge {}` exited with {:?}, expected {code}\nstdout:\n{}\nstderr:\n{}",
-            self.args.join(" "),
-            self.code,
-            self.stdout,
-            self.stderr
-        );
-        self
+impl Converge for SshFleet {
+    /// Runs `converge ARGS...` to its end (killed and failing past `limit`).
+    fn converge_within(&self, args: &[&str], limit: Duration) -> Run {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let logs = self.root().join("logs");
+        run_within(
+            &self.bin,
+            args,
+            &logs.join(format!("run-{n}.out")),
+            &logs.join(format!("run-{n}.err")),
+            limit,
+        )
     }
 
-    /// stdout parsed as one JSON value.
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "`converge {}` printed no JSON ({e}):\n{}\nstderr:\n{}",
-                self.args.join(" "),
-                self.stdout,
-                self.stderr
-            )
-        })
+    fn state(&self) -> PathBuf {
+        self.root().join("s")
     }
-}
-
-/// Polls `check` every 10 ms until it returns `Some`, failing after `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            started.elapsed() <= limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `(status, reason, message)` of the Ready condition of a status view.
-pub fn ready_of(view: &Value) -> (bool, String, String) {
-    let c = view["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["kind"] == "Ready"))
-        .unwrap_or_else(|| panic!("no Ready condition in {view}"))
-        .clone();
-    (
-        c["status"].as_bool().unwrap_or(false),
-        c["reason"].as_str().unwrap_or("").to_owned(),
-        c["message"].as_str().unwrap_or("").to_owned(),
-    )
-}
-
-/// The `kind` of an attempt's result.
-pub fn result_kind(attempt: &Value) -> &str {
-    attempt["result"]["kind"].as_str().unwrap_or("")
-}
-
-/// Lines of a file; none when it does not exist.
-pub fn read_lines(path: &Path) -> Vec<String> {
-    read_text(path).lines().map(str::to_owned).collect()
-}
-
-fn read_text(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn write_atomically(path: &Path, contents: &str) {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).expect("create a directory");
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".writing");
-    let tmp = PathBuf::from(tmp);
-    let mut file = fs::File::create(&tmp).expect("create a file");
-    file.write_all(contents.as_bytes()).expect("write a file");
-    file.sync_all().expect("sync a file");
-    fs::rename(&tmp, path).expect("rename a file into place");
 }

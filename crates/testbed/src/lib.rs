@@ -54,6 +54,7 @@ pub struct Testbed {
 
 pub mod fleet;
 pub mod guest;
+pub mod run;
 
 /// How an SSH client reaches one host of a [`Testbed`], as plain data (the
 /// tests turn it into converge's own client options).

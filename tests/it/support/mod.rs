@@ -12,8 +12,13 @@
 pub mod desired;
 pub mod ssh;
 
+pub use testbed::run::{
+    Converge, Run, condition, is_ready, json_lines, read_lines, read_text, result_kind, wait_for,
+    write_atomically,
+};
+use testbed::run::{converge_command, run_within};
+
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -121,11 +126,6 @@ impl Fleet {
     /// The desired-state directory.
     pub fn dir(&self) -> PathBuf {
         self.root().join("d")
-    }
-
-    /// The controller's state directory.
-    pub fn state(&self) -> PathBuf {
-        self.root().join("s")
     }
 
     /// The state directory of machine `name` (its `target.stateDir`).
@@ -240,43 +240,6 @@ impl Fleet {
         generation
     }
 
-    /// Runs `converge ARGS...` to its end (killed and failing past `limit`).
-    pub fn converge_within(&self, args: &[&str], limit: Duration) -> Run {
-        let n = self.runs.get() + 1;
-        self.runs.set(n);
-        let out = self.root().join("logs").join(format!("run-{n}.out"));
-        let err = self.root().join("logs").join(format!("run-{n}.err"));
-        let mut child = command(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out).expect("create a log file"))
-            .stderr(fs::File::create(&err).expect("create a log file"))
-            .spawn()
-            .expect("start converge");
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for converge") {
-                break status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`converge {}` did not end within {limit:?}; it was killed.\nstdout:\n{}\nstderr:\n{}",
-                    args.join(" "),
-                    read_text(&out),
-                    read_text(&err)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Run {
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            code: status.code(),
-            stdout: read_text(&out),
-            stderr: read_text(&err),
-        }
-    }
-
     /// Runs `converge ARGS...` within [`COMMAND_LIMIT`].
     pub fn converge(&self, args: &[&str]) -> Run {
         self.converge_within(args, COMMAND_LIMIT)
@@ -336,58 +299,6 @@ impl Fleet {
         }
     }
 
-    /// `converge status --output json`: one entry per object.
-    pub fn statuses(&self) -> Vec<Value> {
-        let state = self.state();
-        let run = self.converge(&[
-            "status",
-            "--state",
-            state.to_str().expect("utf-8"),
-            "--output",
-            "json",
-        ]);
-        run.assert_code(0);
-        match run.json() {
-            Value::Array(rows) => rows,
-            other => panic!("status --output json is not an array: {other}"),
-        }
-    }
-
-    /// The status of `key` (`machine/web`), from `converge status KEY --output json`.
-    pub fn status(&self, key: &str) -> Value {
-        let state = self.state();
-        let run = self.converge(&[
-            "status",
-            key,
-            "--state",
-            state.to_str().expect("utf-8"),
-            "--output",
-            "json",
-        ]);
-        run.assert_code(0);
-        run.json()
-    }
-
-    /// The attempts of `key`, newest first, from `converge history KEY --output json`.
-    pub fn history(&self, key: &str) -> Vec<Value> {
-        let state = self.state();
-        let run = self.converge(&[
-            "history",
-            key,
-            "--limit",
-            "1000",
-            "--state",
-            state.to_str().expect("utf-8"),
-            "--output",
-            "json",
-        ]);
-        run.assert_code(0);
-        match run.json() {
-            Value::Array(rows) => rows,
-            other => panic!("history --output json is not an array: {other}"),
-        }
-    }
-
     /// Starts `converge run --dir D --state S EXTRA...` with JSON logs.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
         let n = self.runs.get() + 1;
@@ -405,7 +316,7 @@ impl Fleet {
             state.to_str().expect("utf-8"),
         ];
         args.extend_from_slice(extra);
-        let child = command(&args)
+        let child = converge_command(Path::new(BIN), &args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("create the daemon's log"))
@@ -466,52 +377,29 @@ impl Fleet {
     }
 }
 
+impl Converge for Fleet {
+    /// Runs `converge ARGS...` to its end (killed and failing past `limit`).
+    fn converge_within(&self, args: &[&str], limit: Duration) -> Run {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let logs = self.root().join("logs");
+        run_within(
+            Path::new(BIN),
+            args,
+            &logs.join(format!("run-{n}.out")),
+            &logs.join(format!("run-{n}.err")),
+            limit,
+        )
+    }
+
+    fn state(&self) -> PathBuf {
+        self.root().join("s")
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.kill_leftovers();
-    }
-}
-
-/// The outcome of one command.
-#[derive(Debug)]
-pub struct Run {
-    pub args: Vec<String>,
-    /// `None` when it was killed by a signal.
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Run {
-    /// Fails, showing the output, unless the command exited with `code`.
-    pub fn assert_code(&self, code: i32) -> &Run {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "`converge {}` exited with {:?}, expected {code}\nstdout:\n{}\nstderr:\n{}",
-            self.args.join(" "),
-            self.code,
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// stdout parsed as one JSON value.
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "`converge {}` printed no JSON ({e}):\n{}\nstderr:\n{}",
-                self.args.join(" "),
-                self.stdout,
-                self.stderr
-            )
-        })
-    }
-
-    /// stderr parsed as JSON log lines (lines that are not JSON are skipped).
-    pub fn log_lines(&self) -> Vec<Value> {
-        json_lines(&self.stderr)
     }
 }
 
@@ -599,55 +487,10 @@ impl Drop for Daemon {
     }
 }
 
-/// `converge ARGS...` with an environment that cannot steer it.
-fn command(args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("CONVERGE_LOG_FORMAT")
-        .env_remove("CONVERGE_DIR")
-        .env_remove("CONVERGE_STATE");
-    command
-}
-
-/// Polls `check` every 25 ms until it returns `Some`, failing after `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            started.elapsed() <= limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// The condition `kind` of a status view (`{"key", "status": {"conditions"}}`).
-pub fn condition<'a>(view: &'a Value, kind: &str) -> Option<&'a Value> {
-    view["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["kind"] == kind)
-}
-
-/// Whether a status view says Ready=True.
-pub fn is_ready(view: &Value) -> bool {
-    condition(view, "Ready").is_some_and(|c| c["status"] == true)
-}
-
 /// `(status, reason)` of the Ready condition of a status view.
 pub fn ready_of(view: &Value) -> (bool, String) {
-    let c = condition(view, "Ready")
-        .unwrap_or_else(|| panic!("no Ready condition in {view}"))
-        .clone();
-    (
-        c["status"].as_bool().unwrap_or(false),
-        c["reason"].as_str().unwrap_or("").to_owned(),
-    )
+    let (ready, reason, _) = testbed::run::ready_of(view);
+    (ready, reason)
 }
 
 /// The generation number in `<n>-<hash>` (or `generations/<n>-<hash>`).
@@ -657,42 +500,6 @@ pub fn generation_number(name: &str) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("not a generation name: {name}"))
-}
-
-/// The `kind` of an attempt's result.
-pub fn result_kind(attempt: &Value) -> &str {
-    attempt["result"]["kind"].as_str().unwrap_or("")
-}
-
-/// Lines of a file; none when it does not exist.
-pub fn read_lines(path: &Path) -> Vec<String> {
-    read_text(path).lines().map(str::to_owned).collect()
-}
-
-fn read_text(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(Value::is_object)
-        .collect()
-}
-
-fn write_atomically(path: &Path, contents: &str) {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).expect("create a directory");
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".writing");
-    let tmp = PathBuf::from(tmp);
-    let mut file = fs::File::create(&tmp).expect("create a file");
-    file.write_all(contents.as_bytes()).expect("write a file");
-    file.sync_all().expect("sync a file");
-    fs::rename(&tmp, path).expect("rename a file into place");
 }
 
 /// Live processes whose command line contains `needle`, except this one.

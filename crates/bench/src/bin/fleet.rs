@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use testbed::REMOTE_STATE_DIR;
 use testbed::fleet::{COMMAND_LIMIT, SshFleet as Fleet, wait_for};
+use testbed::run::Converge as _;
 
 const N: usize = 20;
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use testbed::fleet::SshFleet as Fleet;
+use testbed::run::Converge as _;
 
 const VMS: usize = 10;
 const LIMIT: Duration = Duration::from_secs(300);
