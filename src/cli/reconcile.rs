@@ -35,7 +35,7 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// back; 4 timed out.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
+    after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile --once --dir . --retry   # try rolled-back artifacts again\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
 )]
 pub struct Args {
     /// Converge everything once and exit.
@@ -56,6 +56,12 @@ pub struct Args {
     /// Tries per object in this run; transient failures are retried with backoff in between.
     #[arg(long, default_value_t = 3)]
     pub attempts: u32,
+    /// Try again what converge holds back: an artifact that was rolled back,
+    /// or whose build wrote into the desired-state directory, is not
+    /// activated again until its inputs change. With --once: every held
+    /// object; with KEY: that object.
+    #[arg(long)]
+    pub retry: bool,
     /// Objects reconciled at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -105,6 +111,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .ssh
         .driver(state, &args.dir.dir, super::args::ONE_SHOT_SSH_PERSIST);
     let ctx = Arc::new(Context::new(store, driver, config, state, snapshot));
+    if args.retry {
+        for key in lifecycle::release_held(&ctx, None) {
+            tracing::info!(object = %key, "held artifact released: it is tried again (--retry)");
+        }
+    }
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,
         ..ApplierConfig::default()

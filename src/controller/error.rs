@@ -57,7 +57,9 @@ pub enum ReconcileError {
         source: Box<DriverError>,
     },
     /// A step failed and the previous generation was re-activated (by
-    /// converge, or by the target's watchdog).
+    /// converge, or by the target's watchdog). The generation rolled back
+    /// from is held: not activated again until its inputs change or an
+    /// operator asks.
     #[error("{}; {outcome}", cause.message())]
     RolledBack {
         cause: Box<ReconcileError>,
@@ -67,6 +69,21 @@ pub enum ReconcileError {
         /// The generation number rolled back to, when known.
         to: Option<u64>,
     },
+    /// The object's artifact is held (rolled back from, or its build wrote
+    /// into the desired-state directory) and its inputs are unchanged.
+    #[error("{message}; it is held until its inputs change or `converge reconcile {key} --retry`")]
+    Held {
+        key: String,
+        reason: Reason,
+        message: String,
+    },
+    /// The build changed files in the desired-state directory: it would
+    /// rebuild itself forever.
+    #[error(
+        "the build changed files in the desired-state directory: {}; builds must write only to $CONVERGE_OUT",
+        files.join(", ")
+    )]
+    BuildChangedDirectory { files: Vec<String> },
     /// A step failed and nothing was rolled back (`rollback: never`, no
     /// earlier generation, or the target could not be reached to do it).
     #[error("{}; {why}", cause.message())]
@@ -112,11 +129,13 @@ impl ReconcileError {
             | ReconcileError::HealthCheck { .. }
             | ReconcileError::NotConfirmed { .. }
             | ReconcileError::ConfirmUnreachable { .. }
-            | ReconcileError::RolledBack { .. }
             | ReconcileError::Store(_)
             | ReconcileError::GuestUnreachable { .. } => true,
             ReconcileError::NotRolledBack { cause, .. } => cause.is_transient(),
-            ReconcileError::RolesMissing
+            ReconcileError::RolledBack { .. }
+            | ReconcileError::Held { .. }
+            | ReconcileError::BuildChangedDirectory { .. }
+            | ReconcileError::RolesMissing
             | ReconcileError::HostVmStopped { .. }
             | ReconcileError::HostChanged { .. }
             | ReconcileError::HypervisorUnknown { .. }
@@ -137,6 +156,8 @@ impl ReconcileError {
             | ReconcileError::GuestUnreachable { .. } => Reason::Unreachable,
             ReconcileError::NotConfirmed { .. } => Reason::NotConfirmed,
             ReconcileError::RolledBack { .. } => Reason::RolledBack,
+            ReconcileError::Held { reason, .. } => *reason,
+            ReconcileError::BuildChangedDirectory { .. } => Reason::BuildChangedDirectory,
             ReconcileError::NotRolledBack { cause, .. } => cause.reason(),
             ReconcileError::Store(_) => Reason::StoreFailed,
             ReconcileError::RolesMissing => Reason::RolesMissing,

@@ -65,6 +65,30 @@ pub fn recover_interrupted<D>(ctx: &Context<D>) -> Vec<ObjectKey> {
     keys
 }
 
+/// Releases held artifacts (of `key`, or of every object): the next
+/// reconcile tries them again. Returns the keys released.
+pub fn release_held<D>(ctx: &Context<D>, key: Option<&ObjectKey>) -> Vec<ObjectKey> {
+    let statuses = match ctx.store.statuses() {
+        Ok(statuses) => statuses,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to list statuses");
+            return Vec::new();
+        }
+    };
+    let mut released = Vec::new();
+    for (k, mut status) in statuses {
+        if key.is_some_and(|key| *key != k) || status.held.is_none() {
+            continue;
+        }
+        status.held = None;
+        match ctx.store.put_status(&k, &status) {
+            Ok(()) => released.push(k),
+            Err(e) => tracing::error!(object = %k, error = %e, "failed to release a held artifact"),
+        }
+    }
+    released
+}
+
 /// Forgets objects that are in the store but not in the desired state, and
 /// returns them. VMs are not forgotten here: they are returned for a
 /// reconcile that stops them (and deletes their disks only with

@@ -22,10 +22,12 @@ use super::once::{self, OnceOptions, OnceReport, Row};
 use crate::driver::CommandOutput;
 use crate::driver::TargetError;
 use crate::driver::build::{Artifact, BuildError, BuildRequest};
-use crate::driver::capability::{DriverError, Hypervisor, MachineDriver, VmDriver};
+use crate::driver::capability::{
+    Deploy, DeployOutcome, DriverError, Hypervisor, MachineDriver, VmDriver,
+};
 use crate::driver::protocol::{
-    ActivationResult, ConfirmOutcome, Confirmation, CurrentLink, GenerationId, InstallOutcome,
-    MachineError, MachineFacts,
+    ActivationAttempt, ActivationResult, ActivationStarted, ConfirmOutcome, Confirmation,
+    CurrentLink, DeployPhase, GenerationId, InstallOutcome, MachineError, MachineFacts,
 };
 use crate::driver::qemu::{DiskFacts, DiskGrowth, Started, StopOutcome, VmFacts};
 use crate::source::Source;
@@ -88,6 +90,8 @@ struct Faults {
 #[derive(Debug, Clone, Default)]
 struct FakeMachine {
     current: Option<GenerationId>,
+    /// The generation recorded as confirmed.
+    confirmed: Option<GenerationId>,
     /// Complete generations, sorted.
     generations: Vec<GenerationId>,
 }
@@ -226,6 +230,8 @@ impl MachineDriver for FakeDriver {
             },
             generations: machine.generations,
             incomplete: Vec::new(),
+            confirmed: machine.confirmed,
+            activation: None,
             observed_ms: crate::store::records::now_ms(),
         })
     }
@@ -259,35 +265,117 @@ impl MachineDriver for FakeDriver {
         })
     }
 
-    async fn install(
+    async fn deploy(
         &self,
         target: &TargetSpec,
-        _artifact: &Artifact,
-        _roles_json: &[u8],
-        generation: &GenerationId,
+        deploy: Deploy<'_>,
         _timeout: Duration,
-    ) -> Result<InstallOutcome, DriverError> {
-        let started = self.now();
+    ) -> Result<DeployOutcome, DriverError> {
         let name = machine_of(target.state_dir());
-        let present = {
-            let mut world = self.world();
-            let m = world.machines.entry(name.clone()).or_default();
-            let present = m.generations.contains(generation);
-            if !present {
-                m.generations.push(generation.clone());
-                m.generations.sort();
-            }
-            present
+        let mut outcome = DeployOutcome {
+            install: None,
+            generation: None,
+            switched: false,
+            started: None,
+            result: None,
+            failure: None,
         };
-        self.record(Op::Install, &name, Some(generation.number()), started);
-        Ok(if present {
-            InstallOutcome::AlreadyPresent
-        } else {
-            InstallOutcome::Uploaded
-        })
+        if let Some(install) = &deploy.install {
+            let started = self.now();
+            let generation = install.generation.clone();
+            let present = {
+                let mut world = self.world();
+                let m = world.machines.entry(name.clone()).or_default();
+                let present = m.generations.contains(&generation);
+                if !present {
+                    m.generations.push(generation.clone());
+                    m.generations.sort();
+                }
+                present
+            };
+            self.record(Op::Install, &name, Some(generation.number()), started);
+            outcome.install = Some(if present {
+                InstallOutcome::AlreadyPresent
+            } else {
+                InstallOutcome::Uploaded {
+                    files: 1,
+                    kept: 0,
+                    bytes: 1,
+                }
+            });
+            outcome.generation = Some(generation);
+        }
+        let mut target_generation = outcome.generation.clone();
+        if let Some(switch) = &deploy.switch {
+            let started = self.now();
+            let Some(generation) = switch.clone().or_else(|| outcome.generation.clone()) else {
+                outcome.failure = Some((
+                    DeployPhase::Switch,
+                    DriverError::Unsupported {
+                        what: "a switch to nothing".to_owned(),
+                    },
+                ));
+                return Ok(outcome);
+            };
+            let installed = {
+                let mut world = self.world();
+                let m = world.machines.entry(name.clone()).or_default();
+                let installed = m.generations.contains(&generation);
+                if installed {
+                    m.current = Some(generation.clone());
+                }
+                installed
+            };
+            self.record(Op::Switch, &name, Some(generation.number()), started);
+            if !installed {
+                outcome.failure = Some((
+                    DeployPhase::Switch,
+                    DriverError::Machine(MachineError::NotInstalled {
+                        target: name,
+                        generation,
+                    }),
+                ));
+                return Ok(outcome);
+            }
+            outcome.switched = true;
+            target_generation = Some(generation);
+        }
+        if deploy.activate.is_some() {
+            let started = self.now();
+            let Some(generation) = target_generation else {
+                outcome.failure = Some((
+                    DeployPhase::Activate,
+                    DriverError::Unsupported {
+                        what: "an activation of nothing".to_owned(),
+                    },
+                ));
+                return Ok(outcome);
+            };
+            let faults = self.world().faults.get(&name).cloned().unwrap_or_default();
+            tokio::time::sleep(faults.activation_delay).await;
+            let code = match faults.activation_exit {
+                Some((from, code)) if generation.number() >= from => code,
+                _ => 0,
+            };
+            self.record(Op::Activate, &name, Some(generation.number()), started);
+            // The fake arms no watchdog: there is nothing to claim.
+            outcome.started = Some(ActivationStarted {
+                attempt: ActivationAttempt {
+                    generation: generation.clone(),
+                    id: "fake".to_owned(),
+                },
+                attached: false,
+                confirmation: None,
+            });
+            outcome.result = Some(ActivationResult {
+                code,
+                log: format!("activated {generation}"),
+            });
+        }
+        Ok(outcome)
     }
 
-    async fn switch(
+    async fn record_confirmed(
         &self,
         target: &TargetSpec,
         generation: &GenerationId,
@@ -295,60 +383,15 @@ impl MachineDriver for FakeDriver {
     ) -> Result<(), DriverError> {
         let started = self.now();
         let name = machine_of(target.state_dir());
-        let installed = {
+        {
             let mut world = self.world();
             let m = world.machines.entry(name.clone()).or_default();
-            let installed = m.generations.contains(generation);
-            if installed {
-                m.current = Some(generation.clone());
+            if m.current.as_ref() == Some(generation) {
+                m.confirmed = Some(generation.clone());
             }
-            installed
-        };
-        self.record(Op::Switch, &name, Some(generation.number()), started);
-        if installed {
-            Ok(())
-        } else {
-            Err(DriverError::Machine(MachineError::NotInstalled {
-                target: name,
-                generation: generation.clone(),
-            }))
         }
-    }
-
-    async fn activate(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        _mode: &str,
-        _timeout: Duration,
-    ) -> Result<ActivationResult, DriverError> {
-        let started = self.now();
-        let name = machine_of(target.state_dir());
-        let faults = self.world().faults.get(&name).cloned().unwrap_or_default();
-        tokio::time::sleep(faults.activation_delay).await;
-        let code = match faults.activation_exit {
-            Some((from, code)) if generation.number() >= from => code,
-            _ => 0,
-        };
-        self.record(Op::Activate, &name, Some(generation.number()), started);
-        Ok(ActivationResult {
-            code,
-            log: format!("activated {generation}"),
-        })
-    }
-
-    async fn activate_watched(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        _previous: Option<&GenerationId>,
-        mode: &str,
-        timeout: Duration,
-        _watchdog: Option<Duration>,
-    ) -> Result<(ActivationResult, Option<Confirmation>), DriverError> {
-        // The fake arms no watchdog: there is nothing to confirm.
-        let result = MachineDriver::activate(self, target, generation, mode, timeout).await?;
-        Ok((result, None))
+        self.record(Op::Confirm, &name, Some(generation.number()), started);
+        Ok(())
     }
 
     async fn confirm(
@@ -1168,6 +1211,7 @@ async fn drift_with_policy_correct_reactivates_the_applied_generation_without_bu
             (Op::Observe, None),
             (Op::Switch, Some(1)),
             (Op::Activate, Some(1)),
+            (Op::Confirm, Some(1)),
             (Op::Observe, None),
         ]
     );

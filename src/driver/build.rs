@@ -238,6 +238,26 @@ impl CommandBuilder {
         }
     }
 
+    /// The cached artifact tree whose tree hash is `hash`, if the cache still
+    /// holds one (a scan of the `.done` markers: a few hundred small files).
+    pub fn find(&self, hash: &str) -> Option<PathBuf> {
+        let entries = fs::read_dir(&self.cache_dir).ok()?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".done")) else {
+                continue;
+            };
+            let marked = fs::read_to_string(entry.path()).unwrap_or_default();
+            if marked.trim() == hash {
+                let dir = self.cache_dir.join(key);
+                if dir.is_dir() {
+                    return Some(dir);
+                }
+            }
+        }
+        None
+    }
+
     /// Returns the artifact for `req.cache_key`, running the command only when
     /// the cache lacks it.
     ///
@@ -325,12 +345,19 @@ impl CommandBuilder {
                 out.to_string_lossy().into_owned(),
             ),
         ];
-        let finished = run_process("local", &argv, &env, Some(&req.workdir), req.timeout)
-            .await
-            .map_err(|source| BuildError::Run {
-                argv: req.argv.clone(),
-                source,
-            })?;
+        let finished = run_process(
+            "local",
+            &argv,
+            &env,
+            &crate::driver::target::NO_INPUT,
+            Some(&req.workdir),
+            req.timeout,
+        )
+        .await
+        .map_err(|source| BuildError::Run {
+            argv: req.argv.clone(),
+            source,
+        })?;
         // stderr only carries the wrapper shell's own complaints ("not found").
         let mut log = finished.output.stdout.into_bytes();
         log.extend_from_slice(finished.output.stderr.as_bytes());

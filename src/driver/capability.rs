@@ -14,8 +14,8 @@ use std::path::Path;
 use super::build::{Artifact, BuildError, BuildRequest};
 use super::hypervisor_error::HypervisorError;
 use super::protocol::{
-    ActivationResult, ConfirmOutcome, Confirmation, GenerationId, InstallOutcome, MachineError,
-    MachineFacts,
+    ActivationResult, ActivationStarted, ConfirmOutcome, Confirmation, DeployPhase, GenerationId,
+    InstallOutcome, MachineError, MachineFacts, Watchdog,
 };
 use super::qemu::{DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
 use super::target::{CommandOutput, TargetError};
@@ -65,6 +65,55 @@ impl DriverError {
     }
 }
 
+/// Consecutive deploy steps of a plan (install, switch, activate), done in
+/// one round trip where the target allows it.
+#[derive(Debug)]
+pub struct Deploy<'a> {
+    pub install: Option<Install<'a>>,
+    /// Point `current` at the installed generation (`None`) or at this one.
+    pub switch: Option<Option<GenerationId>>,
+    /// Activate the generation switched to.
+    pub activate: Option<Activate>,
+}
+
+/// What an install needs.
+#[derive(Debug)]
+pub struct Install<'a> {
+    pub artifact: &'a Artifact,
+    pub roles_json: &'a [u8],
+    /// The name a new generation gets.
+    pub generation: GenerationId,
+    /// What the target had when observed: the driver sends only what it
+    /// lacks, and reuses a complete generation with the same contents.
+    pub facts: &'a MachineFacts,
+}
+
+/// How to activate.
+#[derive(Debug, Clone)]
+pub struct Activate {
+    pub mode: String,
+    /// The most the activation may run; past it, its process group is
+    /// ended (TERM, then KILL) and the step fails.
+    pub timeout: Duration,
+    /// Arm the target's confirmation watchdog right after the start.
+    pub watchdog: Option<Watchdog>,
+}
+
+/// What a deploy did, step by step.
+#[derive(Debug)]
+pub struct DeployOutcome {
+    pub install: Option<InstallOutcome>,
+    /// The generation installed (a reused one keeps its name).
+    pub generation: Option<GenerationId>,
+    pub switched: bool,
+    /// The activation started or attached to, and its confirmation.
+    pub started: Option<ActivationStarted>,
+    /// How the activation ended, when it did within its timeout.
+    pub result: Option<ActivationResult>,
+    /// The step that failed and why; the steps after it did not run.
+    pub failure: Option<(DeployPhase, DriverError)>,
+}
+
 /// Everything the controller does to a machine.
 pub trait MachineDriver: Send + Sync + 'static {
     /// Reads the machine's facts (one round trip).
@@ -80,50 +129,22 @@ pub trait MachineDriver: Send + Sync + 'static {
         request: &BuildRequest,
     ) -> impl Future<Output = Result<Artifact, DriverError>> + Send;
 
-    /// Writes a generation to the target (uploading only what it lacks).
-    fn install(
+    /// Installs, switches and activates as asked, in one round trip, and
+    /// waits for the activation to end (re-attaching after a dropped
+    /// connection). A running activation of the same generation is attached
+    /// to, never started twice. `Err` when nothing about the outcome is
+    /// known (the target could not be reached at all).
+    fn deploy(
         &self,
         target: &TargetSpec,
-        artifact: &Artifact,
-        roles_json: &[u8],
-        generation: &GenerationId,
+        deploy: Deploy<'_>,
         timeout: Duration,
-    ) -> impl Future<Output = Result<InstallOutcome, DriverError>> + Send;
-
-    /// Points `current` at a generation, atomically.
-    fn switch(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send;
-
-    /// Runs the generation's `activate MODE`, detached on the target, and waits for its result.
-    fn activate(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        mode: &str,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<ActivationResult, DriverError>> + Send;
-
-    /// Starts `activate MODE` detached and waits for its result. With
-    /// `watchdog`, arms a confirmation watchdog on the target right after
-    /// the start: unless confirmed within that long after the activation
-    /// ends, the target rolls back to `previous` by itself.
-    fn activate_watched(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        previous: Option<&GenerationId>,
-        mode: &str,
-        timeout: Duration,
-        watchdog: Option<Duration>,
-    ) -> impl Future<Output = Result<(ActivationResult, Option<Confirmation>), DriverError>> + Send;
+    ) -> impl Future<Output = Result<DeployOutcome, DriverError>> + Send;
 
     /// Claims an armed confirmation over a NEW connection: proves the machine
-    /// is still reachable after activation. Also the claim to make before
-    /// rolling back oneself, so the watchdog and converge never both act.
+    /// is still reachable after activation, and records the generation as
+    /// confirmed there. Also the claim to make before rolling back oneself,
+    /// so the watchdog and converge never both act.
     fn confirm(
         &self,
         target: &TargetSpec,
@@ -131,8 +152,18 @@ pub trait MachineDriver: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<ConfirmOutcome, DriverError>> + Send;
 
+    /// Records `generation` as confirmed on the target, for an activation no
+    /// watchdog guards, once its health checks passed.
+    fn record_confirmed(
+        &self,
+        target: &TargetSpec,
+        generation: &GenerationId,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
     /// Removes old generations: keeps the `keep` newest complete ones, those
-    /// in `protect` and the one `current` points at. Returns what it removed.
+    /// in `protect`, and the ones `current` and `confirmed` point at.
+    /// Returns what it removed.
     fn prune(
         &self,
         target: &TargetSpec,
@@ -141,7 +172,8 @@ pub trait MachineDriver: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<Vec<GenerationId>, DriverError>> + Send;
 
-    /// Runs one health check; Ok only for exit code 0.
+    /// Runs one health check; Ok only for exit code 0. Past its timeout its
+    /// process group gets TERM, then KILL.
     fn health_check(
         &self,
         target: &TargetSpec,

@@ -15,22 +15,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::build::{Artifact, BuildRequest, CommandBuilder};
-use super::capability::{DriverError, Hypervisor, MachineDriver, VmDriver};
-use super::hypervisor::{self, Agents, HypervisorError};
+use super::capability::{Deploy, DeployOutcome, DriverError, Install, MachineDriver};
+use super::hypervisor::Agents;
 use super::local::LocalTarget;
 use super::protocol::{
-    self, ActivationAttempt, ActivationResult, ConfirmOutcome, Confirmation, GenerationId,
-    InstallOutcome, MachineError, MachineFacts,
+    self, ActivateRequest, ActivationAttempt, ActivationResult, ConfirmOutcome, Confirmation,
+    DeployPhase, DeployRequest, GenerationId, InstallRequest, InstallSource, MachineError,
+    MachineFacts, WaitOutcome,
 };
-use super::qemu::agent::{self as vm_agent, Request};
-use super::qemu::{self, DiskGrowth, SnapshotInfo, Started, StopOutcome, VmError, VmFacts};
 use super::ssh::{SshOptions, SshTarget};
-use super::target::{CommandOutput, Target, TargetError};
-use crate::spec::fields::SpecPath;
-use crate::spec::{ByteSize, Disk, Name, OnDelete, Target as TargetSpec, VmSpec};
+use super::stream::Manifest;
+use super::target::{CommandOutput, Input, Target, TargetError};
+use crate::spec::Target as TargetSpec;
+
+mod vm;
 
 /// How converge uses OpenSSH, from the command line.
 #[derive(Debug, Clone)]
@@ -85,15 +84,16 @@ impl Target for AnyTarget {
         }
     }
 
-    async fn run(
+    async fn run_input(
         &self,
         argv: &[String],
         env: &[(String, String)],
+        input: &Input,
         timeout: Duration,
     ) -> Result<CommandOutput, TargetError> {
         match self {
-            AnyTarget::Local(t) => t.run(argv, env, timeout).await,
-            AnyTarget::Ssh(t) => t.run(argv, env, timeout).await,
+            AnyTarget::Local(t) => t.run_input(argv, env, input, timeout).await,
+            AnyTarget::Ssh(t) => t.run_input(argv, env, input, timeout).await,
         }
     }
 
@@ -210,6 +210,47 @@ impl HostDriver {
     }
 }
 
+/// How long a deploy's own round trip waits for the activation before it
+/// returns; longer activations are waited for in further round trips.
+const FIRST_WAIT: Duration = Duration::from_secs(10);
+
+/// A complete generation on the target with the install's artifact: the
+/// current one first, else the newest.
+fn same_artifact(install: &Install<'_>) -> Option<GenerationId> {
+    let hash = install.artifact.hash.as_str();
+    install
+        .facts
+        .current_generation()
+        .filter(|g| g.hash() == hash)
+        .cloned()
+        .or_else(|| {
+            install
+                .facts
+                .generations
+                .iter()
+                .rev()
+                .find(|g| g.hash() == hash)
+                .cloned()
+        })
+}
+
+impl HostDriver {
+    /// The current generation of `facts` and the manifest of its artifact,
+    /// when this controller's build cache still holds that artifact.
+    async fn base_manifest(&self, facts: &MachineFacts) -> Option<(GenerationId, Manifest)> {
+        let current = facts.current_generation()?.clone();
+        let builder = self.builder.clone();
+        let hash = current.hash().to_owned();
+        let manifest = tokio::task::spawn_blocking(move || {
+            builder.find(&hash).and_then(|dir| Manifest::of(&dir).ok())
+        })
+        .await
+        .ok()
+        .flatten()?;
+        Some((current, manifest))
+    }
+}
+
 /// How many times in a row waiting for an activation may lose the
 /// connection before the target counts as unreachable. Each loss takes at
 /// most a ConnectTimeout or the ServerAlive bound, so a frozen or vanished
@@ -267,80 +308,125 @@ impl MachineDriver for HostDriver {
         Ok(self.builder.build(request).await?)
     }
 
-    async fn install(
+    async fn deploy(
         &self,
         target: &TargetSpec,
-        artifact: &Artifact,
-        roles_json: &[u8],
-        generation: &GenerationId,
+        deploy: Deploy<'_>,
         timeout: Duration,
-    ) -> Result<InstallOutcome, DriverError> {
-        let t = self.target_for(target)?;
-        Ok(protocol::install(
-            &t,
-            target.state_dir(),
-            &artifact.path,
-            roles_json,
-            generation,
-            timeout,
-        )
-        .await?)
-    }
-
-    async fn switch(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        timeout: Duration,
-    ) -> Result<(), DriverError> {
-        let t = self.target_for(target)?;
-        Ok(protocol::switch(&t, target.state_dir(), generation, timeout).await?)
-    }
-
-    async fn activate(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        mode: &str,
-        timeout: Duration,
-    ) -> Result<ActivationResult, DriverError> {
-        let t = self.target_for(target)?;
-        let attempt =
-            protocol::start_activation(&t, target.state_dir(), generation, mode, timeout).await?;
-        Ok(wait_reattaching(&t, target.state_dir(), &attempt, timeout).await?)
-    }
-
-    async fn activate_watched(
-        &self,
-        target: &TargetSpec,
-        generation: &GenerationId,
-        previous: Option<&GenerationId>,
-        mode: &str,
-        timeout: Duration,
-        watchdog: Option<Duration>,
-    ) -> Result<(ActivationResult, Option<Confirmation>), DriverError> {
+    ) -> Result<DeployOutcome, DriverError> {
         let t = self.target_for(target)?;
         let state_dir = target.state_dir();
-        let attempt = protocol::start_activation(&t, state_dir, generation, mode, timeout).await?;
-        // Armed right after the start: an activation that cuts the network is
-        // exactly what the watchdog is for, so arming must not wait for it.
-        let confirmation = match watchdog {
-            Some(confirm_timeout) => Some(
-                protocol::arm_confirmation(
-                    &t,
-                    state_dir,
-                    &attempt,
-                    previous,
-                    mode,
-                    confirm_timeout,
-                    timeout,
+        let started_at = Instant::now();
+        // What must travel: nothing when the target has the artifact, only
+        // what differs from its current generation when this controller
+        // still has that one's files, else everything.
+        let manifest = match &deploy.install {
+            Some(install) => {
+                let path = install.artifact.path.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || Manifest::of(&path))
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|m| m)
+                        .map_err(|source| {
+                            DriverError::Machine(MachineError::Artifact {
+                                path: install.artifact.path.clone(),
+                                source,
+                            })
+                        })?,
                 )
-                .await?,
-            ),
+            }
             None => None,
         };
-        let result = wait_reattaching(&t, state_dir, &attempt, timeout).await?;
-        Ok((result, confirmation))
+        let base = match &deploy.install {
+            Some(install) if same_artifact(install).is_none() => {
+                self.base_manifest(install.facts).await
+            }
+            _ => None,
+        };
+        let install = match (&deploy.install, &manifest) {
+            (Some(install), Some(manifest)) => Some(InstallRequest {
+                generation: install.generation.clone(),
+                artifact: &install.artifact.path,
+                manifest,
+                roles_json: install.roles_json,
+                source: match (same_artifact(install), &base) {
+                    (Some(same), _) => InstallSource::Same(same),
+                    (None, Some((generation, base))) => InstallSource::Base {
+                        generation: generation.clone(),
+                        manifest: base,
+                    },
+                    (None, None) => InstallSource::Stream,
+                },
+            }),
+            _ => None,
+        };
+        let activation_timeout = deploy.activate.as_ref().map(|a| a.timeout);
+        let request = DeployRequest {
+            install,
+            switch: deploy.switch.clone(),
+            activate: deploy.activate.as_ref().map(|a| {
+                (
+                    None,
+                    ActivateRequest {
+                        mode: a.mode.clone(),
+                        timeout: a.timeout,
+                        watchdog: a.watchdog.clone(),
+                    },
+                )
+            }),
+            wait: activation_timeout.map(|t| t.min(FIRST_WAIT)),
+        };
+        let report = protocol::deploy(
+            &t,
+            state_dir,
+            &request,
+            timeout + activation_timeout.map_or(Duration::ZERO, |t| t.min(FIRST_WAIT)),
+        )
+        .await?;
+        let mut outcome = DeployOutcome {
+            install: report.install,
+            generation: report.generation,
+            switched: report.switched,
+            started: report.started,
+            result: None,
+            failure: report
+                .failure
+                .map(|(phase, error)| (phase, DriverError::from(error))),
+        };
+        let (Some(started), Some(limit)) = (&outcome.started, activation_timeout) else {
+            return Ok(outcome);
+        };
+        let attempt = started.attempt.clone();
+        let waited = match report.waited {
+            Some(WaitOutcome::Ended(result)) => Ok(result),
+            Some(WaitOutcome::Lost) => Err(MachineError::ActivationLost {
+                target: t.describe(),
+                attempt: attempt.clone(),
+            }),
+            _ => {
+                let left = limit.saturating_sub(started_at.elapsed());
+                wait_reattaching(&t, state_dir, &attempt, left).await
+            }
+        };
+        match waited {
+            Ok(result) => outcome.result = Some(result),
+            Err(error) => {
+                if error.is_timeout() {
+                    // Past its timeout the activation is ended, with its children.
+                    match protocol::kill_activation(&t, state_dir, &attempt).await {
+                        Ok(_) => {
+                            tracing::warn!(target_host = %t.describe(), attempt = %attempt.id, "the activation ran past its timeout; its process group was ended")
+                        }
+                        Err(e) => {
+                            tracing::warn!(target_host = %t.describe(), error = %e, "could not end an activation that ran past its timeout")
+                        }
+                    }
+                }
+                outcome.failure = Some((DeployPhase::Activate, error.into()));
+            }
+        }
+        Ok(outcome)
     }
 
     async fn confirm(
@@ -351,6 +437,16 @@ impl MachineDriver for HostDriver {
     ) -> Result<ConfirmOutcome, DriverError> {
         let t = self.target_for(target)?.fresh();
         Ok(protocol::confirm(&t, target.state_dir(), confirmation, timeout).await?)
+    }
+
+    async fn record_confirmed(
+        &self,
+        target: &TargetSpec,
+        generation: &GenerationId,
+        timeout: Duration,
+    ) -> Result<(), DriverError> {
+        let t = self.target_for(target)?;
+        Ok(protocol::record_confirmed(&t, target.state_dir(), generation, timeout).await?)
     }
 
     async fn prune(
@@ -372,343 +468,5 @@ impl MachineDriver for HostDriver {
     ) -> Result<CommandOutput, DriverError> {
         let t = self.target_for(target)?;
         Ok(protocol::health_check(&t, argv, timeout).await?)
-    }
-}
-
-/// A result the agent sent, as the type the caller expects.
-fn decoded<T: serde::de::DeserializeOwned>(value: Value, machine: &Name) -> Result<T, DriverError> {
-    serde_json::from_value(value).map_err(|source| {
-        DriverError::Hypervisor(HypervisorError::Decode {
-            machine: machine.to_string(),
-            source,
-        })
-    })
-}
-
-impl HostDriver {
-    /// Runs `request` on a hypervisor Machine: in this process for a
-    /// `local: true` target, through converge's agent over SSH otherwise.
-    async fn on_hypervisor<T: serde::de::DeserializeOwned>(
-        &self,
-        machine: &Name,
-        target: &TargetSpec,
-        request: Request,
-    ) -> Result<T, DriverError> {
-        let value = match self.target_for(target)? {
-            AnyTarget::Local(_) => {
-                hypervisor::into_result(vm_agent::execute(request).await, machine.as_str())?
-            }
-            AnyTarget::Ssh(t) => {
-                let agent = self
-                    .agents
-                    .ensure_agent(&t, target.state_dir(), machine.as_str())
-                    .await?;
-                self.agents
-                    .call(&t, &agent, machine.as_str(), &request)
-                    .await?
-            }
-        };
-        decoded(value, machine)
-    }
-
-    /// Where a hypervisor Machine finds a file a VM spec names: a relative
-    /// path is a file of the desired-state directory (`local`, resolved),
-    /// uploaded by content; an absolute one is the hypervisor's own.
-    async fn hypervisor_file(
-        &self,
-        machine: &Name,
-        target: &TargetSpec,
-        spec_path: &SpecPath,
-        local: &Path,
-        missing: impl FnOnce() -> VmError,
-    ) -> Result<PathBuf, DriverError> {
-        if Path::new(spec_path.as_str()).is_absolute() {
-            return Ok(PathBuf::from(spec_path.as_str()));
-        }
-        if tokio::fs::metadata(local).await.is_err() {
-            return Err(missing().into());
-        }
-        match self.target_for(target)? {
-            AnyTarget::Local(_) => Ok(local.to_path_buf()),
-            AnyTarget::Ssh(t) => {
-                self.agents
-                    .ensure_file(&t, target.state_dir(), machine.as_str(), local)
-                    .await
-            }
-        }
-    }
-
-    /// `spec` with its boot files replaced by their paths on the hypervisor.
-    async fn spec_on_hypervisor(
-        &self,
-        machine: &Name,
-        target: &TargetSpec,
-        vm: &str,
-        spec: &VmSpec,
-        root: &Path,
-    ) -> Result<VmSpec, DriverError> {
-        let mut spec = spec.clone();
-        if let Some(boot) = spec.boot.as_mut() {
-            let mut files: Vec<(&'static str, &mut crate::spec::At<SpecPath>)> =
-                vec![("kernel", &mut boot.kernel)];
-            if let Some(initrd) = boot.initrd.as_mut() {
-                files.push(("initrd", initrd));
-            }
-            for (what, file) in files {
-                let local = qemu::launch::resolve(&file.value, root);
-                let remote = self
-                    .hypervisor_file(machine, target, &file.value, &local, || {
-                        VmError::BootFileMissing {
-                            vm: vm.to_owned(),
-                            what,
-                            path: local.clone(),
-                        }
-                    })
-                    .await?;
-                file.value = SpecPath::new(remote.to_string_lossy().as_ref()).map_err(|e| {
-                    HypervisorError::Operation {
-                        machine: machine.to_string(),
-                        message: format!("use the uploaded {what} {}: {e}", remote.display()),
-                        transient: false,
-                    }
-                })?;
-            }
-        }
-        Ok(spec)
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl VmDriver for HostDriver {
-    async fn vm_observe(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        disks: &[Disk],
-    ) -> Result<VmFacts, DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::observe(dir, disks).await),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::Observe {
-                    dir: dir.to_path_buf(),
-                    disks: disks.to_vec(),
-                };
-                let mut facts: VmFacts = self.on_hypervisor(name, target, request).await?;
-                // Observed now on this host's clock; `uptime_ms` needs no clock.
-                facts.observed_ms = crate::store::records::now_ms();
-                Ok(facts)
-            }
-        }
-    }
-
-    fn vm_launch_identity(&self, name: &str, spec: &VmSpec, dir: &Path, root: &Path) -> String {
-        let argv = qemu::launch::argv(spec, name, dir, root);
-        let mut hasher = blake3::Hasher::new();
-        for arg in &argv {
-            hasher.update(arg.as_bytes());
-            hasher.update(&[0]);
-        }
-        hasher.finalize().to_hex().to_string()
-    }
-
-    async fn vm_create_disk(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        disk: &Disk,
-        backing: Option<&Path>,
-    ) -> Result<(), DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::create_disk(dir, disk, backing).await?),
-            Hypervisor::Machine { name, target } => {
-                let backing = match (&disk.backing_image, backing) {
-                    (Some(spec_path), Some(local)) => Some(
-                        self.hypervisor_file(name, target, &spec_path.value, local, || {
-                            VmError::BackingMissing {
-                                disk: disk.name.value.to_string(),
-                                path: local.to_path_buf(),
-                            }
-                        })
-                        .await?,
-                    ),
-                    _ => None,
-                };
-                let request = Request::CreateDisk {
-                    dir: dir.to_path_buf(),
-                    disk: disk.clone(),
-                    backing,
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_grow_disk(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        disk: &str,
-        size: ByteSize,
-        running: bool,
-    ) -> Result<DiskGrowth, DriverError> {
-        match host {
-            Hypervisor::Local if running => Ok(qemu::grow_disk_online(dir, disk, size).await?),
-            Hypervisor::Local => Ok(qemu::grow_disk(dir, disk, size).await?),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::GrowDisk {
-                    dir: dir.to_path_buf(),
-                    disk: disk.to_owned(),
-                    size,
-                    online: running,
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_start(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        name: &str,
-        spec: &VmSpec,
-        launch_identity: &str,
-        root: &Path,
-        timeout: Duration,
-    ) -> Result<Started, DriverError> {
-        match host {
-            Hypervisor::Local => {
-                Ok(qemu::start(dir, name, spec, launch_identity, root, timeout).await?)
-            }
-            Hypervisor::Machine {
-                name: machine,
-                target,
-            } => {
-                let spec = self
-                    .spec_on_hypervisor(machine, target, name, spec, root)
-                    .await?;
-                let request = Request::Start {
-                    dir: dir.to_path_buf(),
-                    name: name.to_owned(),
-                    spec: Box::new(spec),
-                    launch_identity: launch_identity.to_owned(),
-                    timeout_ms: millis(timeout),
-                };
-                self.on_hypervisor(machine, target, request).await
-            }
-        }
-    }
-
-    async fn vm_stop(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        graceful: Duration,
-    ) -> Result<StopOutcome, DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::stop(dir, graceful).await?),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::Stop {
-                    dir: dir.to_path_buf(),
-                    graceful_ms: millis(graceful),
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_delete(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        on_delete: OnDelete,
-        graceful: Duration,
-    ) -> Result<StopOutcome, DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::delete(dir, on_delete, graceful).await?),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::Delete {
-                    dir: dir.to_path_buf(),
-                    on_delete,
-                    graceful_ms: millis(graceful),
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_running_pid(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-    ) -> Result<Option<u32>, DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::running_pid(dir).await),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::RunningPid {
-                    dir: dir.to_path_buf(),
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_snapshots(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-    ) -> Result<Vec<SnapshotInfo>, DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::snapshots(dir).await?),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::Snapshots {
-                    dir: dir.to_path_buf(),
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_snapshot(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        snap: &str,
-    ) -> Result<(), DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::snapshot(dir, snap).await?),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::Snapshot {
-                    dir: dir.to_path_buf(),
-                    snap: snap.to_owned(),
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    async fn vm_revert(
-        &self,
-        host: &Hypervisor,
-        dir: &Path,
-        snap: &str,
-    ) -> Result<(), DriverError> {
-        match host {
-            Hypervisor::Local => Ok(qemu::revert(dir, snap).await?),
-            Hypervisor::Machine { name, target } => {
-                let request = Request::Revert {
-                    dir: dir.to_path_buf(),
-                    snap: snap.to_owned(),
-                };
-                self.on_hypervisor(name, target, request).await
-            }
-        }
-    }
-
-    fn vm_watch_exit(&self, pid: u32) -> impl std::future::Future<Output = ()> + Send + 'static {
-        qemu::process::watch_exit(pid)
     }
 }

@@ -17,12 +17,14 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::command::{argv_summary, read_tail, unique_suffix};
-use super::target::{CommandOutput, OUTPUT_LIMIT, Target, TargetError};
+use super::target::{CommandOutput, Input, InputError, OUTPUT_LIMIT, Target, TargetError};
 
 /// How long a killed command's pipes are drained for its last output.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// How long the `kill` binary may take to signal a process group.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a timed-out command's group has between SIGTERM and SIGKILL.
+pub(crate) const TERM_GRACE: Duration = Duration::from_secs(2);
 
 /// This host. Holds only a label for logs; paths are given per call, so many
 /// local machines (each with its own state directory) can share one host.
@@ -56,14 +58,15 @@ impl Target for LocalTarget {
         }
     }
 
-    async fn run(
+    async fn run_input(
         &self,
         argv: &[String],
         env: &[(String, String)],
+        input: &Input,
         timeout: Duration,
     ) -> Result<CommandOutput, TargetError> {
         let target = self.describe();
-        let finished = run_process(&target, argv, env, None, timeout).await?;
+        let finished = run_process(&target, argv, env, input, None, timeout).await?;
         if finished.timed_out {
             return Err(TargetError::Timeout {
                 target,
@@ -133,15 +136,18 @@ pub(crate) struct Finished {
 }
 
 /// Runs `argv` as a child of this process in a new process group, with `env`
-/// added to the inherited environment, stdin empty, and `cwd` when given.
+/// added to the inherited environment, `input` on stdin, and `cwd` when
+/// given.
 ///
-/// At the timeout, or when the returned future is dropped, the whole process
-/// group is killed with SIGKILL (through the `kill` binary: converge forbids
-/// unsafe code). Output is bounded per stream by [`OUTPUT_LIMIT`].
+/// At the timeout the whole process group gets SIGTERM, then SIGKILL after
+/// [`TERM_GRACE`]; when the returned future is dropped, SIGKILL at once
+/// (through the `kill` binary: converge forbids unsafe code). Output is
+/// bounded per stream by [`OUTPUT_LIMIT`].
 pub(crate) async fn run_process(
     target: &str,
     argv: &[String],
     env: &[(String, String)],
+    input: &Input,
     cwd: Option<&Path>,
     timeout: Duration,
 ) -> Result<Finished, TargetError> {
@@ -160,7 +166,11 @@ pub(crate) async fn run_process(
     command
         .args(args)
         .envs(env.iter().map(|(key, value)| (key, value)))
-        .stdin(Stdio::null())
+        .stdin(if input.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -174,23 +184,42 @@ pub(crate) async fn run_process(
     let mut group = GroupGuard { pgid: child.id() };
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
+    let mut stdin = child.stdin.take();
     let mut out_buf = Vec::new();
     let mut err_buf = Vec::new();
 
-    let waited: Result<io::Result<ExitStatus>, _> = tokio::time::timeout(timeout, async {
-        let (out, err, status) = tokio::join!(
-            read_optional(stdout.as_mut(), &mut out_buf),
-            read_optional(stderr.as_mut(), &mut err_buf),
-            child.wait(),
-        );
-        out?;
-        err?;
-        status
-    })
-    .await;
+    let waited: Result<io::Result<(ExitStatus, Option<InputError>)>, _> =
+        tokio::time::timeout(timeout, async {
+            let feed = async {
+                // Dropping stdin at the end closes it: the command sees EOF.
+                match stdin.take() {
+                    Some(mut sink) => input.write_to(&mut sink).await.err(),
+                    None => None,
+                }
+            };
+            let (fed, out, err, status) = tokio::join!(
+                feed,
+                read_optional(stdout.as_mut(), &mut out_buf),
+                read_optional(stderr.as_mut(), &mut err_buf),
+                child.wait(),
+            );
+            out?;
+            err?;
+            Ok((status?, fed))
+        })
+        .await;
 
     match waited {
-        Ok(Ok(status)) => {
+        Ok(Ok((_, Some(InputError::Source { path, source })))) => {
+            group.kill().await;
+            Err(TargetError::Io {
+                target: target.to_owned(),
+                action: "read, to send it,",
+                path,
+                source,
+            })
+        }
+        Ok(Ok((status, _))) => {
             group.disarm();
             Ok(Finished {
                 output: CommandOutput {
@@ -212,7 +241,12 @@ pub(crate) async fn run_process(
             })
         }
         Err(_elapsed) => {
-            group.kill().await;
+            // TERM first, so the command can clean up; KILL if it lingers.
+            group
+                .terminate(async {
+                    let _ = child.wait().await;
+                })
+                .await;
             let _ = child.kill().await;
             // A process that escaped the group can hold the pipes open: drain briefly only.
             let _ = tokio::time::timeout(DRAIN_GRACE, async {
@@ -262,13 +296,23 @@ impl GroupGuard {
         self.pgid = None;
     }
 
+    /// SIGKILL to the group at once.
     async fn kill(&mut self) {
         let Some(pgid) = self.pgid.take() else {
             return;
         };
-        let status = tokio::time::timeout(KILL_TIMEOUT, kill_command(pgid).status()).await;
-        if !matches!(status, Ok(Ok(ref s)) if s.success()) {
-            tracing::debug!(pgid, ?status, "kill of a process group did not succeed");
+        signal_group(pgid, "-KILL").await;
+    }
+
+    /// SIGTERM to the group, then SIGKILL once `exited` has not completed
+    /// within [`TERM_GRACE`].
+    async fn terminate(&mut self, exited: impl std::future::Future<Output = ()>) {
+        let Some(pgid) = self.pgid.take() else {
+            return;
+        };
+        signal_group(pgid, "-TERM").await;
+        if tokio::time::timeout(TERM_GRACE, exited).await.is_err() {
+            signal_group(pgid, "-KILL").await;
         }
     }
 }
@@ -298,14 +342,23 @@ fn kill_args(pgid: u32) -> [String; 3] {
     ["-KILL".to_owned(), "--".to_owned(), format!("-{pgid}")]
 }
 
-fn kill_command(pgid: u32) -> Command {
+/// Sends `signal` (`-TERM`, `-KILL`) to process group `pgid`, best effort.
+async fn signal_group(pgid: u32, signal: &str) {
     let mut command = Command::new("kill");
     command
-        .args(kill_args(pgid))
+        .args([signal, "--", &format!("-{pgid}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    command
+    let status = tokio::time::timeout(KILL_TIMEOUT, command.status()).await;
+    if !matches!(status, Ok(Ok(ref s)) if s.success()) {
+        tracing::debug!(
+            pgid,
+            signal,
+            ?status,
+            "signalling a process group did not succeed"
+        );
+    }
 }
 
 const RUNNING: u8 = 0;

@@ -18,6 +18,7 @@ pub mod local;
 pub mod protocol;
 pub mod qemu;
 pub mod ssh;
+pub mod stream;
 mod target;
 
-pub use target::{CommandOutput, OUTPUT_LIMIT, Target, TargetError};
+pub use target::{CommandOutput, Input, InputError, NO_INPUT, OUTPUT_LIMIT, Target, TargetError};

@@ -12,6 +12,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use super::command::{argv_summary, io_is_transient};
 use super::ssh::error::SshError;
 
@@ -38,6 +40,122 @@ impl CommandOutput {
     }
 }
 
+/// What a command reads on its stdin: bytes and files, in order, streamed
+/// (a file is read in chunks as it is sent, never held whole in memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Input {
+    parts: Vec<InputPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum InputPart {
+    Bytes(Vec<u8>),
+    /// Exactly `len` bytes of the file at `path` (it must not shrink or grow
+    /// while it is sent: that is an error, not a short read).
+    File {
+        path: PathBuf,
+        len: u64,
+    },
+}
+
+/// No input: stdin is empty.
+pub static NO_INPUT: Input = Input { parts: Vec::new() };
+
+/// Why writing an [`Input`] stopped.
+#[derive(Debug)]
+pub enum InputError {
+    /// A file of the input could not be read as it was when listed.
+    Source { path: PathBuf, source: io::Error },
+    /// The command stopped reading (it exited, or the connection went):
+    /// its exit status says what happened.
+    Sink(io::Error),
+}
+
+impl Input {
+    pub fn bytes(bytes: impl Into<Vec<u8>>) -> Input {
+        Input {
+            parts: vec![InputPart::Bytes(bytes.into())],
+        }
+    }
+
+    pub fn push_bytes(&mut self, bytes: impl Into<Vec<u8>>) {
+        let bytes = bytes.into();
+        if let Some(InputPart::Bytes(last)) = self.parts.last_mut() {
+            last.extend_from_slice(&bytes);
+        } else {
+            self.parts.push(InputPart::Bytes(bytes));
+        }
+    }
+
+    /// Appends all of `other`.
+    pub fn append(&mut self, other: &Input) {
+        for part in &other.parts {
+            match part {
+                InputPart::Bytes(bytes) => self.push_bytes(bytes.clone()),
+                InputPart::File { .. } => self.parts.push(part.clone()),
+            }
+        }
+    }
+
+    /// Appends `len` bytes read from the file at `path` when sent.
+    pub fn push_file(&mut self, path: impl Into<PathBuf>, len: u64) {
+        self.parts.push(InputPart::File {
+            path: path.into(),
+            len,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many bytes the input is.
+    pub fn len(&self) -> u64 {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                InputPart::Bytes(bytes) => bytes.len() as u64,
+                InputPart::File { len, .. } => *len,
+            })
+            .sum()
+    }
+
+    /// Writes the whole input to `sink`, then shuts it down (the command
+    /// sees end of file).
+    pub async fn write_to<W: AsyncWrite + Unpin>(&self, sink: &mut W) -> Result<(), InputError> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        for part in &self.parts {
+            match part {
+                InputPart::Bytes(bytes) => sink.write_all(bytes).await.map_err(InputError::Sink)?,
+                InputPart::File { path, len } => {
+                    let source = |source| InputError::Source {
+                        path: path.clone(),
+                        source,
+                    };
+                    let mut file = tokio::fs::File::open(path).await.map_err(source)?;
+                    let mut left = *len;
+                    while left > 0 {
+                        let want =
+                            usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+                        let n = file.read(&mut chunk[..want]).await.map_err(source)?;
+                        if n == 0 {
+                            return Err(source(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the file shrank while it was sent",
+                            )));
+                        }
+                        sink.write_all(&chunk[..n])
+                            .await
+                            .map_err(InputError::Sink)?;
+                        left -= n as u64;
+                    }
+                }
+            }
+        }
+        sink.shutdown().await.map_err(InputError::Sink)
+    }
+}
+
 /// A host that commands run on and files are uploaded to.
 ///
 /// Implementations must make every operation end by its timeout, and must not
@@ -59,6 +177,21 @@ pub trait Target: Send + Sync {
         &self,
         argv: &[String],
         env: &[(String, String)],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<CommandOutput, TargetError>> + Send {
+        self.run_input(argv, env, &NO_INPUT, timeout)
+    }
+
+    /// [`Target::run`] with `input` streamed to the command's stdin (then
+    /// closed). A file of the input that cannot be read as listed is
+    /// [`TargetError::Io`]; a command that stops reading early is judged by
+    /// its exit status. At the timeout the command's process group gets
+    /// SIGTERM, then SIGKILL after a short grace.
+    fn run_input(
+        &self,
+        argv: &[String],
+        env: &[(String, String)],
+        input: &Input,
         timeout: Duration,
     ) -> impl Future<Output = Result<CommandOutput, TargetError>> + Send;
 

@@ -76,6 +76,8 @@ pub enum Observed {
     Machine {
         /// `N-hash` of the generation `current` points at.
         current: Option<String>,
+        /// `N-hash` of the last generation the target recorded as confirmed.
+        confirmed: Option<String>,
         /// `N-hash` of every complete generation on the target.
         generations: Vec<String>,
     },
@@ -138,8 +140,9 @@ fn removal(key: &ObjectKey, applied: &Applied<'_>) -> Change {
 }
 
 /// Activation steps of a generation: switch, activate, health checks, and
-/// confirmation where the target is remote and the mode changes the
-/// running system.
+/// the confirmation (over a new connection, guarded by the target's
+/// watchdog, where the target is remote and the mode changes the running
+/// system).
 fn activation_steps(machine: &MachineDesired<'_>, generation: Option<String>) -> Vec<Step> {
     let activation = machine.activation;
     let mut steps = vec![
@@ -157,11 +160,10 @@ fn activation_steps(machine: &MachineDesired<'_>, generation: Option<String>) ->
                 timeout: check.timeout.value.to_string(),
             }),
     );
-    if machine.remote && activation.mode.changes_running_system() {
-        steps.push(Step::Confirm {
-            timeout: activation.confirm_timeout.value.to_string(),
-        });
-    }
+    let watched = machine.remote && activation.mode.changes_running_system();
+    steps.push(Step::Confirm {
+        timeout: watched.then(|| activation.confirm_timeout.value.to_string()),
+    });
     steps
 }
 
@@ -195,12 +197,13 @@ fn change(
 
     let steps = match &desired.kind {
         DesiredKind::Machine(machine) => {
-            let (current, generations) = match observed {
+            let (current, confirmed, generations) = match observed {
                 Some(Observed::Machine {
                     current,
+                    confirmed,
                     generations,
-                }) => (current.clone(), generations.as_slice()),
-                _ => (None, &[][..]),
+                }) => (current.clone(), confirmed.clone(), generations.as_slice()),
+                _ => (None, None, &[][..]),
             };
             let steps = if created || !fields.is_empty() {
                 only_if_artifact_changed = !created
@@ -220,7 +223,7 @@ fn change(
                 Vec::new()
             };
             if !steps.is_empty() && machine.activation.rollback == RollbackPolicy::Auto {
-                rollback_to = current;
+                rollback_to = confirmed.or(current);
             }
             steps
         }

@@ -87,10 +87,15 @@ pub enum Step {
         command: Vec<String>,
         timeout: String,
     },
-    /// Reach the target over a new connection after the health checks, which
-    /// disarms its rollback watchdog; unconfirmed within `timeout` after the
+    /// Record the generation as confirmed on the target: what a later failure
+    /// rolls back to. With `timeout` (an SSH target whose mode changes the
+    /// running system), over a new connection, which also disarms the
+    /// target's rollback watchdog: unconfirmed within `timeout` after the
     /// activation ended, the target rolls itself back.
-    Confirm { timeout: String },
+    Confirm {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<String>,
+    },
     /// Remove old generations from the target, keeping the `keep` newest,
     /// the current one and the one before it.
     Prune { keep: usize },
@@ -170,11 +175,14 @@ impl Step {
             Step::HealthCheck { command, timeout } => {
                 format!("health check `{}` (timeout {timeout})", command.join(" "))
             }
-            Step::Confirm { timeout } => {
+            Step::Confirm {
+                timeout: Some(timeout),
+            } => {
                 format!(
                     "confirm over a new connection (else the target rolls back after {timeout})"
                 )
             }
+            Step::Confirm { timeout: None } => "record it as confirmed".to_owned(),
             Step::Prune { keep } => format!("prune generations (keep {keep})"),
             Step::CreateDisk { disk, size } => format!("create disk {disk} ({size})"),
             Step::GrowDisk { disk, size } => format!("grow disk {disk} to {size}"),
@@ -207,7 +215,9 @@ pub struct Change {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub only_if_artifact_changed: bool,
     /// Machines: the generation (`N-hash`) re-activated if a step from
-    /// `switch` on fails (`rollback: auto` and a current generation).
+    /// `switch` on fails (`rollback: auto`): the last one the target
+    /// recorded as confirmed (its current one, for a target that records
+    /// none yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_to: Option<String>,
     /// One line of context, like "removed from the YAML; nothing is uninstalled".

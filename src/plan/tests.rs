@@ -66,6 +66,7 @@ fn applied<'a>(
 fn observed_machine(current: &str, generations: &[&str]) -> Observed {
     Observed::Machine {
         current: Some(current.to_owned()),
+        confirmed: Some(current.to_owned()),
         generations: generations.iter().map(|g| (*g).to_owned()).collect(),
     }
 }
@@ -77,6 +78,15 @@ fn plan_of(items: Vec<(Option<Change>, Vec<Drift>)>) -> Plan {
         plan.drift.extend(drift);
     }
     plan
+}
+
+fn confirm_of(change: Option<Change>) -> Step {
+    change
+        .expect("a change")
+        .steps
+        .into_iter()
+        .find(|s| s.name() == "confirm")
+        .expect("a confirm step")
 }
 
 fn names(change: &Change) -> Vec<&'static str> {
@@ -110,14 +120,18 @@ fn plan_creates_a_machine_never_applied() {
 }
 
 #[test]
-fn plan_confirms_only_remote_activations_that_change_the_running_system() {
+fn plan_guards_only_remote_activations_that_change_the_running_system_with_a_watchdog() {
     let k = key("machine/web");
     let mut act = activation();
     let mut local = machine(&act, "r1", "rev1");
     local.remote = false;
     let d = desired(machine_doc("switch", "10.0.0.5"), "h1", local);
     let (change, _) = diff(&k, Some(&d), None, None);
-    assert!(!names(&change.unwrap()).contains(&"confirm"));
+    assert_eq!(
+        confirm_of(change),
+        Step::Confirm { timeout: None },
+        "a local activation is recorded as confirmed, with no watchdog"
+    );
 
     act.mode = crate::spec::ActivationMode::Boot;
     let d = desired(
@@ -126,7 +140,7 @@ fn plan_confirms_only_remote_activations_that_change_the_running_system() {
         machine(&act, "r1", "rev1"),
     );
     let (change, _) = diff(&k, Some(&d), None, None);
-    assert!(!names(&change.unwrap()).contains(&"confirm"));
+    assert_eq!(confirm_of(change), Step::Confirm { timeout: None });
 }
 
 #[test]

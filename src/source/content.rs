@@ -18,8 +18,14 @@ use super::ignored::is_ignored_name;
 /// blake3 over every file below `dir` but YAML documents and ignored names: relative path,
 /// executable bit, contents (symlinks: their target), in sorted order.
 pub fn content_hash(dir: &Path) -> String {
+    content_hash_excluding(dir, &[])
+}
+
+/// [`content_hash`] with the files `excluded` (relative paths) left out.
+pub fn content_hash_excluding(dir: &Path, excluded: &[String]) -> String {
     let mut files = Vec::new();
     collect(dir, Path::new(""), 0, &mut files);
+    files.retain(|f| !excluded.iter().any(|e| Path::new(e) == f.as_path()));
     files.sort();
     let mut hasher = blake3::Hasher::new();
     for relative in files {
@@ -69,6 +75,39 @@ fn collect(root: &Path, relative: &Path, depth: usize, out: &mut Vec<PathBuf>) {
             Err(_) => {}
         }
     }
+}
+
+/// What a build could change in the directory: every file the content
+/// hash covers, with what says it changed (size, modification time, inode).
+pub type Listing = std::collections::BTreeMap<String, (u64, i64, i64, u64)>;
+
+/// The [`Listing`] of `dir` now.
+pub fn listing(dir: &Path) -> Listing {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = Vec::new();
+    collect(dir, Path::new(""), 0, &mut files);
+    files
+        .into_iter()
+        .filter_map(|relative| {
+            let meta = std::fs::symlink_metadata(dir.join(&relative)).ok()?;
+            Some((
+                relative.to_string_lossy().into_owned(),
+                (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
+            ))
+        })
+        .collect()
+}
+
+/// The files that differ between two listings (added, removed or changed).
+pub fn changed_files(before: &Listing, after: &Listing) -> Vec<String> {
+    let mut changed: Vec<String> = after
+        .iter()
+        .filter(|(name, stamp)| before.get(*name) != Some(stamp))
+        .map(|(name, _)| name.clone())
+        .collect();
+    changed.extend(before.keys().filter(|n| !after.contains_key(*n)).cloned());
+    changed.sort();
+    changed
 }
 
 #[cfg(test)]

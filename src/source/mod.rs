@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::spec::parse::{ParsedFile, parse_file};
 use crate::spec::{Assembled, CheckedFile, Diagnostic, Resolution, Severity, assemble_with};
 
-pub use content::content_hash;
+pub use content::{Listing, changed_files, content_hash, content_hash_excluding, listing};
 use ignored::is_ignored_name;
 
 /// Directories nested deeper than this are not walked.

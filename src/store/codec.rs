@@ -198,6 +198,7 @@ mod tests {
                 steps: Vec::new(),
             }),
             last_attempt_id: Some(8),
+            held: None,
         };
         s.set_condition(ConditionKind::Ready, true, Reason::Converged, "ok", 3);
         s.set_condition(ConditionKind::Drifted, false, Reason::NoDrift, "", 4);

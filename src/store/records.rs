@@ -112,6 +112,10 @@ pub enum Reason {
     HostVmStopped,
     /// A machine this one waits for failed in this run.
     DependencyFailed,
+    /// A build wrote into the desired-state directory.
+    BuildChangedDirectory,
+    /// Another activation runs on the target's state directory.
+    ActivationBusy,
     Unsupported,
     /// A VM's `host` changed while it exists where it ran.
     HostChanged,
@@ -156,6 +160,8 @@ impl Reason {
             Reason::RolesMissing => "RolesMissing",
             Reason::HostVmStopped => "HostVmStopped",
             Reason::DependencyFailed => "DependencyFailed",
+            Reason::BuildChangedDirectory => "BuildChangedDirectory",
+            Reason::ActivationBusy => "ActivationBusy",
             Reason::Unsupported => "Unsupported",
             Reason::HostChanged => "HostChanged",
             Reason::HypervisorUnknown => "HypervisorUnknown",
@@ -261,6 +267,31 @@ pub struct StatusRecord {
     /// [`super::Store::finish_attempt`].
     pub in_progress: Option<InProgress>,
     pub last_attempt_id: Option<u64>,
+    /// What converge will not do again until the object's inputs change or
+    /// an operator asks (`converge reconcile KEY --retry`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+}
+
+/// An artifact converge holds back: it was rolled back from, or its build
+/// changed the desired-state directory. Held while the inputs it came from
+/// are the same (`inputs`), or until an operator asks for a retry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Held {
+    /// `RolledBack`, or `BuildChangedDirectory`.
+    pub reason: Reason,
+    /// A sentence for `status`, naming the generation or the files.
+    pub message: String,
+    /// The generation (`N-hash`) rolled back from, when there is one.
+    pub generation: Option<String>,
+    /// Identity of the inputs the held artifact came from.
+    pub inputs: String,
+    /// Files of the desired-state directory left out of `inputs` (those a
+    /// build wrote there itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
+    pub since_ms: u64,
 }
 
 impl StatusRecord {

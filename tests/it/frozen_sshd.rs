@@ -38,9 +38,7 @@ fn frozen_during_activation(extra: &str) {
                 "converge to wait for host0's activation",
                 Duration::from_secs(60),
                 || {
-                    let waiting = testbed
-                        .host(0)
-                        .processes_mentioning("converge: wait_activation.sh");
+                    let waiting = testbed.host(0).processes_mentioning("converge-apply.sh");
                     (!waiting.is_empty()).then_some(())
                 },
             );

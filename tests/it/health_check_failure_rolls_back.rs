@@ -1,5 +1,7 @@
-//! A failing health check rolls back like a failing activation; once the
-//! fault is lifted, the same change converges.
+//! A failing health check rolls back like a failing activation. The
+//! rolled-back artifact is held: the next run does not activate it again
+//! (exit 3, nothing built or activated), until the operator asks with
+//! `--retry`; once the fault is lifted, that converges.
 
 use super::support::{Fleet, generation_number, ready_of, result_kind};
 use crate::support::Converge as _;
@@ -35,9 +37,24 @@ fn failed_health_check_rolls_back_and_the_change_converges_once_the_fault_is_lif
     let (ready, reason) = ready_of(&fleet.status("machine/web"));
     assert_eq!((ready, reason.as_str()), (false, "RolledBack"));
 
-    // Lift the fault.
+    // Held: the same broken artifact is not activated again.
+    let activations = fleet.ledger_with("web", "start").len();
+    let held = fleet.reconcile_once(&["--attempts", "3"]);
+    held.assert_code(3);
+    assert_eq!(
+        fleet.ledger_with("web", "start").len(),
+        activations,
+        "a held artifact is not activated again"
+    );
+    let (ready, reason) = ready_of(&fleet.status("machine/web"));
+    assert_eq!((ready, reason.as_str()), (false, "RolledBack"));
+    assert!(held.stdout.contains("--retry"), "{}", held.stdout);
+
+    // Lift the fault, and ask for a retry.
     std::fs::write(&healthy, "ok\n").expect("create the health file");
-    fleet.reconcile_once(&["--attempts", "1"]).assert_code(0);
+    fleet
+        .reconcile_once(&["--attempts", "1", "--retry"])
+        .assert_code(0);
 
     let now = fleet.assert_current_complete("web");
     assert!(

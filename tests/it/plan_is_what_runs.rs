@@ -32,6 +32,7 @@ fn the_steps_a_plan_lists_are_the_steps_the_next_attempt_records() {
             "activate",
             "health-check",
             "health-check",
+            "confirm",
             "prune"
         ],
         "{plan}"

@@ -548,6 +548,10 @@ impl Host {
     /// Brings the host's link back up.
     pub fn link_up(&self) {
         must("ip", &["-n", &self.netns, "link", "set", "eth0", "up"]);
+        // Connections tried while the link was down leave a failed
+        // neighbour entry on the controller's side, which answers "no route
+        // to host" for seconds after the link is back: forget it.
+        let _ = run("ip", &["neigh", "flush", "to", &self.address]);
     }
 
     /// Kills the listening sshd only: established connections live on.

@@ -61,6 +61,32 @@ impl<'c, D> Attempt<'c, D> {
         self.push(step.name(), step.detail(), status, started, output.into());
     }
 
+    /// Records a planned step that ended, `elapsed` after `started` (steps
+    /// done together in one round trip share their time: see the caller).
+    pub fn ended_after(
+        &mut self,
+        step: &Step,
+        started: Instant,
+        elapsed: std::time::Duration,
+        ok: bool,
+        output: impl Into<String>,
+    ) {
+        let _ = started;
+        let status = if ok {
+            StepStatus::Succeeded
+        } else {
+            StepStatus::Failed
+        };
+        let record = StepRecord {
+            name: step.name().to_owned(),
+            status,
+            detail: step.detail(),
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            output: output.into(),
+        };
+        self.save(record);
+    }
+
     /// Records planned steps that were not run, saying why.
     pub fn skipped<'s>(&mut self, steps: impl IntoIterator<Item = &'s Step>, why: &str) {
         for step in steps {

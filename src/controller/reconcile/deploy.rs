@@ -1,27 +1,33 @@
 //! The executor of a machine's change: runs exactly the steps of the plan
 //! (build, install, switch, activate, health checks, confirm, prune), each
 //! through the driver with its timeout, and records each when it ends.
+//! Consecutive install, switch and activate steps go to the driver as one
+//! deploy (one round trip), and are recorded one by one from its report.
 //!
 //! It interprets steps, it never chooses them: what to do was decided by
 //! `plan::diff`. What it adds is what happens when a step fails: the steps
 //! after it are recorded as skipped, and a failure from `switch` on rolls
-//! back to the change's `rollback_to` (after claiming the target's
-//! confirmation watchdog, so converge and the watchdog never both act). A
-//! rolled-back attempt is a failure, never a success.
+//! back to the change's `rollback_to` (the last generation the target
+//! recorded as confirmed), after claiming the target's confirmation
+//! watchdog, so converge and the watchdog never both act. A rolled-back
+//! attempt is a failure, never a success, and its artifact is held: not
+//! activated again until its inputs change or an operator asks.
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use super::attempt::Attempt;
+use super::hold::hold;
 use super::record::set_ready;
 use crate::controller::context::{Context, Snapshot};
 use crate::controller::error::ReconcileError;
 use crate::driver::build::{Artifact, BuildRequest, cache_key};
-use crate::driver::capability::{DriverError, Drivers};
-use crate::driver::protocol::{ConfirmOutcome, Confirmation, GenerationId, MachineFacts};
-use crate::plan::{Change, ROLLBACK_STEP, Step};
-use crate::spec::{HumanDuration, MachineSpec, Object, ObjectKey, RollbackPolicy};
+use crate::driver::capability::{Activate, Deploy, DeployOutcome, DriverError, Drivers, Install};
+use crate::driver::protocol::{
+    ConfirmOutcome, Confirmation, DeployPhase, GenerationId, InstallOutcome, MachineError,
+    MachineFacts, Watchdog,
+};
+use crate::plan::{Change, Step};
+use crate::spec::{HumanDuration, MachineSpec, Object, ObjectKey};
 use crate::store::records::{
     Applied, AttemptResult, ConditionKind, Reason, SpecRecord, StatusRecord, now_ms,
 };
@@ -37,6 +43,9 @@ pub struct Inputs<'a> {
     pub facts: &'a MachineFacts,
     /// The machine's document as recorded once applied.
     pub document: serde_json::Value,
+    /// Identity of the inputs (spec, roles, build input) an artifact held
+    /// after a rollback is held for.
+    pub inputs: String,
 }
 
 /// How one step ended, when it did not fail the attempt.
@@ -51,19 +60,19 @@ enum Done {
 }
 
 /// The state one change's steps build up as they run.
-struct Run<'a, D> {
-    ctx: &'a Context<D>,
-    snapshot: &'a Snapshot,
-    inputs: Inputs<'a>,
-    status: &'a StatusRecord,
-    change: &'a Change,
-    artifact: Option<Artifact>,
+pub(super) struct Run<'a, D> {
+    pub(super) ctx: &'a Context<D>,
+    pub(super) snapshot: &'a Snapshot,
+    pub(super) inputs: Inputs<'a>,
+    pub(super) status: &'a StatusRecord,
+    pub(super) change: &'a Change,
+    pub(super) artifact: Option<Artifact>,
     /// The generation installed (or named by the plan's `switch`).
-    generation: Option<GenerationId>,
+    pub(super) generation: Option<GenerationId>,
     /// The target's watchdog armed by `activate`, not yet claimed.
-    confirmation: Option<Confirmation>,
+    pub(super) confirmation: Option<Confirmation>,
     /// A step from `switch` on ran: a failure now rolls back.
-    switched: bool,
+    pub(super) switched: bool,
 }
 
 fn driver(reason: Reason, what: impl Into<String>) -> impl FnOnce(DriverError) -> ReconcileError {
@@ -83,14 +92,17 @@ fn duration(text: &str) -> Result<Duration, ReconcileError> {
         })
 }
 
-impl<D: Drivers> Run<'_, D> {
-    fn target(&self) -> &crate::spec::Target {
-        &self.inputs.object.spec.target
-    }
+/// Whether a step is one of those a deploy does in one round trip.
+fn deploys(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::Install | Step::Switch { .. } | Step::Activate { .. }
+    )
+}
 
-    /// The generation `current` pointed at before this change.
-    fn previous(&self) -> Option<&GenerationId> {
-        self.inputs.facts.current_generation()
+impl<D: Drivers> Run<'_, D> {
+    pub(super) fn target(&self) -> &crate::spec::Target {
+        &self.inputs.object.spec.target
     }
 
     fn generation(&self) -> Result<&GenerationId, ReconcileError> {
@@ -99,66 +111,24 @@ impl<D: Drivers> Run<'_, D> {
         })
     }
 
+    /// Runs `steps`: one step, or a run of consecutive deploy steps. Returns
+    /// how each of them ended, in order; a failure ends the list.
+    async fn steps(
+        &mut self,
+        steps: &[Step],
+    ) -> Vec<(Instant, Duration, Result<Done, ReconcileError>)> {
+        if steps.len() == 1 && !deploys(&steps[0]) {
+            let started = Instant::now();
+            let done = self.step(&steps[0]).await;
+            return vec![(started, started.elapsed(), done)];
+        }
+        self.deploy(steps).await
+    }
+
     async fn step(&mut self, step: &Step) -> Result<Done, ReconcileError> {
         let ctx = self.ctx;
         match step {
             Step::Build => self.build().await,
-            Step::Install => self.install().await,
-            Step::Switch { generation } => {
-                if let Some(name) = generation {
-                    let named = GenerationId::from_dir_name(name).ok_or_else(|| {
-                        ReconcileError::Unsupported {
-                            what: format!("the generation name {name:?}"),
-                        }
-                    })?;
-                    self.generation = Some(named);
-                }
-                let generation = self.generation()?.clone();
-                self.switched = true;
-                ctx.driver
-                    .switch(self.target(), &generation, ctx.config.switch_timeout)
-                    .await
-                    .map_err(driver(
-                        Reason::SwitchFailed,
-                        format!("switch to generation {generation}"),
-                    ))?;
-                Ok(Done::Next(format!("current -> generations/{generation}")))
-            }
-            Step::Activate { mode } => {
-                let generation = self.generation()?.clone();
-                let watchdog = self.change.steps.iter().find_map(|s| match s {
-                    Step::Confirm { timeout } => Some(timeout.as_str()),
-                    _ => None,
-                });
-                let watchdog = watchdog.map(duration).transpose()?;
-                let previous = self.previous().filter(|p| **p != generation).cloned();
-                let (result, confirmation) = ctx
-                    .driver
-                    .activate_watched(
-                        self.target(),
-                        &generation,
-                        previous.as_ref(),
-                        mode,
-                        self.inputs.object.spec.activation.timeout.value.get(),
-                        watchdog,
-                    )
-                    .await
-                    .map_err(driver(
-                        Reason::ActivationFailed,
-                        format!("activate {mode} of generation {generation}"),
-                    ))?;
-                self.confirmation = confirmation;
-                if result.succeeded() {
-                    Ok(Done::Next(result.log))
-                } else {
-                    tracing::info!(log = %result.log, "activation failed");
-                    Err(ReconcileError::ActivationExit {
-                        generation: generation.to_string(),
-                        mode: mode.clone(),
-                        code: result.code,
-                    })
-                }
-            }
             Step::HealthCheck { command, timeout } => {
                 let output = ctx
                     .driver
@@ -171,10 +141,19 @@ impl<D: Drivers> Run<'_, D> {
                 Ok(Done::Next(format!("{}{}", output.stdout, output.stderr)))
             }
             Step::Confirm { .. } => {
+                let generation = self.generation()?.clone();
                 let Some(confirmation) = self.confirmation.clone() else {
-                    return Ok(Done::Next("no watchdog was armed".to_owned()));
+                    ctx.driver
+                        .record_confirmed(self.target(), &generation, ctx.config.switch_timeout)
+                        .await
+                        .map_err(|source| ReconcileError::ConfirmUnreachable {
+                            generation: generation.to_string(),
+                            source: Box::new(source),
+                        })?;
+                    return Ok(Done::Next(format!(
+                        "generation {generation} recorded as confirmed"
+                    )));
                 };
-                let generation = self.generation()?.to_string();
                 match ctx
                     .driver
                     .confirm(self.target(), &confirmation, ctx.config.switch_timeout)
@@ -182,19 +161,21 @@ impl<D: Drivers> Run<'_, D> {
                 {
                     Ok(ConfirmOutcome::Confirmed) => {
                         self.confirmation = None;
-                        Ok(Done::Next("reached over a new connection".to_owned()))
+                        Ok(Done::Next(
+                            "reached over a new connection; recorded as confirmed".to_owned(),
+                        ))
                     }
                     Ok(ConfirmOutcome::AlreadyRolledBack { rollback }) => {
                         self.confirmation = None;
                         Err(ReconcileError::NotConfirmed {
-                            generation,
+                            generation: generation.to_string(),
                             rollback: format!("{rollback:?}"),
                         })
                     }
                     // The confirmation stays armed: the rollback claims it
                     // before acting, so converge and the watchdog never both act.
                     Err(source) => Err(ReconcileError::ConfirmUnreachable {
-                        generation,
+                        generation: generation.to_string(),
                         source: Box::new(source),
                     }),
                 }
@@ -203,7 +184,8 @@ impl<D: Drivers> Run<'_, D> {
                 let protect: Vec<GenerationId> = self
                     .generation
                     .iter()
-                    .chain(self.previous())
+                    .chain(self.inputs.facts.current_generation())
+                    .chain(self.inputs.facts.confirmed.as_ref())
                     .cloned()
                     .collect();
                 match ctx
@@ -230,6 +212,245 @@ impl<D: Drivers> Run<'_, D> {
         }
     }
 
+    /// Consecutive install, switch and activate steps, as one deploy.
+    async fn deploy(
+        &mut self,
+        steps: &[Step],
+    ) -> Vec<(Instant, Duration, Result<Done, ReconcileError>)> {
+        let started = Instant::now();
+        let ctx = self.ctx;
+        let spec = &self.inputs.object.spec;
+        let mut deploy = Deploy {
+            install: None,
+            switch: None,
+            activate: None,
+        };
+        let proposed = self.artifact.as_ref().map(|artifact| {
+            let facts = self.inputs.facts;
+            let number = facts
+                .generations
+                .iter()
+                .chain(facts.incomplete.iter())
+                .map(GenerationId::number)
+                .chain(self.status.last_applied.as_ref().map(|a| a.generation))
+                .max()
+                .unwrap_or(0)
+                + 1;
+            GenerationId::new(number, artifact.hash.clone())
+        });
+        for step in steps {
+            match step {
+                Step::Install => {
+                    let (Some(artifact), Some(proposed)) = (&self.artifact, &proposed) else {
+                        return vec![(
+                            started,
+                            Duration::ZERO,
+                            Err(ReconcileError::Unsupported {
+                                what: "a plan that installs before it builds".to_owned(),
+                            }),
+                        )];
+                    };
+                    let generation = match proposed {
+                        Ok(g) => g.clone(),
+                        Err(e) => {
+                            let error = DriverError::Machine(MachineError::InvalidGeneration {
+                                name: e.to_string(),
+                            });
+                            return vec![(
+                                started,
+                                Duration::ZERO,
+                                Err(driver(Reason::BuildFailed, "name the new generation")(
+                                    error,
+                                )),
+                            )];
+                        }
+                    };
+                    deploy.install = Some(Install {
+                        artifact,
+                        roles_json: self.inputs.roles_document,
+                        generation,
+                        facts: self.inputs.facts,
+                    });
+                }
+                Step::Switch { generation } => {
+                    let named = match generation {
+                        Some(name) => match GenerationId::from_dir_name(name) {
+                            Some(g) => Some(g),
+                            None => {
+                                return vec![(
+                                    started,
+                                    Duration::ZERO,
+                                    Err(ReconcileError::Unsupported {
+                                        what: format!("the generation name {name:?}"),
+                                    }),
+                                )];
+                            }
+                        },
+                        None => None,
+                    };
+                    if let Some(g) = &named {
+                        self.generation = Some(g.clone());
+                    }
+                    deploy.switch = Some(named);
+                }
+                Step::Activate { mode } => {
+                    let watchdog = self.change.steps.iter().find_map(|s| match s {
+                        Step::Confirm {
+                            timeout: Some(timeout),
+                        } => Some(timeout.as_str()),
+                        _ => None,
+                    });
+                    let watchdog = match watchdog.map(duration).transpose() {
+                        Ok(w) => w,
+                        Err(e) => return vec![(started, Duration::ZERO, Err(e))],
+                    };
+                    deploy.activate = Some(Activate {
+                        mode: mode.clone(),
+                        timeout: spec.activation.timeout.value.get(),
+                        watchdog: watchdog.map(|confirm_timeout| Watchdog {
+                            previous: self
+                                .change
+                                .rollback_to
+                                .as_deref()
+                                .and_then(GenerationId::from_dir_name),
+                            confirm_timeout,
+                        }),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if deploy.switch.is_some() {
+            self.switched = true;
+        }
+        let outcome = ctx
+            .driver
+            .deploy(self.target(), deploy, ctx.config.install_timeout)
+            .await;
+        let elapsed = started.elapsed();
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(source) => {
+                let first = &steps[0];
+                let error = driver(step_reason(first), first.name())(source);
+                return vec![(started, elapsed, Err(error))];
+            }
+        };
+        self.record_deploy(steps, outcome, started, elapsed)
+    }
+
+    /// Each deploy step's result from the deploy's report, in order; the
+    /// first failure ends the list.
+    fn record_deploy(
+        &mut self,
+        steps: &[Step],
+        mut outcome: DeployOutcome,
+        started: Instant,
+        elapsed: Duration,
+    ) -> Vec<(Instant, Duration, Result<Done, ReconcileError>)> {
+        if let Some(generation) = outcome.generation.clone() {
+            self.generation = Some(generation);
+        }
+        let mut results: Vec<(Instant, Duration, Result<Done, ReconcileError>)> = Vec::new();
+        let mut failure = outcome.failure.take();
+        for step in steps {
+            let phase = match step {
+                Step::Install => DeployPhase::Install,
+                Step::Switch { .. } => DeployPhase::Switch,
+                _ => DeployPhase::Activate,
+            };
+            if let Some((failed, _)) = &failure {
+                if *failed == phase {
+                    let Some((_, error)) = failure.take() else {
+                        break;
+                    };
+                    let error = match (phase, &self.generation) {
+                        (DeployPhase::Activate, _) if is_busy(&error) => ReconcileError::Driver {
+                            reason: Reason::ActivationBusy,
+                            what: "activate".to_owned(),
+                            source: Box::new(error),
+                        },
+                        (_, Some(g)) => {
+                            driver(step_reason(step), format!("{} {g}", step.name()))(error)
+                        }
+                        (_, None) => driver(step_reason(step), step.name())(error),
+                    };
+                    results.push((started, elapsed, Err(error)));
+                    break;
+                }
+            }
+            let done = match step {
+                Step::Install => match &outcome.install {
+                    Some(InstallOutcome::Reused { generation }) => format!(
+                        "generation {generation} on the target has the same artifact and roles: reused"
+                    ),
+                    Some(how) => format!("{how:?}"),
+                    None => "nothing reported".to_owned(),
+                },
+                Step::Switch { .. } => match &self.generation {
+                    Some(g) => format!("current -> generations/{g}"),
+                    None => "switched".to_owned(),
+                },
+                Step::Activate { mode } => {
+                    let started_how = outcome.started.as_ref().map(|s| s.attached);
+                    self.confirmation = outcome
+                        .started
+                        .as_ref()
+                        .and_then(|s| s.confirmation.clone());
+                    match outcome.result.take() {
+                        Some(result) if result.succeeded() => {
+                            if started_how == Some(true) {
+                                format!(
+                                    "attached to the activation already running\n{}",
+                                    result.log
+                                )
+                            } else {
+                                result.log
+                            }
+                        }
+                        Some(result) => {
+                            tracing::info!(log = %result.log, "activation failed");
+                            let generation = self
+                                .generation
+                                .as_ref()
+                                .map(ToString::to_string)
+                                .unwrap_or_default();
+                            results.push((
+                                started,
+                                elapsed,
+                                Err(ReconcileError::ActivationExit {
+                                    generation,
+                                    mode: mode.clone(),
+                                    code: result.code,
+                                }),
+                            ));
+                            break;
+                        }
+                        None => "started".to_owned(),
+                    }
+                }
+                _ => String::new(),
+            };
+            results.push((started, elapsed, Ok(Done::Next(done))));
+        }
+        // One round trip did them all: its time is the last step's; the
+        // ones before it say they ran in the same round trip.
+        let last = results.len().saturating_sub(1);
+        let names: Vec<&str> = steps.iter().take(results.len()).map(Step::name).collect();
+        for (k, result) in results.iter_mut().enumerate() {
+            if k < last {
+                result.1 = Duration::ZERO;
+                if let Ok(Done::Next(output)) = &mut result.2 {
+                    *output = format!(
+                        "{output} (one round trip with {})",
+                        names[k + 1..].join(", ")
+                    );
+                }
+            }
+        }
+        results
+    }
+
     async fn build(&mut self) -> Result<Done, ReconcileError> {
         let Inputs {
             key,
@@ -237,7 +458,7 @@ impl<D: Drivers> Run<'_, D> {
             roles_document,
             roles_hash,
             ..
-        } = self.inputs;
+        } = &self.inputs;
         let spec = &object.spec;
         let Some(argv) = spec.build.command.as_ref().map(|c| c.value.clone()) else {
             return Err(ReconcileError::Unsupported {
@@ -245,8 +466,9 @@ impl<D: Drivers> Run<'_, D> {
             });
         };
         let build_section = serde_json::to_vec(&spec.build).unwrap_or_default();
+        let root = self.snapshot.root.clone();
         let request = BuildRequest {
-            workdir: self.snapshot.root.clone(),
+            workdir: root.clone(),
             argv,
             machine: key.name.to_string(),
             roles_json: roles_document.to_vec(),
@@ -261,7 +483,24 @@ impl<D: Drivers> Run<'_, D> {
         };
         let artifact = {
             let _permit = self.ctx.builds.acquire().await;
-            self.ctx.driver.build(&request).await
+            let listed = root.clone();
+            let before = tokio::task::spawn_blocking(move || crate::source::listing(&listed))
+                .await
+                .unwrap_or_default();
+            let built = self.ctx.driver.build(&request).await;
+            // A build that writes into the desired-state directory changes
+            // its own inputs: it would rebuild itself forever.
+            if built.as_ref().is_ok_and(|a| !a.cached) {
+                let listed = root.clone();
+                let after = tokio::task::spawn_blocking(move || crate::source::listing(&listed))
+                    .await
+                    .unwrap_or_default();
+                let files = crate::source::changed_files(&before, &after);
+                if !files.is_empty() {
+                    return Err(ReconcileError::BuildChangedDirectory { files });
+                }
+            }
+            built
         };
         let artifact = match artifact {
             Ok(a) => a,
@@ -287,7 +526,9 @@ impl<D: Drivers> Run<'_, D> {
         // Only the revision changed and the artifact is the one current and
         // applied: nothing to install or activate.
         let current = self
-            .previous()
+            .inputs
+            .facts
+            .current_generation()
             .filter(|p| p.hash() == artifact.hash)
             .cloned();
         let applied = self
@@ -303,176 +544,22 @@ impl<D: Drivers> Run<'_, D> {
             _ => Ok(Done::Next(output)),
         }
     }
-
-    async fn install(&mut self) -> Result<Done, ReconcileError> {
-        let Some(artifact) = self.artifact.clone() else {
-            return Err(ReconcileError::Unsupported {
-                what: "a plan that installs before it builds".to_owned(),
-            });
-        };
-        let facts = self.inputs.facts;
-        let number = facts
-            .generations
-            .iter()
-            .chain(facts.incomplete.iter())
-            .map(GenerationId::number)
-            .chain(self.status.last_applied.as_ref().map(|a| a.generation))
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let generation = GenerationId::new(number, artifact.hash.clone())
-            .map_err(DriverError::from)
-            .map_err(driver(Reason::BuildFailed, "name the new generation"))?;
-        let how = self
-            .ctx
-            .driver
-            .install(
-                self.target(),
-                &artifact,
-                self.inputs.roles_document,
-                &generation,
-                self.ctx.config.install_timeout,
-            )
-            .await
-            .map_err(driver(
-                Reason::InstallFailed,
-                format!("install generation {generation}"),
-            ))?;
-        self.generation = Some(generation);
-        Ok(Done::Next(format!("{how:?}")))
-    }
-
-    /// After a failure from `switch` on: claim the watchdog, then re-activate
-    /// `rollback_to`. Returns the attempt's result and its error.
-    async fn roll_back(
-        &mut self,
-        failure: ReconcileError,
-        attempt: &mut Attempt<'_, D>,
-    ) -> (AttemptResult, ReconcileError) {
-        let previous_number = self.previous().map(GenerationId::number);
-        if matches!(failure, ReconcileError::NotConfirmed { .. }) {
-            // The target's watchdog already re-activated the generation before.
-            return rolled_back(
-                failure,
-                "the machine rolled itself back".to_owned(),
-                previous_number,
-            );
-        }
-        let started = Instant::now();
-        let mut claimed = String::new();
-        if let Some(confirmation) = self.confirmation.take() {
-            match self
-                .ctx
-                .driver
-                .confirm(self.target(), &confirmation, self.ctx.config.switch_timeout)
-                .await
-            {
-                Ok(ConfirmOutcome::Confirmed) => {
-                    claimed = "watchdog disarmed; ".to_owned();
-                }
-                Ok(ConfirmOutcome::AlreadyRolledBack { rollback }) => {
-                    return rolled_back(
-                        failure,
-                        format!("the machine rolled itself back ({rollback:?})"),
-                        previous_number,
-                    );
-                }
-                Err(e) => {
-                    let why = format!(
-                        "could not reach the machine to roll back ({}); its watchdog rolls it back after confirmTimeout",
-                        error_chain(&e)
-                    );
-                    attempt.contingency(ROLLBACK_STEP, json!({}), started, false, why.clone());
-                    return not_rolled_back(failure, why);
-                }
-            }
-        }
-        let generation = self.generation.clone();
-        let target = self
-            .change
-            .rollback_to
-            .as_deref()
-            .and_then(GenerationId::from_dir_name)
-            .filter(|p| Some(p) != generation.as_ref());
-        let Some(to) = target else {
-            let why = if self.inputs.object.spec.activation.rollback == RollbackPolicy::Never {
-                "not rolled back (rollback: never)"
-            } else {
-                "not rolled back (no earlier generation to roll back to)"
-            };
-            return not_rolled_back(failure, why.to_owned());
-        };
-        let rolled = self.reactivate(&to).await;
-        let detail = json!({"to": to.to_string()});
-        let (ok, outcome) = match &rolled {
-            Ok(()) => (true, format!("rolled back to generation {to}")),
-            Err(e) => (
-                false,
-                format!("rollback to generation {to} failed too: {e}"),
-            ),
-        };
-        attempt.contingency(
-            ROLLBACK_STEP,
-            detail,
-            started,
-            ok,
-            format!("{claimed}{outcome}"),
-        );
-        rolled_back(failure, outcome, Some(to.number()))
-    }
-
-    async fn reactivate(&self, to: &GenerationId) -> Result<(), String> {
-        let ctx = self.ctx;
-        ctx.driver
-            .switch(self.target(), to, ctx.config.switch_timeout)
-            .await
-            .map_err(|e| error_chain(&e))?;
-        let activation = &self.inputs.object.spec.activation;
-        match ctx
-            .driver
-            .activate(
-                self.target(),
-                to,
-                activation.mode.as_arg(),
-                activation.timeout.value.get(),
-            )
-            .await
-        {
-            Ok(r) if r.succeeded() => Ok(()),
-            Ok(r) => Err(format!("activate exited with code {}", r.code)),
-            Err(e) => Err(error_chain(&e)),
-        }
-    }
 }
 
-fn rolled_back(
-    cause: ReconcileError,
-    outcome: String,
-    to: Option<u64>,
-) -> (AttemptResult, ReconcileError) {
-    let error = ReconcileError::RolledBack {
-        cause: Box::new(cause),
-        outcome,
-        to,
-    };
-    let result = AttemptResult::RolledBack {
-        reason: error.cause_reason(),
-        message: error.message(),
-        to_generation: to,
-    };
-    (result, error)
+fn is_busy(error: &DriverError) -> bool {
+    matches!(
+        error,
+        DriverError::Machine(MachineError::ActivationBusy { .. })
+    )
 }
 
-fn not_rolled_back(cause: ReconcileError, why: String) -> (AttemptResult, ReconcileError) {
-    let error = ReconcileError::NotRolledBack {
-        cause: Box::new(cause),
-        why,
-    };
-    let result = AttemptResult::Failed {
-        reason: error.reason(),
-        message: error.message(),
-    };
-    (result, error)
+/// The reason a failed step sets.
+fn step_reason(step: &Step) -> Reason {
+    match step {
+        Step::Install => Reason::InstallFailed,
+        Step::Switch { .. } => Reason::SwitchFailed,
+        _ => Reason::ActivationFailed,
+    }
 }
 
 /// Executes `change` on the machine and records the attempt and the
@@ -488,6 +575,7 @@ pub async fn execute<D: Drivers>(
     let object = inputs.object;
     let roles_hash = inputs.roles_hash;
     let document = inputs.document.clone();
+    let held_inputs = inputs.inputs.clone();
     let mut attempt = Attempt::begin(ctx, key, &object.spec_hash, snapshot.revision.short())?;
     let mut run = Run {
         ctx,
@@ -502,30 +590,45 @@ pub async fn execute<D: Drivers>(
     };
     let mut failure = None;
     let mut unchanged = None;
-    for (i, step) in change.steps.iter().enumerate() {
-        let started = Instant::now();
-        match run.step(step).await {
-            Ok(Done::Next(output)) => attempt.ended(step, started, true, output),
-            Ok(Done::Tolerated(output)) => attempt.ended(step, started, false, output),
-            Ok(Done::Unchanged(output, current)) => {
-                attempt.ended(step, started, true, output);
-                attempt.skipped(
-                    &change.steps[i + 1..],
-                    &format!("the artifact is unchanged: generation {current} is current"),
-                );
-                unchanged = Some(current);
-                break;
-            }
-            Err(e) => {
-                attempt.ended(step, started, false, e.message());
-                attempt.skipped(
-                    &change.steps[i + 1..],
-                    &format!("not run: {} failed", step.name()),
-                );
-                failure = Some(e);
-                break;
+    let mut i = 0;
+    'steps: while i < change.steps.len() {
+        // A run of deploy steps goes as one; any other step alone.
+        let len = if deploys(&change.steps[i]) {
+            change.steps[i..].iter().take_while(|s| deploys(s)).count()
+        } else {
+            1
+        };
+        let group = &change.steps[i..i + len];
+        let results = run.steps(group).await;
+        for (j, (started, elapsed, done)) in results.into_iter().enumerate() {
+            let step = &group[j];
+            let index = i + j;
+            match done {
+                Ok(Done::Next(output)) => attempt.ended_after(step, started, elapsed, true, output),
+                Ok(Done::Tolerated(output)) => {
+                    attempt.ended_after(step, started, elapsed, false, output);
+                }
+                Ok(Done::Unchanged(output, current)) => {
+                    attempt.ended_after(step, started, elapsed, true, output);
+                    attempt.skipped(
+                        &change.steps[index + 1..],
+                        &format!("the artifact is unchanged: generation {current} is current"),
+                    );
+                    unchanged = Some(current);
+                    break 'steps;
+                }
+                Err(e) => {
+                    attempt.ended_after(step, started, elapsed, false, e.message());
+                    attempt.skipped(
+                        &change.steps[index + 1..],
+                        &format!("not run: {} failed", step.name()),
+                    );
+                    failure = Some(e);
+                    break 'steps;
+                }
             }
         }
+        i += len;
     }
     let outcome = match failure {
         None => Ok(()),
@@ -558,7 +661,6 @@ pub async fn execute<D: Drivers>(
                 attempt.finish(AttemptResult::NoChange, None, artifact, &status)?;
                 return Ok(());
             };
-            let result = result_if_ok;
             status.last_applied = Some(Applied {
                 generation: generation.number(),
                 artifact: generation.hash().to_owned(),
@@ -567,6 +669,7 @@ pub async fn execute<D: Drivers>(
                 roles_hash: Some(roles_hash.to_owned()),
                 applied_ms: now,
             });
+            status.held = None;
             set_ready(
                 &mut status,
                 Reason::Converged,
@@ -583,11 +686,20 @@ pub async fn execute<D: Drivers>(
                     seen_ms: now,
                 },
             )?;
-            attempt.finish(result, Some(generation.number()), artifact, &status)?;
+            attempt.finish(result_if_ok, Some(generation.number()), artifact, &status)?;
             tracing::info!(%generation, "converged");
             Ok(())
         }
         Err((result, error)) => {
+            status.held = hold(
+                &error,
+                generation.as_ref(),
+                held_inputs,
+                &object.spec_hash,
+                roles_hash,
+                &snapshot.root,
+                now,
+            );
             status.set_condition(
                 ConditionKind::Ready,
                 false,

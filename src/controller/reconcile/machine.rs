@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::deploy;
+use super::hold::{inputs_identity, still_held};
 use super::record::{jittered, report_drift, set_ready};
 use crate::controller::applier::Action;
 use crate::controller::context::Context;
@@ -76,6 +77,7 @@ pub fn applied<'a>(
 pub fn observed(facts: &MachineFacts) -> plan::Observed {
     plan::Observed::Machine {
         current: facts.current_generation().map(ToString::to_string),
+        confirmed: facts.confirmed.as_ref().map(ToString::to_string),
         generations: facts.generations.iter().map(ToString::to_string).collect(),
     }
 }
@@ -231,6 +233,29 @@ pub async fn reconcile<D: Drivers>(
     }
 
     let spec = &object.spec;
+    let build_input = snapshot.revision.build_input.as_str();
+    let inputs = inputs_identity(&object.spec_hash, &roles.hash, build_input);
+    // An artifact held (rolled back from, or whose build wrote into the
+    // directory) is not tried again until its inputs change or an operator
+    // asks: `reconcile KEY --retry` clears the hold.
+    if let Some(held) = &status.held {
+        let root = snapshot.root.clone();
+        let check = held.clone();
+        let (spec_hash, roles_hash, inputs_now) =
+            (object.spec_hash.clone(), roles.hash.clone(), inputs.clone());
+        let holds = tokio::task::spawn_blocking(move || {
+            still_held(&check, &spec_hash, &roles_hash, &inputs_now, &root)
+        })
+        .await
+        .unwrap_or(true);
+        if holds {
+            return Err(ReconcileError::Held {
+                key: key.to_string(),
+                reason: held.reason,
+                message: held.message.clone(),
+            });
+        }
+    }
     let facts = match host_vm {
         Some((vm_name, _)) => observe_guest(ctx, key, spec, vm_name).await?,
         None => ctx
@@ -292,6 +317,7 @@ pub async fn reconcile<D: Drivers>(
             roles_hash: &roles.hash,
             facts: &facts,
             document: desired.document.clone(),
+            inputs,
         },
         status,
         &change,

@@ -9,8 +9,10 @@
 
 mod attempt;
 mod deploy;
+mod hold;
 pub mod machine;
 mod record;
+mod rollback;
 mod service;
 pub mod vm;
 

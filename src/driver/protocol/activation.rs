@@ -1,114 +1,47 @@
-//! Switching `current` (one rename) and activating a generation: started
-//! detached on the target so it survives the connection, waited for in
-//! bounded round trips, and its result read back; health checks; and a
-//! rollback as switch plus activate. It must not decide what a failed
-//! activation or health check means; the controller does.
+//! Waiting for an activation that runs detached on the target (its result
+//! read back in bounded round trips, after a lost connection too), ending
+//! one that ran past its timeout (its process group TERMed, then KILLed),
+//! and health checks. Starting an activation is a phase of a deploy
+//! (`apply.rs`). It must not decide what a failed activation or health
+//! check means; the controller does.
 
 use std::time::Duration;
 
+use super::apply::{APPLY_SCRIPT, WAIT_TICK_MS, split_status};
 use super::generation::{ActivationAttempt, ActivationResult, GenerationId, MachineError};
-use super::script::{
-    Deadline, checked_state_dir, generation_dir, parse_error, require_success, run_script,
-};
-use crate::driver::command::{argv_summary, unique_suffix};
+use super::script::{Deadline, checked_state_dir, parse_error, require_success, run_script};
+use crate::driver::command::argv_summary;
 use crate::driver::target::{CommandOutput, Target};
 
 /// The longest a single wait-for-activation round trip blocks on the target.
 const MAX_POLL_WINDOW: Duration = Duration::from_secs(10);
-/// The unit in which the wait script counts its time (see the script).
-const POLL_TICK_MS: u128 = 10;
+/// How long ending an activation may take: TERM, 5 s grace, KILL, status.
+const KILL_TIMEOUT: Duration = Duration::from_secs(15);
 
-const SWITCH_SCRIPT: &str = include_str!("scripts/switch.sh");
-pub(super) const ACTIVATE_SCRIPT: &str = include_str!("scripts/activate.sh");
-const WAIT_ACTIVATION_SCRIPT: &str = include_str!("scripts/wait_activation.sh");
-
-/// Points `current` at `generation` by one rename: a reader sees the old link
-/// or the new one, never none. Fails with [`MachineError::NotInstalled`] when
-/// the generation is not complete.
-pub async fn switch<T: Target>(
-    t: &T,
-    state_dir: &str,
-    generation: &GenerationId,
-    timeout: Duration,
-) -> Result<(), MachineError> {
-    let step = format!("switch to generation {generation}");
-    let state_dir = checked_state_dir(state_dir)?;
-    let name = generation.to_string();
-    let suffix = unique_suffix();
-    let output = run_script(
-        t,
-        &step,
-        SWITCH_SCRIPT,
-        &[state_dir, &name, &suffix],
-        timeout,
-    )
-    .await?;
-    require_success(t, &step, Some(generation), output)?;
-    Ok(())
-}
-
-pub(super) fn checked_mode(mode: &str) -> Result<&str, MachineError> {
-    let valid = !mode.is_empty()
-        && mode.len() <= 32
-        && mode
+fn checked_attempt(attempt: &ActivationAttempt) -> Result<(), MachineError> {
+    let valid = !attempt.id.is_empty()
+        && attempt.id.len() <= 128
+        && attempt
+            .id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            .all(|b| b.is_ascii_hexdigit() || b == b'-');
     if valid {
-        Ok(mode)
+        Ok(())
     } else {
-        Err(MachineError::InvalidMode {
-            mode: mode.to_owned(),
+        Err(MachineError::InvalidAttempt {
+            id: attempt.id.clone(),
         })
     }
-}
-
-/// Starts `<generation>/artifact/activate <mode>` detached on the target and
-/// returns at once. It runs in its own session with cwd `artifact/` and env
-/// `CONVERGE_ROLES` (path of the generation's roles.json), `CONVERGE_MODE`,
-/// `CONVERGE_GENERATION` (`<n>-<hash>`), so it survives the command (and, over
-/// SSH, the connection) that started it.
-///
-/// Every call is a new attempt with its own log and status, so activating a
-/// generation again (a rollback) runs it again and never reads an older
-/// attempt's result. Does not look at `current`.
-pub async fn start_activation<T: Target>(
-    t: &T,
-    state_dir: &str,
-    generation: &GenerationId,
-    mode: &str,
-    timeout: Duration,
-) -> Result<ActivationAttempt, MachineError> {
-    let step = format!("start activation of generation {generation}");
-    let state_dir = checked_state_dir(state_dir)?;
-    let mode = checked_mode(mode)?;
-    let attempt = ActivationAttempt {
-        generation: generation.clone(),
-        id: unique_suffix(),
-    };
-    let dir = generation_dir(state_dir, generation);
-    let name = generation.to_string();
-    let output = run_script(
-        t,
-        &step,
-        ACTIVATE_SCRIPT,
-        &[&dir, &name, mode, &attempt.id],
-        timeout,
-    )
-    .await?;
-    let output = require_success(t, &step, Some(generation), output)?;
-    if output.stdout.trim() != "started" {
-        return Err(parse_error(t, &step, &output.stdout));
-    }
-    Ok(attempt)
 }
 
 /// Waits until `attempt` has ended and returns its exit code and log.
 ///
 /// Each round trip blocks on the target for up to 10 s, checking every 10 ms
 /// for the first 200 ms and every 50 ms after, so a finished activation is
-/// seen within about 50 ms at a cost of one round trip per 10 s. At the timeout: [`MachineError::ActivationTimedOut`], and the
-/// activation keeps running; call again to keep waiting. When its runner is
-/// gone without a status: [`MachineError::ActivationLost`].
+/// seen within about 50 ms at a cost of one round trip per 10 s. At the
+/// timeout: [`MachineError::ActivationTimedOut`], and the activation keeps
+/// running (end it with [`kill_activation`], or wait again). When its runner
+/// is gone without a status: [`MachineError::ActivationLost`].
 pub async fn wait_activation<T: Target>(
     t: &T,
     state_dir: &str,
@@ -117,17 +50,8 @@ pub async fn wait_activation<T: Target>(
 ) -> Result<ActivationResult, MachineError> {
     let step = format!("wait for activation of generation {}", attempt.generation);
     let state_dir = checked_state_dir(state_dir)?;
-    let valid_id = !attempt.id.is_empty()
-        && attempt
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() || b == b'-');
-    if !valid_id {
-        return Err(MachineError::InvalidAttempt {
-            id: attempt.id.clone(),
-        });
-    }
-    let dir = generation_dir(state_dir, &attempt.generation);
+    checked_attempt(attempt)?;
+    let name = attempt.generation.to_string();
     let timed_out = || MachineError::ActivationTimedOut {
         target: t.describe(),
         attempt: attempt.clone(),
@@ -139,12 +63,12 @@ pub async fn wait_activation<T: Target>(
             return Err(timed_out());
         };
         let window = (left * 3 / 4).min(MAX_POLL_WINDOW);
-        let ticks = (window.as_millis() / POLL_TICK_MS).max(1).to_string();
+        let ticks = (window.as_millis() / WAIT_TICK_MS).max(1).to_string();
         let output = match run_script(
             t,
             &step,
-            WAIT_ACTIVATION_SCRIPT,
-            &[&dir, &attempt.id, &ticks],
+            APPLY_SCRIPT,
+            &[state_dir, "attach", &name, &attempt.id, "wait", &ticks],
             left,
         )
         .await
@@ -180,19 +104,39 @@ pub async fn wait_activation<T: Target>(
     }
 }
 
-/// Splits the wait script's output into (log, status word).
-pub(super) fn split_status(stdout: &str) -> Option<(&str, &str)> {
-    const MARK: &str = "converge-status=";
-    let body = stdout.strip_suffix('\n').unwrap_or(stdout);
-    let (log, line) = match body.rfind(&format!("\n{MARK}")) {
-        Some(at) => (&body[..at], &body[at + 1..]),
-        None => ("", body),
-    };
-    line.strip_prefix(MARK).map(|status| (log, status))
+/// Ends `attempt` when it still runs: SIGTERM to its process group (it runs
+/// in its own session on the target), SIGKILL to what is left 5 s later;
+/// returns once its runner recorded the status (or after a bound). Returns
+/// whether anything was running.
+pub async fn kill_activation<T: Target>(
+    t: &T,
+    state_dir: &str,
+    attempt: &ActivationAttempt,
+) -> Result<bool, MachineError> {
+    let step = format!(
+        "end activation {} of generation {}",
+        attempt.id, attempt.generation
+    );
+    let state_dir = checked_state_dir(state_dir)?;
+    checked_attempt(attempt)?;
+    let name = attempt.generation.to_string();
+    let output = run_script(
+        t,
+        &step,
+        APPLY_SCRIPT,
+        &[state_dir, "kill", &attempt.id, &name],
+        KILL_TIMEOUT,
+    )
+    .await?;
+    let output = require_success(t, &step, None, output)?;
+    match output.stdout.trim() {
+        "converge-step kill ended" => Ok(true),
+        "converge-step kill none" => Ok(false),
+        other => Err(parse_error(t, &step, other)),
+    }
 }
 
-/// Activates `generation` ([`start_activation`]) and waits for it
-/// ([`wait_activation`]) within one timeout.
+/// Activates `generation` and waits for its end, within one timeout.
 pub async fn activate<T: Target>(
     t: &T,
     state_dir: &str,
@@ -200,16 +144,21 @@ pub async fn activate<T: Target>(
     mode: &str,
     timeout: Duration,
 ) -> Result<ActivationResult, MachineError> {
-    let step = format!("activate generation {generation}");
-    let deadline = Deadline::new(timeout);
-    let attempt = start_activation(t, state_dir, generation, mode, timeout).await?;
-    wait_activation(t, state_dir, &attempt, deadline.left(t, &step)?).await
+    let started = std::time::Instant::now();
+    let attempt = super::apply::start_activation(t, state_dir, generation, mode, timeout).await?;
+    wait_activation(
+        t,
+        state_dir,
+        &attempt,
+        timeout.saturating_sub(started.elapsed()),
+    )
+    .await
 }
 
 /// Runs a health check command on the target. `Ok` only for exit code 0; a
 /// non-zero exit is [`MachineError::HealthCheckFailed`] (with the output), a
-/// timeout [`MachineError::HealthCheckTimedOut`]; both answer
-/// [`MachineError::is_health_failure`].
+/// timeout [`MachineError::HealthCheckTimedOut`] (its process group was
+/// TERMed, then KILLed); both answer [`MachineError::is_health_failure`].
 pub async fn health_check<T: Target>(
     t: &T,
     argv: &[String],
@@ -233,19 +182,4 @@ pub async fn health_check<T: Target>(
             source,
         }),
     }
-}
-
-/// Switches back to `to` and activates it again (a new attempt), within one
-/// timeout. The activation's exit code is in the result.
-pub async fn rollback<T: Target>(
-    t: &T,
-    state_dir: &str,
-    to: &GenerationId,
-    mode: &str,
-    timeout: Duration,
-) -> Result<ActivationResult, MachineError> {
-    let step = format!("roll back to generation {to}");
-    let deadline = Deadline::new(timeout);
-    switch(t, state_dir, to, timeout).await?;
-    activate(t, state_dir, to, mode, deadline.left(t, &step)?).await
 }

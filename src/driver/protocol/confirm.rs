@@ -1,29 +1,29 @@
-//! Magic rollback's confirmation: arming a watchdog on the target after an
-//! activation that changes the running system, claiming its canary to
-//! confirm, and reading where a confirmation stands (pending, confirmed,
-//! fired and what the rollback did). Both claims are renames of one file,
-//! so exactly one of converge and the watchdog wins. It must not roll back
-//! by itself: on the target only the watchdog does.
+//! Magic rollback's confirmation: claiming the canary of an activation's
+//! watchdog (armed by a deploy's `arm` phase, `apply.rs`) to confirm it,
+//! reading where a confirmation stands (pending, confirmed, fired and what
+//! the rollback did), and recording a generation as confirmed on the
+//! target (`confirmed`: what a later failure rolls back to). Both claims
+//! are renames of one file, so exactly one of converge and the watchdog
+//! wins. It must not roll back by itself: on the target only the watchdog
+//! does.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::activation::{ACTIVATE_SCRIPT, checked_mode};
 use super::generation::{ActivationAttempt, GenerationId, MachineError};
-use super::script::{
-    EXIT_NOT_INSTALLED, checked_state_dir, parse_error, require_success, run_script,
-};
-use crate::driver::command::unique_suffix;
+use super::script::{Script, checked_state_dir, parse_error, require_success, run_script};
 use crate::driver::target::Target;
 
-const ARM_CONFIRMATION_SCRIPT: &str = include_str!("scripts/arm_confirmation.sh");
-const CONFIRM_WATCHDOG_SCRIPT: &str = include_str!("scripts/confirm_watchdog.sh");
-const CONFIRM_SCRIPT: &str = include_str!("scripts/confirm.sh");
-/// The confirmation watchdog counts its window in ticks of this length.
-const CONFIRM_TICK_MS: u128 = 100;
-/// Exit code of the arm script for "current does not point at the generation".
-const EXIT_NOT_CURRENT: i32 = 4;
+const CONFIRM_SCRIPT: Script = Script {
+    name: "converge-confirm.sh",
+    text: concat!(
+        include_str!("scripts/lib.sh"),
+        include_str!("scripts/confirm.sh")
+    ),
+};
+/// The confirmation watchdog counts its windows in ticks of this length.
+pub(super) const CONFIRM_TICK_MS: u128 = 100;
 
 /// Whether activating in `mode` changes what runs now, so that a lost
 /// machine must be rolled back (switch and test; not boot or dry-activate).
@@ -35,7 +35,8 @@ pub fn needs_confirmation(mode: &str) -> bool {
 /// (it serializes) to ask [`confirmation_state`] again after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
-    /// Names the canary `confirm/<id>`; `[0-9a-f-]` only.
+    /// Names the canary `confirm/<id>`: the activation attempt's id, so a
+    /// controller that re-attaches to the attempt finds the same canary.
     pub id: String,
     /// The activation being confirmed.
     pub attempt: ActivationAttempt,
@@ -129,103 +130,12 @@ fn checked_id(id: &str) -> Result<&str, MachineError> {
     }
 }
 
-/// Arms magic rollback for `attempt` (a [`start_activation`] of the
-/// generation `current` points at, in a mode that [`needs_confirmation`]).
-/// One round trip; returns once the watchdog runs on the target, detached
-/// from this connection.
-///
-/// The watchdog waits for the activation to end, then `confirm_timeout` for
-/// [`confirm`]. Unclaimed by then, it switches `current` back to `previous`
-/// and re-activates it in `mode` (or removes `current` when `previous` is
-/// `None`), unless `current` has moved on meanwhile. Arming right after
-/// [`start_activation`], before waiting for it, covers an activation that
-/// cuts the controller off. The controller must claim the canary either way:
-/// with [`confirm`] once satisfied, or with [`confirm`] before rolling back
-/// by itself, so that two rollbacks never race.
-///
-/// [`start_activation`]: super::activation::start_activation
-pub async fn arm_confirmation<T: Target>(
-    t: &T,
-    state_dir: &str,
-    attempt: &ActivationAttempt,
-    previous: Option<&GenerationId>,
-    mode: &str,
-    confirm_timeout: Duration,
-    timeout: Duration,
-) -> Result<Confirmation, MachineError> {
-    let step = format!("arm confirmation of generation {}", attempt.generation);
-    let state_dir = checked_state_dir(state_dir)?;
-    let mode = checked_mode(mode)?;
-    checked_id(&attempt.id)?;
-    if !needs_confirmation(mode) {
-        return Err(MachineError::NothingToConfirm {
-            mode: mode.to_owned(),
-        });
-    }
-    let confirmation = Confirmation {
-        id: unique_suffix(),
-        attempt: attempt.clone(),
-        previous: previous.cloned(),
-        mode: mode.to_owned(),
-        timeout: confirm_timeout,
-        rollback_id: unique_suffix(),
-    };
-    let ticks = confirm_timeout
-        .as_millis()
-        .div_ceil(CONFIRM_TICK_MS)
-        .max(1)
-        .to_string();
-    let generation = attempt.generation.to_string();
-    let previous_name = previous.map(ToString::to_string).unwrap_or_default();
-    // The watchdog waits at most this long for an activation to end.
-    let activation_ticks = timeout
-        .as_millis()
-        .div_ceil(CONFIRM_TICK_MS)
-        .max(1)
-        .to_string();
-    let output = run_script(
-        t,
-        &step,
-        ARM_CONFIRMATION_SCRIPT,
-        &[
-            state_dir,
-            &confirmation.id,
-            &generation,
-            &attempt.id,
-            &previous_name,
-            mode,
-            &ticks,
-            &confirmation.rollback_id,
-            CONFIRM_WATCHDOG_SCRIPT,
-            ACTIVATE_SCRIPT,
-            &activation_ticks,
-        ],
-        timeout,
-    )
-    .await?;
-    if output.code == Some(EXIT_NOT_CURRENT) {
-        return Err(MachineError::NotCurrent {
-            target: t.describe(),
-            generation: attempt.generation.clone(),
-        });
-    }
-    let not_installed = previous
-        .filter(|_| {
-            output.code == Some(EXIT_NOT_INSTALLED) && output.stderr.contains(&previous_name)
-        })
-        .unwrap_or(&attempt.generation);
-    let output = require_success(t, &step, Some(not_installed), output)?;
-    if output.stdout.trim() != "armed" {
-        return Err(parse_error(t, &step, &output.stdout));
-    }
-    Ok(confirmation)
-}
-
-/// Claims the canary of `confirmation`, so the watchdog never fires. One
-/// round trip; safe to repeat (a confirmation already claimed by an earlier
-/// call, whose answer was lost, is [`ConfirmOutcome::Confirmed`] again).
-/// When the watchdog fired first: [`ConfirmOutcome::AlreadyRolledBack`].
-/// Call it over a new connection to prove the machine still accepts them.
+/// Claims the canary of `confirmation`, so the watchdog never fires, and
+/// records its generation as confirmed on the target. One round trip; safe
+/// to repeat (a confirmation already claimed by an earlier call, whose
+/// answer was lost, is [`ConfirmOutcome::Confirmed`] again). When the
+/// watchdog fired first: [`ConfirmOutcome::AlreadyRolledBack`]. Call it over
+/// a new connection to prove the machine still accepts them.
 pub async fn confirm<T: Target>(
     t: &T,
     state_dir: &str,
@@ -271,7 +181,15 @@ async fn read_confirmation<T: Target>(
 ) -> Result<ConfirmationState, MachineError> {
     let state_dir = checked_state_dir(state_dir)?;
     let id = checked_id(&confirmation.id)?;
-    let output = run_script(t, step, CONFIRM_SCRIPT, &[state_dir, id, phase], timeout).await?;
+    let generation = confirmation.attempt.generation.to_string();
+    let output = run_script(
+        t,
+        step,
+        CONFIRM_SCRIPT,
+        &[state_dir, phase, id, &generation],
+        timeout,
+    )
+    .await?;
     let output = require_success(t, step, None, output)?;
     let fields: Vec<(&str, &str)> = output
         .stdout
@@ -333,4 +251,28 @@ async fn read_confirmation<T: Target>(
         _ => return Err(parse_error(t, step, &output.stdout)),
     };
     Ok(state)
+}
+
+/// Records `generation` as confirmed on the target (`confirmed` points at
+/// it) for an activation no watchdog guards, once its health checks passed;
+/// unless `current` moved on meanwhile. One round trip.
+pub async fn record_confirmed<T: Target>(
+    t: &T,
+    state_dir: &str,
+    generation: &GenerationId,
+    timeout: Duration,
+) -> Result<(), MachineError> {
+    let step = format!("record generation {generation} as confirmed");
+    let state_dir = checked_state_dir(state_dir)?;
+    let name = generation.to_string();
+    let output = run_script(
+        t,
+        &step,
+        CONFIRM_SCRIPT,
+        &[state_dir, "record", "-", &name],
+        timeout,
+    )
+    .await?;
+    require_success(t, &step, None, output)?;
+    Ok(())
 }

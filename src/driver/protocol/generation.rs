@@ -120,8 +120,39 @@ pub struct MachineFacts {
     pub generations: Vec<GenerationId>,
     /// Generation directories without `.complete` (installs cut short), by number.
     pub incomplete: Vec<GenerationId>,
+    /// The generation `confirmed` points at: the last one whose activation
+    /// the target recorded as confirmed (health checks passed, reached
+    /// afresh). What a failed activation rolls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<GenerationId>,
+    /// The activation the target records as in progress, if any: a
+    /// controller that finds one running re-attaches to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<ActivationInProgress>,
     /// Controller clock, Unix milliseconds, when the answer arrived.
     pub observed_ms: u64,
+}
+
+/// An activation recorded in the target's state directory
+/// (`activation/record`) from its start until its runner wrote its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationInProgress {
+    pub generation: GenerationId,
+    /// The attempt's id (names its files under `activations/`).
+    pub attempt: String,
+    pub state: ActivationState,
+}
+
+/// Whether an activation in progress still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationState {
+    /// Its runner is alive.
+    Running,
+    /// It wrote its status; the record is being released.
+    Ended,
+    /// Its runner is gone without a status (killed, or the host rebooted).
+    Lost,
 }
 
 impl MachineFacts {
@@ -134,17 +165,23 @@ impl MachineFacts {
     }
 }
 
-/// How [`install`] got the generation's files onto the target.
-///
-/// [`install`]: super::install::install
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a deploy's install phase got the generation onto the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstallOutcome {
     /// The generation was already complete; nothing was done.
     AlreadyPresent,
+    /// A complete generation with the same artifact and roles document was
+    /// used as it is: no new generation.
+    Reused { generation: GenerationId },
     /// Copied on the target from a complete generation with the same hash.
     CopiedOnTarget,
-    /// The artifact was uploaded.
-    Uploaded,
+    /// The artifact's files came on stdin: `files` of them (`bytes` bytes),
+    /// and `kept` taken from the target's base generation.
+    Uploaded {
+        files: usize,
+        kept: usize,
+        bytes: u64,
+    },
 }
 
 /// One run of a generation's `activate`, which [`wait_activation`] can wait
@@ -219,11 +256,20 @@ pub enum MachineError {
         target: String,
         generation: GenerationId,
     },
-    #[error("stage the roles document at {path}")]
-    Stage {
+    #[error("read artifact {path} to send it")]
+    Artifact {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "activate generation {wanted} on {target}: generation {running} is being activated (attempt {attempt})"
+    )]
+    ActivationBusy {
+        target: String,
+        wanted: GenerationId,
+        running: String,
+        attempt: String,
     },
     #[error("see activation {} of generation {} on {target} end within {after:?}", .attempt.id, .attempt.generation)]
     ActivationTimedOut {
@@ -288,11 +334,12 @@ impl MachineError {
             | Self::NothingToConfirm { .. }
             | Self::ConfirmationMissing { .. } => false,
             Self::Target { source, .. } => source.is_transient(),
-            Self::Stage { source, .. } => io_is_transient(source),
+            Self::Artifact { source, .. } => io_is_transient(source),
             Self::Script { .. }
             | Self::NotInstalled { .. }
             | Self::ActivationTimedOut { .. }
             | Self::ActivationLost { .. }
+            | Self::ActivationBusy { .. }
             | Self::NotCurrent { .. } => true,
         }
     }

@@ -7,11 +7,19 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::generation::{CurrentLink, GenerationId, MachineError, MachineFacts};
-use super::script::{checked_state_dir, now_ms, parse_error, require_success, run_script};
+use super::generation::{
+    ActivationInProgress, ActivationState, CurrentLink, GenerationId, MachineError, MachineFacts,
+};
+use super::script::{Script, checked_state_dir, now_ms, parse_error, require_success, run_script};
 use crate::driver::target::{Target, TargetError};
 
-const OBSERVE_SCRIPT: &str = include_str!("scripts/observe.sh");
+const OBSERVE_SCRIPT: Script = Script {
+    name: "converge-observe.sh",
+    text: concat!(
+        include_str!("scripts/lib.sh"),
+        include_str!("scripts/observe.sh")
+    ),
+};
 
 /// Reads the machine's facts in one round trip. A state directory that does
 /// not exist yet is an empty one (`current` absent, no generations).
@@ -107,9 +115,26 @@ struct RawFacts {
     current_complete: bool,
     /// `current` exists and is not a symlink.
     current_not_link: bool,
+    /// The link text of `confirmed`, when it is a symlink.
+    confirmed_text: Option<String>,
+    /// `generation attempt state` of an activation in progress.
+    activation: Option<String>,
     /// Directory names under `generations/` with `.complete`, and without.
     generations: Vec<String>,
     incomplete: Vec<String>,
+}
+
+/// Whether `pid` names a live, not zombie, process of the boot `boot`, as
+/// `alive` in lib.sh judges it.
+fn process_alive(pid: &str, boot: &str, this_boot: Option<&str>) -> bool {
+    if this_boot != Some(boot) {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// "12345.67": whole seconds are enough.
@@ -133,6 +158,8 @@ impl RawFacts {
                 "current" => raw.current_text = Some(value.to_owned()),
                 "current_complete" => raw.current_complete = value == "1",
                 "current_not_link" => raw.current_not_link = value == "1",
+                "confirmed" => raw.confirmed_text = Some(value.to_owned()),
+                "activation" => raw.activation = Some(value.to_owned()),
                 "generation" => raw.generations.push(value.to_owned()),
                 "incomplete" => raw.incomplete.push(value.to_owned()),
                 _ => {}
@@ -174,6 +201,31 @@ impl RawFacts {
             Ok(_) => raw.current_not_link = true,
             Err(_) => {}
         }
+        let confirmed = state_dir.join("confirmed");
+        if fs::symlink_metadata(&confirmed).is_ok_and(|m| m.file_type().is_symlink()) {
+            raw.confirmed_text = fs::read_link(&confirmed)
+                .ok()
+                .map(|t| t.to_string_lossy().into_owned());
+        }
+        if let Ok(record) = fs::read_to_string(state_dir.join("activation/record")) {
+            let words: Vec<&str> = record.split_whitespace().collect();
+            if let [generation, attempt, pid, boot, ..] = words[..] {
+                let state = if process_alive(pid, boot, raw.boot_id.as_deref()) {
+                    "running"
+                } else if state_dir
+                    .join("generations")
+                    .join(generation)
+                    .join("activations")
+                    .join(format!("{attempt}.status"))
+                    .exists()
+                {
+                    "ended"
+                } else {
+                    "lost"
+                };
+                raw.activation = Some(format!("{generation} {attempt} {state}"));
+            }
+        }
         let Ok(entries) = fs::read_dir(state_dir.join("generations")) else {
             return raw;
         };
@@ -181,7 +233,7 @@ impl RawFacts {
             let name = entry.file_name();
             // The glob `*` skips hidden entries; `[ -d ] && [ ! -L ]` keeps real directories.
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') || name.contains('\n') {
+            if name.starts_with('.') || name.contains('\n') || name.contains(".partial-") {
                 continue;
             }
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
@@ -236,7 +288,31 @@ impl RawFacts {
                 }
             }
         };
+        let generation_of = |text: &str| {
+            let absolute_prefix = format!("{state_dir}/generations/");
+            text.strip_prefix("generations/")
+                .or_else(|| text.strip_prefix(absolute_prefix.as_str()))
+                .and_then(|name| GenerationId::from_dir_name(name.trim_end_matches('/')))
+        };
+        let confirmed = self.confirmed_text.as_deref().and_then(generation_of);
+        let activation = self.activation.as_deref().and_then(|text| {
+            let mut words = text.split_whitespace();
+            let generation = GenerationId::from_dir_name(words.next()?)?;
+            let attempt = words.next()?.to_owned();
+            let state = match words.next()? {
+                "running" => ActivationState::Running,
+                "ended" => ActivationState::Ended,
+                _ => ActivationState::Lost,
+            };
+            Some(ActivationInProgress {
+                generation,
+                attempt,
+                state,
+            })
+        });
         Some(MachineFacts {
+            confirmed,
+            activation,
             hostname: self.hostname?,
             boot_id: self.boot_id?,
             uptime_secs: self.uptime_secs?,

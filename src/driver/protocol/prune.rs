@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use super::generation::{CurrentLink, GenerationId, MachineError};
 use super::observe::observe;
-use super::script::{Deadline, checked_state_dir, require_success, run_script};
+use super::script::{Deadline, Script, checked_state_dir, require_success, run_script};
 use crate::driver::target::Target;
 
-const PRUNE_SCRIPT: &str = include_str!("scripts/prune.sh");
+const PRUNE_SCRIPT: Script = Script {
+    name: "converge-prune.sh",
+    text: include_str!("scripts/prune.sh"),
+};
 
 /// Removes old generations and returns the ones removed: keeps the `keep`
 /// newest complete generations, every generation in `protect` and the one

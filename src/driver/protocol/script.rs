@@ -3,12 +3,12 @@
 //! running one embedded script with its inputs as positional arguments, and
 //! judging its exit code and output. It must not know any particular step
 //! or script, and must never build a shell string: the script is a constant
-//! and every input is an argument.
+//! sent on stdin and every input is an argument or stdin.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::generation::{GenerationId, MachineError};
-use crate::driver::target::{CommandOutput, Target, TargetError};
+use crate::driver::target::{CommandOutput, Input, NO_INPUT, Target, TargetError};
 
 /// Exit code of the switch and activate scripts for "generation not complete".
 pub(super) const EXIT_NOT_INSTALLED: i32 = 3;
@@ -59,23 +59,58 @@ pub(super) fn checked_state_dir(state_dir: &str) -> Result<&str, MachineError> {
     }
 }
 
-pub(super) fn generation_dir(state_dir: &str, generation: &GenerationId) -> String {
-    format!("{state_dir}/generations/{generation}")
+/// A protocol script: its text, which travels on stdin ahead of the
+/// script's own input, and the name its shell runs under (`$0`, what `ps`
+/// shows). Not argv: sshd's limit on a command's length is small on some
+/// servers (dropbear: 9,000 bytes), and argv is readable by every user.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Script {
+    pub(super) name: &'static str,
+    pub(super) text: &'static str,
 }
+
+/// The whole command line of every protocol script: reads the script's
+/// `$1` bytes from stdin (exactly: `dd` with `count_bytes,fullblock`, in
+/// GNU coreutils and busybox; `head -c` of busybox reads ahead) and runs
+/// them with the remaining arguments. The script finds its own text in
+/// `$converge_script`, to start itself detached.
+const BOOTSTRAP: &str = r#"converge_script=$(dd bs=65536 count="$1" iflag=count_bytes,fullblock status=none) || {
+	echo "converge: cannot read the protocol script from stdin (it needs dd with iflag=count_bytes,fullblock: GNU coreutils 8.16+ or busybox)" >&2
+	exit 125
+}
+shift
+eval "$converge_script""#;
 
 /// Runs a constant script on the target with `args` as `$1...`; any exit
 /// code is returned for the caller to judge.
 pub(super) async fn run_script<T: Target>(
     t: &T,
     step: &str,
-    script: &str,
+    script: Script,
     args: &[&str],
     timeout: Duration,
 ) -> Result<CommandOutput, MachineError> {
-    let mut argv = Vec::with_capacity(args.len() + 4);
-    argv.extend(["sh", "-c", script, "converge"].map(str::to_owned));
+    run_script_input(t, step, script, args, &NO_INPUT, timeout).await
+}
+
+/// [`run_script`] with `input` on its stdin after the script (documents
+/// travel there, never in argv, where every user of the target could read
+/// them).
+pub(super) async fn run_script_input<T: Target>(
+    t: &T,
+    step: &str,
+    script: Script,
+    args: &[&str],
+    input: &Input,
+    timeout: Duration,
+) -> Result<CommandOutput, MachineError> {
+    let mut argv = Vec::with_capacity(args.len() + 5);
+    argv.extend(["sh", "-c", BOOTSTRAP, script.name].map(str::to_owned));
+    argv.push(script.text.len().to_string());
     argv.extend(args.iter().map(|arg| (*arg).to_owned()));
-    t.run(&argv, &[], timeout)
+    let mut stdin = Input::bytes(script.text);
+    stdin.append(input);
+    t.run_input(&argv, &[], &stdin, timeout)
         .await
         .map_err(|source| MachineError::Target {
             step: step.to_owned(),

@@ -10,17 +10,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::activation::{
-    activate, health_check, rollback, split_status, start_activation, switch, wait_activation,
-};
+use super::activation::activate;
+use super::activation::{health_check, wait_activation};
+use super::apply::split_status;
+use super::apply::{arm_confirmation, install, start_activation, switch};
 use super::confirm::{
-    ConfirmOutcome, Confirmation, ConfirmationState, Rollback, RollbackAction, arm_confirmation,
-    confirm, confirmation_state,
+    ConfirmOutcome, Confirmation, ConfirmationState, Rollback, RollbackAction, confirm,
+    confirmation_state,
 };
 use super::generation::{
-    ActivationAttempt, CurrentLink, GenerationId, InstallOutcome, MachineError, MachineFacts,
+    ActivationAttempt, ActivationResult, CurrentLink, GenerationId, InstallOutcome, MachineError,
+    MachineFacts,
 };
-use super::install::install;
 use super::observe::{observe, observe_local};
 use super::prune::prune;
 use crate::driver::build::tree_hash;
@@ -28,6 +29,19 @@ use crate::driver::local::LocalTarget;
 use crate::driver::target::Target;
 
 const T: Duration = Duration::from_secs(20);
+
+/// Switches back to `to` and activates it again (a new attempt), within one
+/// timeout: what a rollback does, as two phases of one deploy.
+async fn rollback<T: Target>(
+    t: &T,
+    state_dir: &str,
+    to: &GenerationId,
+    mode: &str,
+    timeout: Duration,
+) -> Result<ActivationResult, MachineError> {
+    switch(t, state_dir, to, timeout).await?;
+    activate(t, state_dir, to, mode, timeout).await
+}
 
 /// Records its arguments, environment and cwd, counts its runs in the
 /// state directory, and exits with the code in the artifact's `exit-code`.
@@ -227,7 +241,10 @@ async fn install_switch_activate_runs_the_generation_and_records_it() {
     )
     .await
     .expect("install");
-    assert_eq!(outcome, InstallOutcome::Uploaded);
+    assert!(
+        matches!(outcome, InstallOutcome::Uploaded { .. }),
+        "{outcome:?}"
+    );
     let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
     assert_eq!(facts.generations, std::slice::from_ref(&generation));
     assert_eq!(facts.current, CurrentLink::Absent, "install never switches");
@@ -567,7 +584,10 @@ async fn installing_a_hash_already_on_the_target_copies_instead_of_uploading() {
     let outcome = install(&m.target, &m.state_dir, &root, b"{}", &first, T)
         .await
         .expect("install");
-    assert_eq!(outcome, InstallOutcome::Uploaded);
+    assert!(
+        matches!(outcome, InstallOutcome::Uploaded { .. }),
+        "{outcome:?}"
+    );
     // Running as root, permissions cannot make the source unreadable:
     // remove it, so an upload attempt could only fail.
     fs::remove_dir_all(&root).expect("rm artifact");
@@ -596,7 +616,7 @@ async fn installing_a_hash_already_on_the_target_copies_instead_of_uploading() {
         .expect("meta")
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!(mode & 0o777, 0o700, "private to its user, executable");
     let outcome = install(&m.target, &m.state_dir, &root, b"{}", &second, T)
         .await
         .expect("install");
@@ -618,7 +638,10 @@ async fn an_install_cut_short_is_started_over() {
     let outcome = install(&m.target, &m.state_dir, &root, b"{}", &generation, T)
         .await
         .expect("install");
-    assert_eq!(outcome, InstallOutcome::Uploaded);
+    assert!(
+        matches!(outcome, InstallOutcome::Uploaded { .. }),
+        "{outcome:?}"
+    );
     assert!(!dir.join("artifact/junk").exists());
     assert_eq!(
         tree_hash(&dir.join("artifact")).expect("hash"),
@@ -633,27 +656,51 @@ async fn an_install_cut_short_is_started_over() {
 }
 
 #[tokio::test]
-async fn a_large_roles_document_is_uploaded_whole() {
+async fn a_large_roles_document_travels_whole_and_an_identical_generation_is_reused() {
     let m = Machine::new();
     let roles = format!("{{\"pad\":\"{}\"}}", "x".repeat(200_000));
+    let other_roles = format!("{{\"pad\":\"{}\"}}", "y".repeat(200_000));
     let (root, hash) = m.artifact("a1", "v1", 0);
     let first = GenerationId::new(1, hash.clone()).expect("generation");
     install(&m.target, &m.state_dir, &root, roles.as_bytes(), &first, T)
         .await
         .expect("install");
-    let second = GenerationId::new(2, hash).expect("generation");
-    let outcome = install(&m.target, &m.state_dir, &root, roles.as_bytes(), &second, T)
-        .await
-        .expect("install");
+    let second = GenerationId::new(2, hash.clone()).expect("generation");
+    let outcome = install(
+        &m.target,
+        &m.state_dir,
+        &root,
+        other_roles.as_bytes(),
+        &second,
+        T,
+    )
+    .await
+    .expect("install");
     assert_eq!(outcome, InstallOutcome::CopiedOnTarget);
-    for generation in [&first, &second] {
+    for (generation, text) in [(&first, &roles), (&second, &other_roles)] {
         let dir = m.state().join("generations").join(generation.to_string());
         assert_eq!(
-            fs::read_to_string(dir.join("roles.json")).expect("roles"),
-            roles
+            &fs::read_to_string(dir.join("roles.json")).expect("roles"),
+            text
         );
-        assert!(!dir.join(".roles-staged").exists());
     }
+    // The same artifact and roles as a complete generation: that one is used.
+    let third = GenerationId::new(3, hash).expect("generation");
+    let outcome = install(&m.target, &m.state_dir, &root, roles.as_bytes(), &third, T)
+        .await
+        .expect("install");
+    assert_eq!(
+        outcome,
+        InstallOutcome::Reused {
+            generation: first.clone()
+        }
+    );
+    assert!(
+        !m.state()
+            .join("generations")
+            .join(third.to_string())
+            .exists()
+    );
 }
 
 #[tokio::test]
@@ -758,18 +805,6 @@ async fn invalid_inputs_are_refused_before_running_anything() {
         .await
         .expect_err("invalid mode");
     assert!(matches!(error, MachineError::InvalidMode { .. }));
-    let (root, _) = m.artifact("a9", "v9", 0);
-    let error = install(
-        &m.target,
-        &m.state_dir,
-        &root,
-        &[0xff, 0xfe],
-        &generation,
-        T,
-    )
-    .await
-    .expect_err("roles not utf-8");
-    assert!(matches!(error, MachineError::InvalidRoles { .. }));
 }
 
 #[test]
@@ -800,6 +835,8 @@ fn generation_ids_and_facts_round_trip_through_json() {
         },
         generations: vec![generation.clone()],
         incomplete: vec![],
+        confirmed: Some(generation.clone()),
+        activation: None,
         observed_ms: 1,
     };
     let json = serde_json::to_string(&facts).expect("serialize");
@@ -959,7 +996,7 @@ async fn a_confirmation_in_time_means_no_rollback() {
     let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
     assert_eq!(facts.current_generation(), Some(&g2));
     assert_eq!(m.runs(), [g1.to_string(), g2.to_string()]);
-    assert_eq!(confirm_files(&m, &c), [".confirmed", ".pid"]);
+    assert_eq!(confirm_files(&m, &c), [".confirmed", ".pid", ".rollback"]);
 }
 
 #[tokio::test]
@@ -1019,7 +1056,10 @@ async fn an_unconfirmed_activation_rolls_back_to_the_previous_generation() {
         ConfirmOutcome::AlreadyRolledBack { rollback: late } => assert_eq!(late, rollback),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(confirm_files(&m, &c), [".fired", ".pid", ".result"]);
+    assert_eq!(
+        confirm_files(&m, &c),
+        [".fired", ".pid", ".result", ".rollback"]
+    );
 }
 
 #[tokio::test]
@@ -1064,20 +1104,23 @@ async fn a_watchdog_waits_for_a_hung_activation_no_longer_than_its_timeout() {
     let result = fs::read_to_string(m.state().join("confirm").join(format!("{}.result", c.id)))
         .expect("the watchdog's record");
     assert!(result.contains("activation=timeout"), "{result}");
-    // The hung activation's runner leads its own process group: end it.
-    let pid_file = m
+    // The watchdog ended the hung activation's process group before
+    // rolling back: its runner recorded how it ended.
+    let activations = m
         .state()
         .join("generations")
         .join(g2.to_string())
-        .join("activations")
-        .join(format!("{}.pid", attempt.id));
-    let pid = fs::read_to_string(pid_file).expect("pid file");
-    let pid = pid.split_whitespace().next().expect("a pid");
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pid}")])
+        .join("activations");
+    let status = fs::read_to_string(activations.join(format!("{}.status", attempt.id)))
+        .expect("the hung activation has a status");
+    assert_eq!(status.trim(), "143", "ended by SIGTERM");
+    let pgid = fs::read_to_string(activations.join(format!("{}.pgid", attempt.id)))
+        .expect("its process group");
+    let left = std::process::Command::new("kill")
+        .args(["-0", "--", &format!("-{}", pgid.trim())])
         .status()
-        .expect("kill");
-    assert!(killed.success());
+        .expect("kill -0");
+    assert!(!left.success(), "nothing of its process group is left");
 }
 
 #[tokio::test]
@@ -1127,7 +1170,7 @@ async fn confirm_and_the_watchdog_racing_have_exactly_one_winner() {
         match outcome {
             ConfirmOutcome::Confirmed => {
                 confirmed += 1;
-                assert_eq!(files, [".confirmed", ".pid"], "round {round}");
+                assert_eq!(files, [".confirmed", ".pid", ".rollback"], "round {round}");
                 assert_eq!(
                     current,
                     CurrentLink::Generation {
@@ -1150,7 +1193,7 @@ async fn confirm_and_the_watchdog_racing_have_exactly_one_winner() {
                 );
                 assert_eq!(
                     confirm_files(&m, &c),
-                    [".fired", ".pid", ".result"],
+                    [".fired", ".pid", ".result", ".rollback"],
                     "round {round}"
                 );
                 let current = observe(&m.target, &m.state_dir, T)
@@ -1374,7 +1417,7 @@ async fn arming_refuses_what_it_cannot_watch() {
     .await
     .expect_err("previous not installed");
     assert!(
-        matches!(&error, MachineError::NotInstalled { generation, .. } if *generation == missing),
+        matches!(&error, MachineError::NotInstalled { generation, .. } if generation == &missing),
         "{error:?}"
     );
     let bogus = Confirmation {

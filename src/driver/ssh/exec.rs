@@ -17,28 +17,39 @@ use tokio::time::{Instant, timeout_at};
 use super::error::SshError;
 use super::master::{SshTarget, open_again_if_refused};
 use crate::driver::command::{argv_summary, read_tail};
-use crate::driver::target::{CommandOutput, OUTPUT_LIMIT, Target, TargetError};
+use crate::driver::target::{CommandOutput, Input, InputError, OUTPUT_LIMIT, Target, TargetError};
 
 /// Runs every command: reports its process group, exports env, execs argv.
 const RUN_SCRIPT: &str = include_str!("run.sh");
-/// How long killing a timed-out remote command may take.
-const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long ending a timed-out remote command may take (its grace included).
+const KILL_TIMEOUT: Duration = Duration::from_secs(8);
+/// SIGTERM to process group $1, then SIGKILL if any of it is left 2 s later.
+const KILL_GROUP_SCRIPT: &str = "# converge: end process group $1 (TERM, then KILL after 2 s)
+kill -TERM -\"$1\" 2>/dev/null || exit 0
+i=0
+while kill -0 -\"$1\" 2>/dev/null; do
+	[ \"$i\" -ge 20 ] && { kill -KILL -\"$1\" 2>/dev/null; exit 0; }
+	sleep 0.1
+	i=$((i + 1))
+done";
 
 impl SshTarget {
-    /// Kills a timed-out command's process group on the target, best effort.
+    /// Ends a timed-out command's process group on the target, best effort:
+    /// SIGTERM, then SIGKILL when any of the group is left after a grace.
     async fn kill_group(&self, session: &Arc<Session>, pgid: u32) {
-        let mut command = Session::to_command(Arc::clone(session), "kill");
+        let mut command = Session::to_command(Arc::clone(session), "sh");
         command
-            .arg("-KILL")
-            .arg("--")
-            .arg(format!("-{pgid}"))
+            .arg("-c")
+            .arg(KILL_GROUP_SCRIPT)
+            .arg("converge-kill")
+            .arg(pgid.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         match tokio::time::timeout(KILL_TIMEOUT, command.status()).await {
             Ok(Ok(status)) if status.success() => {}
             other => {
-                tracing::debug!(target_host = %self.describe(), pgid, ?other, "killing a timed-out remote command did not succeed")
+                tracing::debug!(target_host = %self.describe(), pgid, ?other, "ending a timed-out remote command did not succeed")
             }
         }
     }
@@ -49,6 +60,7 @@ impl SshTarget {
         &self,
         argv: &[String],
         env: &[(String, String)],
+        input: &Input,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<CommandOutput, TargetError> {
@@ -79,7 +91,11 @@ impl SshTarget {
             let mut command = Session::to_command(Arc::clone(&session), "sh");
             command
                 .args(&wrapped)
-                .stdin(Stdio::null())
+                .stdin(if input.is_empty() {
+                    Stdio::null()
+                } else {
+                    Stdio::piped()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             async move { command.spawn().await }
@@ -97,12 +113,21 @@ impl SshTarget {
         };
         let mut stdout = child.stdout().take();
         let mut stderr = child.stderr().take();
+        let mut stdin = child.stdin().take();
         let mut out_buf = Vec::new();
         let mut err_buf = Vec::new();
         let mut pgid = None;
         let mut not_found = false;
+        let mut fed = None;
         let waited = timeout_at(deadline, async {
-            let (out, err) = tokio::join!(
+            let feed = async {
+                // Dropping stdin at the end closes it: the command sees EOF.
+                if let Some(mut sink) = stdin.take() {
+                    fed = input.write_to(&mut sink).await.err();
+                }
+            };
+            let ((), out, err) = tokio::join!(
+                feed,
                 read_optional(stdout.as_mut(), &mut out_buf),
                 read_marked_stderr(stderr.as_mut(), &mut err_buf, &mut pgid, &mut not_found),
             );
@@ -119,13 +144,21 @@ impl SshTarget {
             Ok(result) => result,
             Err(_elapsed) => {
                 // The child (and with it the channel) is gone; the remote
-                // processes may not be: kill their group.
+                // processes may not be: end their group.
                 if let Some(pgid) = pgid {
                     self.kill_group(&session, pgid).await;
                 }
                 return Err(timed_out());
             }
         };
+        if let Some(InputError::Source { path, source }) = fed {
+            return Err(TargetError::Io {
+                target,
+                action: "read, to send it,",
+                path,
+                source,
+            });
+        }
         let code = match status {
             Ok(status) => status.code(),
             Err(openssh::Error::Remote(e)) if e.kind() == io::ErrorKind::NotFound => {

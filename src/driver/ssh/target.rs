@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::master::SshTarget;
 use crate::driver::command::unique_suffix;
-use crate::driver::target::{CommandOutput, Target, TargetError};
+use crate::driver::target::{CommandOutput, Input, Target, TargetError};
 
 /// How long removing a failed upload's partial copy may take.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,14 +58,15 @@ impl Target for SshTarget {
     ///
     /// [`SshError::ConnectionLost`]: super::error::SshError::ConnectionLost
     /// [`super::local::LocalTarget`]: crate::driver::local::LocalTarget
-    async fn run(
+    async fn run_input(
         &self,
         argv: &[String],
         env: &[(String, String)],
+        input: &Input,
         timeout: Duration,
     ) -> Result<CommandOutput, TargetError> {
         let deadline = Instant::now() + timeout;
-        self.run_inner(argv, env, deadline, timeout).await
+        self.run_inner(argv, env, input, deadline, timeout).await
     }
 
     /// Uploads over SFTP on the master into `<dest>.partial-<unique>`, then

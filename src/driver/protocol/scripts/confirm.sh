@@ -1,40 +1,55 @@
-# converge: confirm.sh - $3 = confirm: claims the canary $1/confirm/$2 by renaming it to
-# $2.confirmed (atomic: the watchdog cannot fire after it). Then, and for $3 = state, prints the
-# confirmation's state: state=pending (canary present, watchdog running), state=watchdog-lost
-# (canary present, watchdog gone: killed or the host rebooted), state=confirmed, state=firing
-# (the watchdog claimed the canary and is rolling back), state=fired followed by the watchdog's
-# record, or state=missing (never armed here, or its files were removed).
-set -u
+# converge: confirm.sh - $2 = confirm: claims the canary $1/confirm/$3 of the activation attempt
+# $3 by renaming it to $3.confirmed (atomic: the watchdog cannot fire after it), then records
+# generation $4 as confirmed ($1/confirmed -> generations/$4) when current still points at it.
+# $2 = record: records generation $4 as confirmed the same way, for an activation no watchdog
+# guards. Then, for confirm and for $2 = state, prints the confirmation's state: state=pending
+# (canary present, watchdog running), state=watchdog-lost (canary present, watchdog gone: killed
+# or the host rebooted), state=confirmed, state=firing (the watchdog claimed the canary and is
+# rolling back), state=fired followed by the watchdog's record, or state=missing (never armed
+# here, or its files were removed).
 c=$1/confirm
-if [ "$3" = confirm ] && mv "$c/$2" "$c/$2.confirmed" 2>/dev/null; then
+
+confirmed() {
+	if [ "$(readlink "$1/current" 2>/dev/null)" = "generations/$2" ]; then
+		point "$1/confirmed" "generations/$2" "$$" || exit 1
+		echo recorded=1
+	else
+		echo recorded=0
+	fi
+}
+
+case $2 in
+record)
+	confirmed "$1" "$4"
 	echo state=confirmed
 	exit 0
-fi
+	;;
+confirm)
+	if mv "$c/$3" "$c/$3.confirmed" 2>/dev/null; then
+		confirmed "$1" "$4"
+		echo state=confirmed
+		exit 0
+	fi
+	;;
+esac
 # The canary only ever disappears, so this runs at most twice.
 while :; do
-	if [ -e "$c/$2" ]; then
+	if [ -e "$c/$3" ]; then
 		state=watchdog-lost
-		if [ -e "$c/$2.pid" ]; then
-			read -r pid pid_boot < "$c/$2.pid"
-			read -r boot < /proc/sys/kernel/random/boot_id
-			stat=
-			if [ "$pid_boot" = "$boot" ]; then
-				read -r stat 2>/dev/null < "/proc/$pid/stat" || stat=
-			fi
-			case $stat in
-			'' | *') Z '*) ;;
-			*) state=pending ;;
-			esac
+		if [ -e "$c/$3.pid" ]; then
+			read -r pid pid_boot < "$c/$3.pid"
+			alive "$pid" "$pid_boot" && state=pending
 		fi
 		# Claimed (by the watchdog or a confirm) between the two looks: look again.
-		[ -e "$c/$2" ] || continue
+		[ -e "$c/$3" ] || continue
 		echo "state=$state"
-	elif [ -e "$c/$2.confirmed" ]; then
+	elif [ -e "$c/$3.confirmed" ]; then
+		[ "$2" = confirm ] && confirmed "$1" "$4"
 		echo state=confirmed
-	elif [ -e "$c/$2.fired" ]; then
-		if [ -e "$c/$2.result" ]; then
+	elif [ -e "$c/$3.fired" ]; then
+		if [ -e "$c/$3.result" ]; then
 			echo state=fired
-			cat "$c/$2.result"
+			cat "$c/$3.result"
 		else
 			echo state=firing
 		fi

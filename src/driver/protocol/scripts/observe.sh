@@ -1,8 +1,9 @@
 # converge: observe.sh - prints facts about this host and the generations under state dir $1,
 # one key=value per line: hostname, boot_id, uptime, kernel, then current (the link text of
-# $1/current) with current_complete, or current_not_link, then one generation= per complete
-# generation directory and one incomplete= per directory without its .complete marker.
-set -u
+# $1/current) with current_complete, or current_not_link; confirmed (the link text of
+# $1/confirmed: the last generation whose activation was confirmed); activation (an activation
+# in progress: generation, attempt, and running, ended or lost); then one generation= per
+# complete generation directory and one incomplete= per directory without its .complete marker.
 printf 'hostname=%s\n' "$(uname -n)"
 read -r boot_id < /proc/sys/kernel/random/boot_id && printf 'boot_id=%s\n' "$boot_id"
 read -r up _ < /proc/uptime && printf 'uptime=%s\n' "$up"
@@ -13,7 +14,23 @@ if [ -L "$1/current" ]; then
 elif [ -e "$1/current" ]; then
 	echo current_not_link=1
 fi
+if [ -L "$1/confirmed" ]; then
+	printf 'confirmed=%s\n' "$(readlink "$1/confirmed")"
+fi
+record=$(activation_record "$1")
+if [ -n "$record" ]; then
+	set -- "$1" $record
+	if alive "$4" "$5"; then
+		state=running
+	elif [ -e "$1/generations/$2/activations/$3.status" ]; then
+		state=ended
+	else
+		state=lost
+	fi
+	printf 'activation=%s %s %s\n' "$2" "$3" "$state"
+fi
 for g in "$1"/generations/*; do
 	[ -d "$g" ] && [ ! -L "$g" ] || continue
+	case ${g##*/} in *.partial-*) continue ;; esac
 	if [ -e "$g/.complete" ]; then echo "generation=${g##*/}"; else echo "incomplete=${g##*/}"; fi
 done
