@@ -10,7 +10,6 @@ use crate::controller::context::{Config, Context};
 use crate::controller::{lifecycle, preview};
 use crate::plan::{Plan, render_text};
 use crate::source::Source;
-use crate::store::Store;
 
 /// Exit code of --detailed-exitcode when the plan has changes.
 pub const EXIT_CHANGES: u8 = 2;
@@ -61,8 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         None => {
             let state = &args.state.state;
             super::args::create_state_dir(state)?;
-            let store = Store::open(&crate::controller::context::store_dir(state))
-                .context("open the store")?;
+            let store = super::args::open_store(state)?;
             let driver = args
                 .ssh
                 .driver(state, &args.dir.dir, super::args::ONE_SHOT_SSH_PERSIST);

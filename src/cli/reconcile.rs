@@ -13,7 +13,6 @@ use crate::controller::lifecycle;
 use crate::controller::once::{self, OnceOptions};
 use crate::source::Source;
 use crate::spec::{HumanDuration, ObjectKey};
-use crate::store::Store;
 
 /// Exit code: some objects failed (or were rolled back).
 pub const EXIT_FAILED: u8 = 3;
@@ -94,8 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let state = &args.state.state;
     super::args::create_state_dir(state)?;
-    let store =
-        Store::open(&crate::controller::context::store_dir(state)).context("open the store")?;
+    let store = super::args::open_store(state)?;
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,

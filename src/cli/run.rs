@@ -16,7 +16,6 @@ use crate::controller::metrics::Metrics;
 use crate::controller::{lifecycle, preview, vmops};
 use crate::source::Source;
 use crate::spec::HumanDuration;
-use crate::store::Store;
 
 /// Run the controller: keep every object converged.
 ///
@@ -30,7 +29,8 @@ use crate::store::Store;
 ///
 /// The first SIGTERM/SIGINT stops scheduling and lets running steps finish
 /// (up to --grace); a second aborts them. Exit codes: 0 stopped cleanly;
-/// 1 cannot start (invalid directory, store locked by another daemon).
+/// 1 cannot start (invalid directory, store locked by another daemon or
+/// damaged).
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
@@ -77,8 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let state = &args.state.state;
     super::args::create_state_dir(state)?;
-    let store =
-        Store::open(&crate::controller::context::store_dir(state)).context("open the store")?;
+    let store = super::args::open_store(state)?;
     let driver = args
         .ssh
         .driver(state, &args.dir.dir, super::args::DAEMON_SSH_PERSIST);

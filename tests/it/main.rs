@@ -15,6 +15,7 @@ mod activation_failure_rolls_back;
 mod build_failure;
 mod change_then_noop;
 mod crash_safety;
+mod damaged_store;
 mod drift;
 mod examples;
 mod frozen_sshd;
