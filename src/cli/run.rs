@@ -27,13 +27,18 @@ use crate::spec::HumanDuration;
 /// force. While it runs, `converge status/history/facts/plan` ask it over a
 /// Unix socket in the state directory (mode 0600).
 ///
-/// The first SIGTERM/SIGINT stops scheduling and lets running steps finish
-/// (up to --grace); a second aborts them. Exit codes: 0 stopped cleanly;
-/// 1 cannot start (invalid directory, store locked by another daemon or
-/// damaged).
+/// Signals: SIGHUP re-reads the directory now (as a file change does: only
+/// objects whose spec, roles or build inputs changed are reconciled). The
+/// directory is also re-read every --reread-interval whatever the file watch
+/// said, which catches changes it missed (an overflowed inotify queue, a
+/// network file system). The first SIGTERM/SIGINT stops scheduling and lets
+/// running steps finish (up to --grace); a second aborts them.
+///
+/// Exit codes: 0 stopped cleanly; 1 cannot start (invalid directory, store
+/// locked by another daemon or damaged).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
+    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -51,6 +56,11 @@ pub struct Args {
     /// Quiet window after a file change before reloading.
     #[arg(long, default_value = "500ms")]
     pub debounce: HumanDuration,
+    /// Re-read the whole directory this often, whatever the file watch
+    /// reported (an unchanged directory reconciles nothing); `0s` turns it
+    /// off. SIGHUP re-reads at once.
+    #[arg(long, value_name = "DURATION", default_value = "1m")]
+    pub reread_interval: HumanDuration,
     /// How long running steps may finish after the first stop signal.
     #[arg(long, default_value = "30s")]
     pub grace: HumanDuration,
@@ -97,9 +107,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ..ApplierConfig::default()
     };
     applier.backoff.min_delay = args.retry_delay.get();
+    let reread = args.reread_interval.get();
     let options = DaemonOptions {
         applier,
         debounce: args.debounce.get(),
+        reread: (!reread.is_zero()).then_some(reread),
     };
     let socket = crate::api::client::socket_path(state);
     runtime.block_on(async {

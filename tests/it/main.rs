@@ -15,6 +15,8 @@ mod activation_failure_rolls_back;
 mod build_failure;
 mod change_then_noop;
 mod crash_safety;
+mod daemon_periodic_reread;
+mod daemon_sighup;
 mod damaged_store;
 mod drift;
 mod examples;
