@@ -7,7 +7,7 @@
 //! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
 //! Prometheus text. Never listens on a TCP port.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,19 +56,68 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("another converge daemon answers on {path}")]
+    #[error("listen on {path}: another converge daemon answers there; stop it first")]
     InUse { path: PathBuf },
+    #[error("listen on {path}: it exists and is not a socket; move it away and start again")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "listen on {path}: cannot tell whether a daemon answers on the socket there; \
+         remove it if no converge daemon runs on this state directory"
+    )]
+    Probe {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replace the stale socket {path}: remove it and start again")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Binds the socket (replacing a stale one) with mode 0600.
+/// Binds the socket with mode 0600. A socket another process answers on is
+/// refused; one nobody answers on (left by a daemon that was killed or
+/// crashed) is replaced, and that is logged. Anything else at the path is
+/// refused rather than removed.
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ApiError::InUse {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ApiError::NotASocket {
                 path: path.to_path_buf(),
             });
         }
-        let _ = std::fs::remove_file(path);
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(ApiError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::warn!(
+                    socket = %path.display(),
+                    "replacing a stale socket nobody answers on (left by a daemon that did not stop cleanly)"
+                );
+                std::fs::remove_file(path).map_err(|source| ApiError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(ApiError::Probe {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     }
     let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: path.to_path_buf(),
@@ -305,4 +354,37 @@ async fn vm_revert(
 async fn metrics(State(s): State<ApiState>) -> Response {
     let body = s.metrics.render(&s.store);
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_replaces_a_socket_nobody_answers_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("converge.sock");
+        drop(bind(&path).unwrap());
+        assert!(path.exists(), "a dropped listener leaves its socket file");
+        let _listener = bind(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_a_socket_that_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("converge.sock");
+        let _first = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ApiError::InUse { .. })));
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_to_remove_what_is_not_a_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("converge.sock");
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(matches!(bind(&path), Err(ApiError::NotASocket { .. })));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+    }
 }

@@ -25,7 +25,9 @@ use crate::spec::HumanDuration;
 /// (`converge reconcile KEY`). An invalid directory is logged with
 /// file:line:col and not applied; the last valid desired state stays in
 /// force. While it runs, `converge status/history/facts/plan` ask it over a
-/// Unix socket in the state directory (mode 0600).
+/// Unix socket in the state directory (mode 0600); a socket left by a daemon
+/// that did not stop cleanly is replaced (and logged), one that answers
+/// stops this one from starting.
 ///
 /// Signals: SIGHUP re-reads the directory now (as a file change does: only
 /// objects whose spec, roles or build inputs changed are reconciled). The

@@ -17,6 +17,7 @@ mod change_then_noop;
 mod crash_safety;
 mod daemon_periodic_reread;
 mod daemon_sighup;
+mod daemon_stale_socket;
 mod damaged_store;
 mod drift;
 mod examples;
