@@ -2,10 +2,12 @@
 //! mode 0600, so only the owner (and root) can ask or command.
 //!
 //! Read endpoints answer from the store (which the daemon holds locked);
-//! `POST /v1/reconcile/{kind}/{name}` queues a reconcile;
-//! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
-//! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
-//! Prometheus text. Never listens on a TCP port.
+//! `GET /v1/plan?dir=DIR` plans the daemon's desired state, and only when DIR
+//! is the directory it watches (409 otherwise: a plan of another directory
+//! than asked would be a lie); `POST /v1/reconcile/{kind}/{name}` queues a
+//! reconcile; `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}`
+//! and `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs;
+//! `/metrics` is Prometheus text. Never listens on a TCP port.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -41,6 +43,8 @@ pub type VmOpFn =
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// The desired-state directory the daemon watches, canonicalized.
+    pub dir: PathBuf,
     pub manual: mpsc::UnboundedSender<ObjectKey>,
     pub metrics: Arc<Metrics>,
     pub plan: PlanFn,
@@ -301,7 +305,27 @@ async fn events(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
     }
 }
 
-async fn plan(State(s): State<ApiState>) -> Response {
+#[derive(Deserialize)]
+struct PlanQuery {
+    /// The directory the client asks a plan of (canonicalized by it).
+    dir: Option<String>,
+}
+
+async fn plan(State(s): State<ApiState>, Query(q): Query<PlanQuery>) -> Response {
+    if let Some(asked) = q.dir {
+        let asked = PathBuf::from(asked);
+        let asked = std::fs::canonicalize(&asked).unwrap_or(asked);
+        if asked != s.dir {
+            let message = format!(
+                "a converge daemon holds the store of this state directory for {watched}, and it \
+                 plans only that directory, not {asked}: plan {watched} (converge plan --dir \
+                 {watched}), or stop the daemon to plan {asked} against this store\n",
+                watched = s.dir.display(),
+                asked = asked.display(),
+            );
+            return (StatusCode::CONFLICT, message).into_response();
+        }
+    }
     let plan = (s.plan)().await;
     json(&plan)
 }

@@ -116,6 +116,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         reread: (!reread.is_zero()).then_some(reread),
     };
     let socket = crate::api::client::socket_path(state);
+    // Canonical, so that `plan --dir` through another path (relative, a
+    // symlink) is recognised as this directory and any other is refused.
+    let watched = std::fs::canonicalize(&args.dir.dir)
+        .with_context(|| format!("resolve {}", args.dir.dir.display()))?;
     runtime.block_on(async {
         let listener = api::bind(&socket).context("start the local API")?;
         let metrics = Arc::new(Metrics::new());
@@ -123,6 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let vm_ctx = ctx.clone();
         let api_state = ApiState {
             store,
+            dir: watched,
             manual: manual_tx,
             metrics: metrics.clone(),
             plan: Arc::new(move || {
