@@ -5,9 +5,11 @@
 //! `GET /v1/plan?dir=DIR` plans the daemon's desired state, and only when DIR
 //! is the directory it watches (409 otherwise: a plan of another directory
 //! than asked would be a lie); `POST /v1/reconcile/{kind}/{name}` queues a
-//! reconcile; `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}`
-//! and `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs;
-//! `/metrics` is Prometheus text. Never listens on a TCP port.
+//! reconcile of an object the daemon knows (404 otherwise);
+//! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
+//! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
+//! Prometheus text (its content type says which format version). Never
+//! listens on a TCP port.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -39,12 +41,20 @@ pub type PlanFn = Arc<dyn Fn() -> BoxFuture<'static, Plan> + Send + Sync>;
 pub type VmOpFn =
     Arc<dyn Fn(Name, VmOp) -> BoxFuture<'static, Result<VmOpOutcome, String>> + Send + Sync>;
 
+/// Whether the daemon has an object to reconcile under a key: in the
+/// desired state in force, or removed from it but still to be stopped.
+pub type KnownFn = Arc<dyn Fn(&ObjectKey) -> bool + Send + Sync>;
+
+/// The content type of Prometheus' text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
     /// The desired-state directory the daemon watches, canonicalized.
     pub dir: PathBuf,
+    pub known: KnownFn,
     pub manual: mpsc::UnboundedSender<ObjectKey>,
     pub metrics: Arc<Metrics>,
     pub plan: PlanFn,
@@ -338,6 +348,14 @@ async fn reconcile(
         Ok(k) => k,
         Err(r) => return *r,
     };
+    if !(s.known)(&key) {
+        let message = format!(
+            "{key} is not in the desired state of {dir}, so there is nothing to reconcile: \
+             check the key (`converge status` lists the objects converge knows) or add it to the YAML\n",
+            dir = s.dir.display(),
+        );
+        return (StatusCode::NOT_FOUND, message).into_response();
+    }
     match s.manual.send(key.clone()) {
         Ok(()) => (StatusCode::ACCEPTED, format!("queued {key}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
@@ -377,7 +395,7 @@ async fn vm_revert(
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     let body = s.metrics.render(&s.store);
-    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+    ([("content-type", METRICS_CONTENT_TYPE)], body).into_response()
 }
 
 #[cfg(test)]

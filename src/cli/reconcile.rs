@@ -27,11 +27,11 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// nothing and exits 1.
 ///
 /// With a KEY (and no --once): ask the running daemon to reconcile that
-/// object now.
+/// object now; a key the daemon's desired state does not have is an error.
 ///
 /// Exit codes: 0 every object Ready; 1 fatal (invalid directory, store
-/// locked by a daemon, cannot start); 3 some objects failed or were rolled
-/// back; 4 timed out.
+/// locked by a daemon or damaged, unknown KEY, cannot start); 3 some objects
+/// failed or were rolled back; 4 timed out.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
@@ -194,6 +194,10 @@ fn request_reconcile(state: &std::path::Path, key: &ObjectKey) -> anyhow::Result
         Some((202, body)) => {
             println!("{}", body.trim());
             Ok(EXIT_OK)
+        }
+        Some((404, body)) => {
+            eprintln!("error: {}", body.trim());
+            Ok(EXIT_FATAL)
         }
         Some((status, body)) => {
             eprintln!("error: the daemon answered {status}: {}", body.trim());

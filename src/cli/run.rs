@@ -15,7 +15,7 @@ use crate::controller::daemon::{self, DaemonOptions, Signals};
 use crate::controller::metrics::Metrics;
 use crate::controller::{lifecycle, preview, vmops};
 use crate::source::Source;
-use crate::spec::HumanDuration;
+use crate::spec::{HumanDuration, Kind};
 
 /// Run the controller: keep every object converged.
 ///
@@ -125,9 +125,16 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let metrics = Arc::new(Metrics::new());
         let plan_ctx = ctx.clone();
         let vm_ctx = ctx.clone();
+        let known_ctx = ctx.clone();
         let api_state = ApiState {
             store,
             dir: watched,
+            // In the desired state in force, or a removed VM still to stop.
+            known: Arc::new(move |key| {
+                known_ctx.snapshot().desired.contains(key)
+                    || (key.kind == Kind::VirtualMachine
+                        && known_ctx.store.status(key).ok().flatten().is_some())
+            }),
             manual: manual_tx,
             metrics: metrics.clone(),
             plan: Arc::new(move || {
