@@ -32,6 +32,7 @@ mod invalid_yaml_while_daemon_runs;
 mod link_down;
 mod link_down_during_upload;
 mod metrics_content_type;
+mod once_timeout_bounds_loading;
 mod once_timeout_cuts_an_attempt;
 mod plan_is_what_runs;
 mod plan_other_dir_with_daemon;
