@@ -187,8 +187,14 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
         }
     };
     for key in &aborted {
-        tracing::warn!(object = %key, "aborted by the run's timeout");
-        record_cut(&ctx, key, limit);
+        if timed_out {
+            tracing::warn!(object = %key, "aborted by the run's timeout");
+            record_cut(&ctx, key, limit);
+        } else {
+            // Past the grace of the stop after every object ended (a
+            // dependency poll, say): found interrupted at the next start.
+            tracing::warn!(object = %key, "aborted when the run stopped; it is observed again on the next run");
+        }
     }
     // Written after the loop stopped, so no late dependency poll overwrites them.
     for (key, message) in &blocked {
