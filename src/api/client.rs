@@ -16,6 +16,21 @@ pub fn socket_path(state: &Path) -> PathBuf {
     state.join("converge.sock")
 }
 
+/// `value` percent-encoded for a URL's query: every byte but the
+/// unreserved ones (RFC 3986) as `%XX`, so a path with spaces, `&` or
+/// non-UTF-8 bytes travels intact.
+pub fn query_value(value: &[u8]) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &byte in value {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// Why a request to the daemon failed (other than nobody listening).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -89,4 +104,16 @@ pub fn request(
         status,
         body: body.to_owned(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_value_keeps_unreserved_bytes_and_escapes_the_rest() {
+        assert_eq!(query_value(b"/srv/fleet-1/a_b.c~"), "/srv/fleet-1/a_b.c~");
+        assert_eq!(query_value(b"/a b&c=d%"), "/a%20b%26c%3Dd%25");
+        assert_eq!(query_value(&[b'/', 0xff]), "/%FF");
+    }
 }

@@ -2,12 +2,16 @@
 //! mode 0600, so only the owner (and root) can ask or command.
 //!
 //! Read endpoints answer from the store (which the daemon holds locked);
-//! `POST /v1/reconcile/{kind}/{name}` queues a reconcile;
+//! `GET /v1/plan?dir=DIR` plans the daemon's desired state, and only when DIR
+//! is the directory it watches (409 otherwise: a plan of another directory
+//! than asked would be a lie); `POST /v1/reconcile/{kind}/{name}` queues a
+//! reconcile of an object the daemon knows (404 otherwise);
 //! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
 //! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
-//! Prometheus text. Never listens on a TCP port.
+//! Prometheus text (its content type says which format version). Never
+//! listens on a TCP port.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,10 +41,20 @@ pub type PlanFn = Arc<dyn Fn() -> BoxFuture<'static, Plan> + Send + Sync>;
 pub type VmOpFn =
     Arc<dyn Fn(Name, VmOp) -> BoxFuture<'static, Result<VmOpOutcome, String>> + Send + Sync>;
 
+/// Whether the daemon has an object to reconcile under a key: in the
+/// desired state in force, or removed from it but still to be stopped.
+pub type KnownFn = Arc<dyn Fn(&ObjectKey) -> bool + Send + Sync>;
+
+/// The content type of Prometheus' text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// The desired-state directory the daemon watches, canonicalized.
+    pub dir: PathBuf,
+    pub known: KnownFn,
     pub manual: mpsc::UnboundedSender<ObjectKey>,
     pub metrics: Arc<Metrics>,
     pub plan: PlanFn,
@@ -56,19 +70,68 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("another converge daemon answers on {path}")]
+    #[error("listen on {path}: another converge daemon answers there; stop it first")]
     InUse { path: PathBuf },
+    #[error("listen on {path}: it exists and is not a socket; move it away and start again")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "listen on {path}: cannot tell whether a daemon answers on the socket there; \
+         remove it if no converge daemon runs on this state directory"
+    )]
+    Probe {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replace the stale socket {path}: remove it and start again")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Binds the socket (replacing a stale one) with mode 0600.
+/// Binds the socket with mode 0600. A socket another process answers on is
+/// refused; one nobody answers on (left by a daemon that was killed or
+/// crashed) is replaced, and that is logged. Anything else at the path is
+/// refused rather than removed.
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ApiError::InUse {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ApiError::NotASocket {
                 path: path.to_path_buf(),
             });
         }
-        let _ = std::fs::remove_file(path);
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(ApiError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::warn!(
+                    socket = %path.display(),
+                    "replacing a stale socket nobody answers on (left by a daemon that did not stop cleanly)"
+                );
+                std::fs::remove_file(path).map_err(|source| ApiError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(ApiError::Probe {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     }
     let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: path.to_path_buf(),
@@ -252,7 +315,27 @@ async fn events(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
     }
 }
 
-async fn plan(State(s): State<ApiState>) -> Response {
+#[derive(Deserialize)]
+struct PlanQuery {
+    /// The directory the client asks a plan of (canonicalized by it).
+    dir: Option<String>,
+}
+
+async fn plan(State(s): State<ApiState>, Query(q): Query<PlanQuery>) -> Response {
+    if let Some(asked) = q.dir {
+        let asked = PathBuf::from(asked);
+        let asked = std::fs::canonicalize(&asked).unwrap_or(asked);
+        if asked != s.dir {
+            let message = format!(
+                "a converge daemon holds the store of this state directory for {watched}, and it \
+                 plans only that directory, not {asked}: plan {watched} (converge plan --dir \
+                 {watched}), or stop the daemon to plan {asked} against this store\n",
+                watched = s.dir.display(),
+                asked = asked.display(),
+            );
+            return (StatusCode::CONFLICT, message).into_response();
+        }
+    }
     let plan = (s.plan)().await;
     json(&plan)
 }
@@ -265,6 +348,14 @@ async fn reconcile(
         Ok(k) => k,
         Err(r) => return *r,
     };
+    if !(s.known)(&key) {
+        let message = format!(
+            "{key} is not in the desired state of {dir}, so there is nothing to reconcile: \
+             check the key (`converge status` lists the objects converge knows) or add it to the YAML\n",
+            dir = s.dir.display(),
+        );
+        return (StatusCode::NOT_FOUND, message).into_response();
+    }
     match s.manual.send(key.clone()) {
         Ok(()) => (StatusCode::ACCEPTED, format!("queued {key}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
@@ -304,5 +395,38 @@ async fn vm_revert(
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     let body = s.metrics.render(&s.store);
-    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+    ([("content-type", METRICS_CONTENT_TYPE)], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_replaces_a_socket_nobody_answers_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("converge.sock");
+        drop(bind(&path).unwrap());
+        assert!(path.exists(), "a dropped listener leaves its socket file");
+        let _listener = bind(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_a_socket_that_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("converge.sock");
+        let _first = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ApiError::InUse { .. })));
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_to_remove_what_is_not_a_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("converge.sock");
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(matches!(bind(&path), Err(ApiError::NotASocket { .. })));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+    }
 }

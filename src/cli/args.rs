@@ -151,3 +151,17 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()
         .map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))
 }
+
+/// Opens the store under the state directory `state`, creating it if
+/// needed. Every command opens it here: a store that is locked or damaged
+/// is reported by its own message, which names the store and says what to
+/// do; other failures say that opening the store failed.
+pub(crate) fn open_store(state: &std::path::Path) -> anyhow::Result<crate::store::Store> {
+    use crate::store::{Store, StoreError};
+    let dir = crate::controller::context::store_dir(state);
+    match Store::open(&dir) {
+        Ok(store) => Ok(store),
+        Err(e @ (StoreError::Damaged { .. } | StoreError::Locked { .. })) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("open the store")),
+    }
+}

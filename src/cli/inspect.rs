@@ -86,7 +86,7 @@ pub(crate) fn open_existing_store(state: &StateArg) -> anyhow::Result<Store> {
             dir.display()
         );
     }
-    Store::open(&dir).context("open the store")
+    super::args::open_store(&state.state)
 }
 
 fn path_of(prefix: &str, key: &ObjectKey) -> String {

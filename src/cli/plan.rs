@@ -10,7 +10,6 @@ use crate::controller::context::{Config, Context};
 use crate::controller::{lifecycle, preview};
 use crate::plan::{Plan, render_text};
 use crate::source::Source;
-use crate::store::Store;
 
 /// Exit code of --detailed-exitcode when the plan has changes.
 pub const EXIT_CHANGES: u8 = 2;
@@ -21,10 +20,17 @@ pub const EXIT_CHANGES: u8 = 2;
 /// what was last applied and what is there now: `+ create`, `~ update` (with
 /// the fields that changed), `-/+ replace`, `- destroy`/forget, and a
 /// separate section for objects changed outside converge (drift). Changes
-/// nothing. While a daemon runs on --state, it is asked instead.
+/// nothing.
 ///
-/// Exit codes: 0 success; 1 error (invalid directory); with
-/// --detailed-exitcode, 0 no changes, 2 changes present.
+/// While a daemon runs on --state it holds the store, so it is asked
+/// instead, and it answers only for the directory it watches (compared
+/// after resolving symlinks and relative paths). For any other --dir the
+/// plan is refused with exit 1, naming the directory the daemon watches:
+/// plan that one, or stop the daemon.
+///
+/// Exit codes: 0 success; 1 error (invalid directory, a daemon on --state
+/// watching another directory); with --detailed-exitcode, 0 no changes,
+/// 2 changes present.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  converge plan --dir . --state /var/lib/converge/controller\n  converge plan --dir . --detailed-exitcode || echo 'changes pending'\n  converge plan --dir . --output json"
@@ -55,14 +61,25 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         writeln!(out, "invalid desired state: no plan")?;
         return Ok(EXIT_FATAL);
     };
-    let plan: Plan = match super::args::ask(&args.state.state, "GET", "/v1/plan")? {
+    // The daemon plans only the directory it watches: it is told which one
+    // this plan is of, resolved as the daemon resolved its own.
+    let dir = std::fs::canonicalize(&args.dir.dir)
+        .with_context(|| format!("resolve {}", args.dir.dir.display()))?;
+    let path = format!(
+        "/v1/plan?dir={}",
+        crate::api::client::query_value(dir.as_os_str().as_encoded_bytes())
+    );
+    let plan: Plan = match super::args::ask(&args.state.state, "GET", &path)? {
         Some((200, body)) => serde_json::from_str(&body).context("parse the daemon's plan")?,
+        Some((409, body)) => {
+            eprintln!("error: {}", body.trim());
+            return Ok(EXIT_FATAL);
+        }
         Some((status, body)) => anyhow::bail!("the daemon answered {status}: {}", body.trim()),
         None => {
             let state = &args.state.state;
             super::args::create_state_dir(state)?;
-            let store = Store::open(&crate::controller::context::store_dir(state))
-                .context("open the store")?;
+            let store = super::args::open_store(state)?;
             let driver = args
                 .ssh
                 .driver(state, &args.dir.dir, super::args::ONE_SHOT_SSH_PERSIST);

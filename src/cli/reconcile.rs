@@ -2,7 +2,9 @@
 //! running daemon to reconcile one object now.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context as _;
 
@@ -13,7 +15,6 @@ use crate::controller::lifecycle;
 use crate::controller::once::{self, OnceOptions};
 use crate::source::Source;
 use crate::spec::{HumanDuration, ObjectKey};
-use crate::store::Store;
 
 /// Exit code: some objects failed (or were rolled back).
 pub const EXIT_FAILED: u8 = 3;
@@ -25,14 +26,18 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// With --once: load the directory, converge every object (build, install,
 /// activate, health-check, roll back on failure, retry transient failures
 /// with backoff), print a summary and exit. An invalid directory applies
-/// nothing and exits 1.
+/// nothing and exits 1. --timeout bounds the whole command, from reading
+/// the directory and hashing its build inputs to the last step: past it,
+/// running steps are aborted, an object that had not ended is reported not
+/// ready (an attempt cut halfway is recorded as Interrupted) and the exit
+/// code is 4.
 ///
 /// With a KEY (and no --once): ask the running daemon to reconcile that
-/// object now.
+/// object now; a key the daemon's desired state does not have is an error.
 ///
 /// Exit codes: 0 every object Ready; 1 fatal (invalid directory, store
-/// locked by a daemon, cannot start); 3 some objects failed or were rolled
-/// back; 4 timed out.
+/// locked by a daemon or damaged, unknown KEY, cannot start); 3 some objects
+/// failed or were rolled back; 4 timed out.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile --once --dir . --retry   # try rolled-back artifacts again\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
@@ -50,7 +55,8 @@ pub struct Args {
     pub state: StateArg,
     #[command(flatten)]
     pub ssh: super::args::SshArgs,
-    /// Bound on the whole run (e.g. 10m); past it, steps are aborted and the exit code is 4.
+    /// Bound on the whole run (e.g. 10m), loading the directory included;
+    /// past it, steps are aborted and the exit code is 4.
     #[arg(long)]
     pub timeout: Option<HumanDuration>,
     /// Tries per object in this run; transient failures are retried with backoff in between.
@@ -84,9 +90,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             "give --once to converge everything once, or an object key to ask the daemon (see --help)"
         );
     }
-    let mut source = Source::new(&args.dir.dir);
+    // --timeout bounds everything from here, loading and hashing included.
+    let deadline = args.timeout.map(|t| Instant::now() + t.get());
+    let loaded = match deadline {
+        None => lifecycle::load(&mut Source::new(&args.dir.dir)),
+        Some(deadline) => match load_before(&args.dir.dir, deadline) {
+            Some(loaded) => loaded,
+            None => return loading_timed_out(&args),
+        },
+    };
     let (assembled, _stats, snapshot) =
-        lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
+        loaded.with_context(|| format!("load {}", args.dir.dir.display()))?;
     let Some(snapshot) = snapshot else {
         let mut out = std::io::stdout().lock();
         for d in &assembled.diagnostics {
@@ -100,8 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let state = &args.state.state;
     super::args::create_state_dir(state)?;
-    let store =
-        Store::open(&crate::controller::context::store_dir(state)).context("open the store")?;
+    let store = super::args::open_store(state)?;
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,
@@ -123,7 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     applier.backoff.min_delay = args.retry_delay.get();
     let options = OnceOptions {
         attempts: args.attempts,
-        timeout: args.timeout.map(HumanDuration::get),
+        timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
         applier,
     };
     let runtime = super::args::runtime()?;
@@ -194,6 +207,54 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     })
 }
 
+type Loaded = Result<
+    (
+        crate::spec::Assembled,
+        crate::source::LoadStats,
+        Option<crate::controller::context::Snapshot>,
+    ),
+    crate::source::SourceError,
+>;
+
+/// Loads `dir` on a thread of its own and waits for it until `deadline`;
+/// `None` when it did not end by then. Reading a file can block for good (a
+/// FIFO, a hung network mount), so the thread is left behind: the command
+/// exits right after, which ends it.
+fn load_before(dir: &Path, deadline: Instant) -> Option<Loaded> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("load".into())
+        .spawn(move || {
+            let _ = tx.send(lifecycle::load(&mut Source::new(dir)));
+        })
+        .ok()?;
+    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .ok()
+}
+
+/// What `--once` reports when the directory did not load within --timeout.
+fn loading_timed_out(args: &Args) -> anyhow::Result<u8> {
+    let limit = args.timeout.map(|t| t.to_string()).unwrap_or_default();
+    eprintln!(
+        "error: timed out after {limit} while loading {} (reading its files and hashing its \
+         build inputs); nothing was applied. Is a file there unreadable (a FIFO, a hung mount)?",
+        args.dir.dir.display()
+    );
+    if args.output == Output::Json {
+        let report = once::OnceReport {
+            rows: Vec::new(),
+            timed_out: true,
+            forgotten: Vec::new(),
+            revision: String::new(),
+        };
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    }
+    Ok(EXIT_TIMED_OUT)
+}
+
 /// `converge reconcile KEY`: asks the daemon to reconcile one object now.
 fn request_reconcile(state: &std::path::Path, key: &ObjectKey) -> anyhow::Result<u8> {
     match super::args::ask(state, "POST", &format!("/v1/reconcile/{key}"))? {
@@ -207,6 +268,10 @@ fn request_reconcile(state: &std::path::Path, key: &ObjectKey) -> anyhow::Result
         Some((202, body)) => {
             println!("{}", body.trim());
             Ok(EXIT_OK)
+        }
+        Some((404, body)) => {
+            eprintln!("error: {}", body.trim());
+            Ok(EXIT_FATAL)
         }
         Some((status, body)) => {
             eprintln!("error: the daemon answered {status}: {}", body.trim());

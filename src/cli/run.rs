@@ -15,8 +15,7 @@ use crate::controller::daemon::{self, DaemonOptions, Signals};
 use crate::controller::metrics::Metrics;
 use crate::controller::{lifecycle, preview, vmops};
 use crate::source::Source;
-use crate::spec::HumanDuration;
-use crate::store::Store;
+use crate::spec::{HumanDuration, Kind};
 
 /// Run the controller: keep every object converged.
 ///
@@ -26,14 +25,22 @@ use crate::store::Store;
 /// (`converge reconcile KEY`). An invalid directory is logged with
 /// file:line:col and not applied; the last valid desired state stays in
 /// force. While it runs, `converge status/history/facts/plan` ask it over a
-/// Unix socket in the state directory (mode 0600).
+/// Unix socket in the state directory (mode 0600); a socket left by a daemon
+/// that did not stop cleanly is replaced (and logged), one that answers
+/// stops this one from starting.
 ///
-/// The first SIGTERM/SIGINT stops scheduling and lets running steps finish
-/// (up to --grace); a second aborts them. Exit codes: 0 stopped cleanly;
-/// 1 cannot start (invalid directory, store locked by another daemon).
+/// Signals: SIGHUP re-reads the directory now (as a file change does: only
+/// objects whose spec, roles or build inputs changed are reconciled). The
+/// directory is also re-read every --reread-interval whatever the file watch
+/// said, which catches changes it missed (an overflowed inotify queue, a
+/// network file system). The first SIGTERM/SIGINT stops scheduling and lets
+/// running steps finish (up to --grace); a second aborts them.
+///
+/// Exit codes: 0 stopped cleanly; 1 cannot start (invalid directory, store
+/// locked by another daemon or damaged).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
+    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -51,6 +58,11 @@ pub struct Args {
     /// Quiet window after a file change before reloading.
     #[arg(long, default_value = "500ms")]
     pub debounce: HumanDuration,
+    /// Re-read the whole directory this often, whatever the file watch
+    /// reported (an unchanged directory reconciles nothing); `0s` turns it
+    /// off. SIGHUP re-reads at once.
+    #[arg(long, value_name = "DURATION", default_value = "1m")]
+    pub reread_interval: HumanDuration,
     /// How long running steps may finish after the first stop signal.
     #[arg(long, default_value = "30s")]
     pub grace: HumanDuration,
@@ -77,8 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let state = &args.state.state;
     super::args::create_state_dir(state)?;
-    let store =
-        Store::open(&crate::controller::context::store_dir(state)).context("open the store")?;
+    let store = super::args::open_store(state)?;
     let driver = args
         .ssh
         .driver(state, &args.dir.dir, super::args::DAEMON_SSH_PERSIST);
@@ -98,18 +109,32 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ..ApplierConfig::default()
     };
     applier.backoff.min_delay = args.retry_delay.get();
+    let reread = args.reread_interval.get();
     let options = DaemonOptions {
         applier,
         debounce: args.debounce.get(),
+        reread: (!reread.is_zero()).then_some(reread),
     };
     let socket = crate::api::client::socket_path(state);
+    // Canonical, so that `plan --dir` through another path (relative, a
+    // symlink) is recognised as this directory and any other is refused.
+    let watched = std::fs::canonicalize(&args.dir.dir)
+        .with_context(|| format!("resolve {}", args.dir.dir.display()))?;
     runtime.block_on(async {
         let listener = api::bind(&socket).context("start the local API")?;
         let metrics = Arc::new(Metrics::new());
         let plan_ctx = ctx.clone();
         let vm_ctx = ctx.clone();
+        let known_ctx = ctx.clone();
         let api_state = ApiState {
             store,
+            dir: watched,
+            // In the desired state in force, or a removed VM still to stop.
+            known: Arc::new(move |key| {
+                known_ctx.snapshot().desired.contains(key)
+                    || (key.kind == Kind::VirtualMachine
+                        && known_ctx.store.status(key).ok().flatten().is_some())
+            }),
             manual: manual_tx,
             metrics: metrics.clone(),
             plan: Arc::new(move || {

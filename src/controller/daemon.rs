@@ -6,10 +6,15 @@
 //! reacts to file changes (reloading the directory and enqueuing only the
 //! objects whose spec, roles or build inputs changed), to resync intervals
 //! (each reconcile requeues itself), to manual requests from the API, and to
-//! machines becoming Ready (their dependents are woken). An invalid directory
-//! is logged with file:line:col and never applied: the last valid desired
-//! state stays in force. The first SIGTERM or SIGINT stops scheduling and
-//! lets running steps finish within the grace period; a second aborts.
+//! machines becoming Ready (their dependents are woken). SIGHUP re-reads the
+//! directory at once, and a periodic re-read (`--reread-interval`) catches
+//! changes the file watch missed (an overflowed inotify queue, a network
+//! file system, a watch that failed to start); both go through the same
+//! reload as a file change, so an unchanged directory enqueues nothing. An
+//! invalid directory is logged with file:line:col and never applied: the
+//! last valid desired state stays in force. The first SIGTERM or SIGINT stops
+//! scheduling and lets running steps finish within the grace period; a
+//! second aborts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -33,6 +38,31 @@ pub struct DaemonOptions {
     pub applier: ApplierConfig,
     /// Quiet window after a file change before reloading.
     pub debounce: Duration,
+    /// How often the directory is re-read whatever the file watch said;
+    /// `None`: never.
+    pub reread: Option<Duration>,
+}
+
+/// Why the directory is read again: decides how loudly a reload that finds
+/// nothing new, or the same errors again, is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The file watch reported changed paths.
+    Files,
+    /// SIGHUP.
+    Signal,
+    /// The periodic re-read.
+    Periodic,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Files => "files changed",
+            Cause::Signal => "SIGHUP",
+            Cause::Periodic => "periodic re-read",
+        }
+    }
 }
 
 /// What a reload found changed, by key.
@@ -59,11 +89,13 @@ fn changed_keys(old: &Snapshot, new: &Snapshot) -> (Vec<ObjectKey>, Vec<ObjectKe
     (changed, removed)
 }
 
-/// SIGTERM and SIGINT, installed before the daemon does anything else, so a
-/// stop signal during start-up is a clean stop rather than a kill.
+/// SIGTERM, SIGINT and SIGHUP, installed before the daemon does anything
+/// else, so a stop signal during start-up is a clean stop rather than a kill,
+/// and a SIGHUP (whose default action ends a process) never kills it.
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -72,6 +104,7 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).map_err(DaemonError::Signal)?,
             int: signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?,
+            hup: signal(SignalKind::hangup()).map_err(DaemonError::Signal)?,
         })
     }
 }
@@ -79,7 +112,7 @@ impl Signals {
 /// Runs until shut down by signal.
 pub async fn run<D: Drivers>(
     ctx: Arc<Context<D>>,
-    mut source: Source,
+    source: Source,
     options: DaemonOptions,
     manual: mpsc::UnboundedReceiver<ObjectKey>,
     metrics: Arc<super::metrics::Metrics>,
@@ -113,14 +146,31 @@ pub async fn run<D: Drivers>(
     let _watch = match triggers::watch_dir(&root, options.debounce, changes_tx) {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::error!(error = %crate::telemetry::error_chain(&e), "file changes will not be noticed; objects still resync on their interval");
+            match options.reread {
+                Some(every) => {
+                    tracing::error!(error = %crate::telemetry::error_chain(&e), reread_secs = every.as_secs(), "file changes are noticed only by the periodic re-read (or SIGHUP); objects still resync on their interval")
+                }
+                None => {
+                    tracing::error!(error = %crate::telemetry::error_chain(&e), "file changes will not be noticed (the periodic re-read is off): send SIGHUP after changing the directory; objects still resync on their interval")
+                }
+            }
             None
         }
+    };
+    let mut reread = options.reread.map(|every| {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    let mut reloader = Reloader {
+        source,
+        rejected: None,
     };
 
     let Signals {
         term: mut sigterm,
         int: mut sigint,
+        hup: mut sighup,
     } = signals;
     let mut manual = manual;
     let mut stop_signals = 0;
@@ -144,7 +194,17 @@ pub async fn run<D: Drivers>(
             _ = sigint.recv() => stop_signals += 1,
             Some(paths) = changes.recv() => {
                 tracing::debug!(count = paths.len(), "files changed");
-                reload(&ctx, &mut source, &requests).await;
+                reloader.reload(&ctx, &requests, Cause::Files).await;
+                reset(&mut reread);
+            }
+            Some(()) = sighup.recv() => {
+                tracing::info!(dir = %root.display(), "SIGHUP: re-reading the desired-state directory");
+                reloader.reload(&ctx, &requests, Cause::Signal).await;
+                reset(&mut reread);
+            }
+            () = next_tick(&mut reread) => {
+                tracing::debug!(dir = %root.display(), "periodic re-read of the desired-state directory");
+                reloader.reload(&ctx, &requests, Cause::Periodic).await;
             }
             Some(key) = manual.recv() => {
                 tracing::info!(object = %key, "reconcile requested");
@@ -189,62 +249,123 @@ pub async fn run<D: Drivers>(
     Ok(())
 }
 
-/// Reloads the directory; applies it only if valid.
-async fn reload<D: Drivers>(
-    ctx: &Arc<Context<D>>,
-    source: &mut Source,
-    requests: &mpsc::UnboundedSender<Request<ObjectKey>>,
-) {
-    let loaded = tokio::task::block_in_place(|| lifecycle::load(source));
-    let (assembled, stats, snapshot) = match loaded {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            tracing::error!(error = %crate::telemetry::error_chain(&e), "cannot read the desired-state directory; keeping the last valid desired state");
-            return;
+/// Waits for the next periodic re-read; never, when it is off.
+async fn next_tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(ticker) => {
+            ticker.tick().await;
         }
-    };
-    let Some(snapshot) = snapshot else {
-        for d in assembled.errors() {
-            tracing::error!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
-        }
-        tracing::error!(
-            errors = assembled.errors().count(),
-            revision = %ctx.snapshot().revision.short(),
-            "the desired state is invalid and was not applied; keeping the last valid one"
-        );
-        return;
-    };
-    for d in assembled.warnings() {
-        tracing::warn!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+        None => std::future::pending().await,
     }
-    let old = ctx.snapshot();
-    let (changed, removed) = changed_keys(&old, &snapshot);
-    let revision = snapshot.revision.short();
-    let desired = snapshot.desired.clone();
-    ctx.replace_snapshot(snapshot);
-    let forgotten = if removed.is_empty() {
-        Vec::new()
-    } else {
-        lifecycle::forget_removed(ctx, &desired)
-    };
-    let mut changed = changed;
-    changed.extend(
-        forgotten
-            .iter()
-            .filter(|k| k.kind == Kind::VirtualMachine)
-            .cloned(),
-    );
-    tracing::info!(
-        %revision,
-        changed = changed.len(),
-        forgotten = forgotten.len(),
-        parsed_files = stats.parsed,
-        load_ms = stats.micros / 1000,
-        "desired state reloaded"
-    );
-    let order: BTreeMap<ObjectKey, ()> = changed.into_iter().map(|k| (k, ())).collect();
-    for key in order.into_keys() {
-        let _ = requests.send(Request::Now(key));
+}
+
+/// A reload for another cause just read the directory: the next periodic
+/// re-read is a full interval away.
+fn reset(ticker: &mut Option<tokio::time::Interval>) {
+    if let Some(ticker) = ticker {
+        ticker.reset();
+    }
+}
+
+/// The source and what the last rejected load said, so that a periodic
+/// re-read of a directory that is still invalid in the same way does not
+/// log the same errors again every interval.
+struct Reloader {
+    source: Source,
+    /// The diagnostics of the last load that was not applied, if the last
+    /// load was not applied.
+    rejected: Option<Vec<String>>,
+}
+
+impl Reloader {
+    /// Reloads the directory; applies it only if valid.
+    async fn reload<D: Drivers>(
+        &mut self,
+        ctx: &Arc<Context<D>>,
+        requests: &mpsc::UnboundedSender<Request<ObjectKey>>,
+        cause: Cause,
+    ) {
+        let loaded = tokio::task::block_in_place(|| lifecycle::load(&mut self.source));
+        let (assembled, stats, snapshot) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::error_chain(&e), cause = cause.as_str(), "cannot read the desired-state directory; keeping the last valid desired state");
+                return;
+            }
+        };
+        let Some(snapshot) = snapshot else {
+            let diagnostics: Vec<String> = assembled.errors().map(ToString::to_string).collect();
+            let repeated = self.rejected.as_ref() == Some(&diagnostics);
+            if repeated && cause == Cause::Periodic {
+                tracing::debug!(
+                    errors = diagnostics.len(),
+                    "the desired state is still invalid in the same way; keeping the last valid one"
+                );
+                return;
+            }
+            for d in assembled.errors() {
+                tracing::error!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+            }
+            tracing::error!(
+                errors = diagnostics.len(),
+                cause = cause.as_str(),
+                revision = %ctx.snapshot().revision.short(),
+                "the desired state is invalid and was not applied; keeping the last valid one"
+            );
+            self.rejected = Some(diagnostics);
+            return;
+        };
+        self.rejected = None;
+        for d in assembled.warnings() {
+            tracing::warn!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+        }
+        let old = ctx.snapshot();
+        let (changed, removed) = changed_keys(&old, &snapshot);
+        let revision = snapshot.revision.short();
+        let desired = snapshot.desired.clone();
+        ctx.replace_snapshot(snapshot);
+        let forgotten = if removed.is_empty() {
+            Vec::new()
+        } else {
+            lifecycle::forget_removed(ctx, &desired)
+        };
+        let mut changed = changed;
+        changed.extend(
+            forgotten
+                .iter()
+                .filter(|k| k.kind == Kind::VirtualMachine)
+                .cloned(),
+        );
+        let nothing_new = changed.is_empty() && forgotten.is_empty();
+        if cause == Cause::Periodic && nothing_new {
+            tracing::debug!(
+                %revision,
+                parsed_files = stats.parsed,
+                load_ms = stats.micros / 1000,
+                "periodic re-read: nothing changed"
+            );
+        } else {
+            if cause == Cause::Periodic {
+                tracing::info!(
+                    changed = changed.len(),
+                    forgotten = forgotten.len(),
+                    "the periodic re-read found changes the file watch had not reported"
+                );
+            }
+            tracing::info!(
+                %revision,
+                cause = cause.as_str(),
+                changed = changed.len(),
+                forgotten = forgotten.len(),
+                parsed_files = stats.parsed,
+                load_ms = stats.micros / 1000,
+                "desired state reloaded"
+            );
+        }
+        let order: BTreeMap<ObjectKey, ()> = changed.into_iter().map(|k| (k, ())).collect();
+        for key in order.into_keys() {
+            let _ = requests.send(Request::Now(key));
+        }
     }
 }
 

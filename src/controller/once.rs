@@ -5,7 +5,10 @@
 //! with the usual per-key backoff); a terminal error ends it at once. A
 //! machine waiting for dependencies that failed ends failed too, saying so.
 //! Over the whole run stands one timeout: past it, running steps are aborted
-//! and the report says the run timed out.
+//! and the report says the run timed out. An object that had not ended by
+//! then is not ready in the report, whatever its last status said; one whose
+//! attempt was cut has that attempt recorded as `Interrupted` and Ready=False
+//! (what it changed is unknown until the next run observes it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use super::applier::{Config as ApplierConfig, Outcome, Phase, Request};
 use super::context::Context;
 use super::lifecycle::{self, Loop};
 use crate::driver::capability::Drivers;
-use crate::spec::ObjectKey;
+use crate::spec::{HumanDuration, ObjectKey};
 use crate::store::records::{ConditionKind, Reason, now_ms};
 
 /// Options of one `--once` run.
@@ -103,6 +106,7 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
 
     let deadline = options.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
+    let limit = options.timeout.unwrap_or_default();
     while running > 0 {
         let next = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, finished.recv()).await {
@@ -175,9 +179,21 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
         Phase::Graceful
     });
     drop(requests);
-    if let Ok(summary) = handle.await {
-        for key in &summary.aborted {
+    let aborted = match handle.await {
+        Ok(summary) => summary.aborted,
+        Err(e) => {
+            tracing::error!(error = %e, "the reconcile loop failed");
+            Vec::new()
+        }
+    };
+    for key in &aborted {
+        if timed_out {
             tracing::warn!(object = %key, "aborted by the run's timeout");
+            record_cut(&ctx, key, limit);
+        } else {
+            // Past the grace of the stop after every object ended (a
+            // dependency poll, say): found interrupted at the next start.
+            tracing::warn!(object = %key, "aborted when the run stopped; it is observed again on the next run");
         }
     }
     // Written after the loop stopped, so no late dependency poll overwrites them.
@@ -201,13 +217,59 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
     let rows = keys
         .iter()
         .filter(|key| !forgotten.contains(key))
-        .map(|key| row(&ctx, key, attempts.get(key).copied().unwrap_or(0)))
+        .map(|key| {
+            let mut row = row(&ctx, key, attempts.get(key).copied().unwrap_or(0));
+            // Only an object that ended this run Ready is ready: one the
+            // clock cut off shows its last status's reason, never Ready.
+            if progress.get(key) == Some(&Progress::Running) && row.ready {
+                row.ready = false;
+                row.reason = Reason::NotReconciled;
+                row.message = format!(
+                    "the run timed out after {} before this object's reconcile ended",
+                    HumanDuration::from_millis(limit_ms(limit))
+                );
+            }
+            row
+        })
         .collect();
     OnceReport {
         rows,
         timed_out,
         forgotten,
         revision: snapshot.revision.short(),
+    }
+}
+
+fn limit_ms(limit: Duration) -> u64 {
+    u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Records the attempt the run's timeout cut on `key` as `Interrupted`,
+/// with Ready=False: its steps may have changed the object halfway. An
+/// abort before the attempt began changed nothing and leaves the status.
+fn record_cut<D>(ctx: &Context<D>, key: &ObjectKey, limit: Duration) {
+    let Ok(Some(mut status)) = ctx.store.status(key) else {
+        return;
+    };
+    let Some(in_progress) = status.in_progress.take() else {
+        return;
+    };
+    let now = now_ms();
+    let message = format!(
+        "the attempt was cut by the run's timeout ({}); the next run observes what it changed",
+        HumanDuration::from_millis(limit_ms(limit))
+    );
+    status.set_condition(
+        ConditionKind::Ready,
+        false,
+        Reason::Interrupted,
+        &message,
+        now,
+    );
+    status.set_condition(ConditionKind::Reconciling, false, Reason::Unset, "", now);
+    let record = in_progress.interrupted(key.clone(), now);
+    if let Err(e) = ctx.store.finish_attempt(&record, &status) {
+        tracing::error!(object = %key, error = %e, "failed to record the attempt cut by the timeout");
     }
 }
 

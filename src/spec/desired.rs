@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::at::Loc;
 use super::diagnostic::Origin;
-use super::key::ObjectKey;
+use super::key::{Kind, ObjectKey};
 use super::model::{MachineSpec, ServiceSpec, VmSpec};
 use super::names::Name;
 use super::roles::MachineRoles;
@@ -52,6 +52,15 @@ impl DesiredState {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether an object of that kind and name is in this desired state.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        match key.kind {
+            Kind::Machine => self.machines.contains_key(&key.name),
+            Kind::VirtualMachine => self.vms.contains_key(&key.name),
+            Kind::Service => self.services.contains_key(&key.name),
+        }
     }
 
     /// Every object key with its spec hash, in key order.

@@ -15,7 +15,7 @@ use std::fmt::Display;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::error::StoreError;
 use super::records::{AttemptRecord, EventRecord, FactsRecord, SpecRecord, StatusRecord};
 
 /// A record type with a format version.

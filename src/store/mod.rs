@@ -17,11 +17,9 @@
 //! flush (an fsync); async callers run those in `spawn_blocking`.
 
 mod codec;
+mod error;
 mod layout;
 pub mod records;
-
-#[cfg(test)]
-mod tests;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -32,10 +30,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{ConflictableTransactionError, Transactional};
 
 use crate::spec::ObjectKey;
 use codec::{Versioned, decode, encode};
+pub use error::{DbError, StoreError};
+use error::{open_error, transaction_error};
 use layout::{AttemptName, RawKey};
 pub use records::*;
 
@@ -57,104 +57,13 @@ const LOCK_RETRY: Duration = Duration::from_millis(25);
 
 /// Mode of the store directory and of directories inside it: owner only.
 const DIR_MODE: u32 = 0o700;
+/// The file in the store directory that says the store was created and its
+/// layout version reached the disk: a marked store without one is damaged.
+/// Stores created before it existed are marked when next opened.
+const CREATED_MARK: &str = "converge-created";
+
 /// Mode of every file in the store directory: owner only.
 const FILE_MODE: u32 = 0o600;
-
-/// Why a store operation failed. Messages read after "failed to".
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("create store directory {}", path.display())]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("restrict {} to its owner", path.display())]
-    Permissions {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "open store {}: another process holds its lock, probably a running converge daemon; \
-         stop it, or ask it through its API instead",
-        path.display()
-    )]
-    Locked { path: PathBuf },
-    #[error("open store {}", path.display())]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: DbError,
-    },
-    #[error("read {key} from tree {tree}")]
-    Read {
-        tree: &'static str,
-        key: String,
-        #[source]
-        source: DbError,
-    },
-    #[error("write {key} to tree {tree}")]
-    Write {
-        tree: &'static str,
-        key: String,
-        #[source]
-        source: DbError,
-    },
-    #[error("scan tree {tree}")]
-    Scan {
-        tree: &'static str,
-        #[source]
-        source: DbError,
-    },
-    #[error("flush store {} to disk", path.display())]
-    Flush {
-        path: PathBuf,
-        #[source]
-        source: DbError,
-    },
-    #[error("encode {key} for tree {tree}")]
-    Encode {
-        tree: &'static str,
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("decode {key} in tree {tree}: the stored value is corrupt")]
-    Decode {
-        tree: &'static str,
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error(
-        "read {key} in tree {tree}: it has format version {version} and this converge reads \
-         up to version {supported}; was the store written by a newer converge?"
-    )]
-    UnsupportedFormat {
-        tree: &'static str,
-        key: String,
-        version: u32,
-        supported: u32,
-    },
-}
-
-/// An error from the database underneath, kept opaque so that the store's
-/// API names no sled type. Its message and source chain are sled's.
-#[derive(Debug)]
-pub struct DbError(sled::Error);
-
-impl fmt::Display for DbError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for DbError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
-    }
-}
 
 /// A handle on the store directory. Cloning is cheap and every clone is the
 /// same store; it is `Send + Sync`. The directory stays locked against other
@@ -194,10 +103,7 @@ struct Tree {
 
 impl Tree {
     fn open(db: &sled::Db, path: &Path, name: &'static str) -> Result<Tree, StoreError> {
-        let tree = db.open_tree(name).map_err(|e| StoreError::Open {
-            path: path.to_owned(),
-            source: DbError(e),
-        })?;
+        let tree = db.open_tree(name).map_err(|e| open_error(path, e))?;
         Ok(Tree { name, tree })
     }
 
@@ -283,7 +189,12 @@ impl Store {
     ///
     /// Fails with [`StoreError::Locked`] while another process, or another
     /// open [`Store`] in this one, holds the directory; a lock is waited for
-    /// up to one second first.
+    /// up to one second first. Fails with [`StoreError::Damaged`] when sled
+    /// cannot read the files, or when a store marked as created (the file
+    /// `CREATED_MARK`, written once its layout version is on disk) comes
+    /// up without its layout version: sled recovers a damaged log by
+    /// dropping everything after the damage, and at the very start that is
+    /// every record. converge writes nothing to a damaged store.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::DirBuilder::new()
             .recursive(true)
@@ -294,6 +205,7 @@ impl Store {
                 source,
             })?;
         set_mode(dir, DIR_MODE)?;
+        let marked = dir.join(CREATED_MARK).exists();
 
         let config = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES);
         // sled's worker threads may hold the database file for a moment
@@ -323,7 +235,11 @@ impl Store {
                 event_append: Mutex::new(()),
             }),
         };
-        store.check_layout()?;
+        store.check_layout(marked)?;
+        if !marked {
+            let mark = dir.join(CREATED_MARK);
+            fs::write(&mark, b"").map_err(|source| StoreError::Mark { path: mark, source })?;
+        }
         restrict_tree(&store.inner.path)?;
         Ok(store)
     }
@@ -333,9 +249,12 @@ impl Store {
         &self.inner.path
     }
 
-    /// Refuses a store whose key layout is newer than this build's, and marks
-    /// a new store with the current one.
-    fn check_layout(&self) -> Result<(), StoreError> {
+    /// Refuses a store whose key layout is newer than this build's, and one
+    /// `marked` as created that lost its layout version (damaged); gives a
+    /// new store the current layout version, on disk before it is marked,
+    /// so that a store killed while it was created is never taken for a
+    /// damaged one.
+    fn check_layout(&self, marked: bool) -> Result<(), StoreError> {
         let meta = &self.inner.meta;
         let name = RawKey(layout::LAYOUT);
         match meta.get::<u64>(layout::LAYOUT, &name)? {
@@ -348,7 +267,20 @@ impl Store {
                 })
             }
             Some(_) => Ok(()),
-            None => meta.put(layout::LAYOUT, &name, &layout::LAYOUT_VERSION),
+            None if marked => Err(StoreError::Damaged {
+                path: self.inner.path.clone(),
+                cause: "sled recovered none of its records, not even the layout version \
+                        every store holds from its creation"
+                    .to_owned(),
+            }),
+            None => {
+                meta.put(layout::LAYOUT, &name, &layout::LAYOUT_VERSION)?;
+                self.inner.db.flush().map_err(|e| StoreError::Flush {
+                    path: self.inner.path.clone(),
+                    source: DbError(e),
+                })?;
+                Ok(())
+            }
         }
     }
 
@@ -724,42 +656,6 @@ impl Store {
     }
 }
 
-/// Maps sled's failure to open, telling a held lock from other failures.
-fn open_error(path: &Path, e: sled::Error) -> StoreError {
-    // sled 0.34.7 (config.rs, `try_lock`) takes an exclusive flock on the
-    // `db` file and, when that fails, returns an `Other` io error with the
-    // text "could not acquire lock on ..."; the WouldBlock kind is only in
-    // its text.
-    if let sled::Error::Io(io) = &e {
-        if io.kind() == io::ErrorKind::WouldBlock
-            || io.to_string().contains("could not acquire lock")
-        {
-            return StoreError::Locked {
-                path: path.to_owned(),
-            };
-        }
-    }
-    StoreError::Open {
-        path: path.to_owned(),
-        source: DbError(e),
-    }
-}
-
-fn transaction_error(
-    trees: &'static str,
-    key: &ObjectKey,
-    e: TransactionError<StoreError>,
-) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => StoreError::Write {
-            tree: trees,
-            key: key.to_string(),
-            source: DbError(e),
-        },
-    }
-}
-
 fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
         StoreError::Permissions {
@@ -821,3 +717,6 @@ fn set_mode_if_needed(path: &Path, mode: u32) -> Result<(), StoreError> {
         Ok(()) => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

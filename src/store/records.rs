@@ -124,7 +124,7 @@ pub enum Reason {
     StopFailed,
     StartFailed,
     DeleteFailed,
-    /// The process died mid-attempt.
+    /// An attempt was cut short: the process died, or a timeout aborted it.
     Interrupted,
     /// Never reconciled yet.
     NotReconciled,
@@ -395,7 +395,8 @@ pub enum AttemptResult {
         message: String,
         to_generation: Option<u64>,
     },
-    /// The process died mid-attempt; recorded after the restart.
+    /// Cut short: the process died mid-attempt (recorded after the
+    /// restart), or a `--once` run's timeout aborted it.
     Interrupted,
 }
 

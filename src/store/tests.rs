@@ -144,6 +144,73 @@ fn second_open_in_the_same_process_is_locked() {
     Store::open(tmp.path()).unwrap();
 }
 
+/// A store with a few attempts recorded, closed, and `name` in it then
+/// overwritten with as many bytes of garbage.
+fn store_with_garbage_in(name: &str) -> tempfile::TempDir {
+    let tmp = tempdir();
+    {
+        let store = Store::open(tmp.path()).unwrap();
+        for i in 0..20 {
+            run_attempt(&store, &key(&format!("machine/m{i}")));
+        }
+        store.flush().unwrap();
+    }
+    let file = tmp.path().join(name);
+    let len = fs::metadata(&file).unwrap().len().max(64);
+    let garbage: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8 ^ 0x5a).collect();
+    fs::write(&file, garbage).unwrap();
+    tmp
+}
+
+fn assert_damaged(tmp: &tempfile::TempDir) {
+    match Store::open(tmp.path()) {
+        Err(e @ StoreError::Damaged { .. }) => {
+            let text = e.to_string();
+            let path = tmp.path().display().to_string();
+            assert!(
+                text.contains(&format!("mv {path} {path}.damaged")),
+                "{text}"
+            );
+            assert!(text.contains("history is lost"), "{text}");
+        }
+        other => panic!("expected Damaged, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_store_whose_config_is_garbage_is_damaged() {
+    // sled reports this one itself (as `Unsupported` or `Corruption`).
+    assert_damaged(&store_with_garbage_in("conf"));
+}
+
+#[test]
+fn a_store_whose_log_is_garbage_is_damaged_not_silently_empty() {
+    // sled opens this one without an error and with no records at all.
+    let tmp = store_with_garbage_in("db");
+    assert_damaged(&tmp);
+    // Refusing wrote nothing: it is still refused.
+    assert_damaged(&tmp);
+}
+
+#[test]
+fn a_new_store_is_not_taken_for_a_damaged_one_when_opened_again() {
+    let tmp = tempdir();
+    drop(Store::open(tmp.path()).unwrap());
+    assert!(tmp.path().join(CREATED_MARK).exists());
+    // No write, no explicit flush: the layout version is on disk already.
+    Store::open(tmp.path()).unwrap();
+}
+
+#[test]
+fn a_store_cut_off_while_it_was_created_opens_as_a_new_one() {
+    // sled's files exist, the layout version and the mark never got written.
+    let tmp = tempdir();
+    drop(sled::open(tmp.path()).unwrap());
+    let store = Store::open(tmp.path()).unwrap();
+    assert!(store.statuses().unwrap().is_empty());
+    assert!(tmp.path().join(CREATED_MARK).exists());
+}
+
 #[test]
 fn records_round_trip_through_the_store() {
     let tmp = tempdir();
