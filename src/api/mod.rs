@@ -56,6 +56,8 @@ pub struct ApiState {
     pub dir: PathBuf,
     pub known: KnownFn,
     pub manual: mpsc::UnboundedSender<ObjectKey>,
+    /// Keys to release a held artifact of at their next reconcile.
+    pub retries: crate::controller::context::Retries,
     pub metrics: Arc<Metrics>,
     pub plan: PlanFn,
     pub vm: VmOpFn,
@@ -193,11 +195,26 @@ pub fn status_view(
         return Ok(None);
     };
     let facts = store.facts(key)?;
-    Ok(Some(serde_json::json!({
+    let mut view = serde_json::json!({
         "key": key,
         "status": status,
-        "lastSeenMs": facts.map(|f| f.observed_ms),
-    })))
+        "lastSeenMs": facts.as_ref().map(|f| f.observed_ms),
+    });
+    if key.kind == crate::spec::Kind::Machine {
+        // What the target's `current` and `confirmed` pointed at when last
+        // observed (after every change): the truth `status` names, whatever
+        // the last attempt recorded.
+        let machine = facts
+            .as_ref()
+            .and_then(|f| crate::driver::protocol::MachineFacts::from_record(&f.facts));
+        view["current"] = machine
+            .as_ref()
+            .map_or(serde_json::Value::Null, |m| m.current_name().into());
+        view["confirmed"] = machine
+            .and_then(|m| m.confirmed)
+            .map_or(serde_json::Value::Null, |g| g.to_string().into());
+    }
+    Ok(Some(view))
 }
 
 /// One row per VM the store knows, for `converge vm list` (shared with the
@@ -340,9 +357,17 @@ async fn plan(State(s): State<ApiState>, Query(q): Query<PlanQuery>) -> Response
     json(&plan)
 }
 
+/// `?retry=true`: release the object's held artifact first.
+#[derive(Debug, Default, Deserialize)]
+struct ReconcileQuery {
+    #[serde(default)]
+    retry: bool,
+}
+
 async fn reconcile(
     State(s): State<ApiState>,
     UrlPath((kind, name)): UrlPath<(String, String)>,
+    Query(query): Query<ReconcileQuery>,
 ) -> Response {
     let key = match key_of(&kind, &name) {
         Ok(k) => k,
@@ -356,8 +381,18 @@ async fn reconcile(
         );
         return (StatusCode::NOT_FOUND, message).into_response();
     }
+    if query.retry {
+        if let Ok(mut keys) = s.retries.lock() {
+            keys.insert(key.clone());
+        }
+    }
+    let note = if query.retry {
+        " (a held artifact is released: it is tried again)"
+    } else {
+        ""
+    };
     match s.manual.send(key.clone()) {
-        Ok(()) => (StatusCode::ACCEPTED, format!("queued {key}\n")).into_response(),
+        Ok(()) => (StatusCode::ACCEPTED, format!("queued {key}{note}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
     }
 }

@@ -40,6 +40,27 @@ pub enum Output {
     Json,
 }
 
+/// How many generations targets keep: `plan`, `reconcile` and `run` agree.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct KeepArg {
+    /// Complete generations each machine's prune step keeps on its target;
+    /// the ones `current` and `confirmed` point at are never removed. With a
+    /// daemon running, `plan` shows the daemon's value.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub keep_generations: u16,
+}
+
+/// The bound on the controller's build cache.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct CacheArg {
+    /// Bound on the build cache (STATE/builds), e.g. 500MiB or 4GiB: artifacts
+    /// no kept generation uses are removed, then the least recently used
+    /// while it is larger; none used in the last hour. Pruned after each
+    /// `reconcile --once` and at each periodic re-read of `run`.
+    #[arg(long, default_value = "2GiB")]
+    pub build_cache_max: crate::spec::ByteSize,
+}
+
 /// The desired-state directory argument shared by commands.
 #[derive(Debug, clap::Args)]
 pub struct DirArg {

@@ -163,13 +163,17 @@ pub fn status(args: StatusArgs) -> anyhow::Result<u8> {
                 .and_then(Value::as_bool)
                 == Some(true);
             let applied = &status["last_applied"];
-            let generation = match (
+            let applied_generation = match (
                 applied.get("generation"),
                 applied.get("artifact").and_then(Value::as_str),
             ) {
-                (Some(g), Some(a)) => format!("{g}-{}", &a[..a.len().min(12)]),
-                _ => "-".to_owned(),
+                (Some(g), Some(a)) => Some(format!("{g}-{a}")),
+                _ => None,
             };
+            let generation = super::table::generation_cell(
+                row.get("current").and_then(Value::as_str),
+                applied_generation.as_deref(),
+            );
             vec![
                 text(row.get("key")),
                 match ready.and_then(|c| c.get("status")).and_then(Value::as_bool) {

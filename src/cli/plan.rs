@@ -42,6 +42,8 @@ pub struct Args {
     pub state: StateArg,
     #[command(flatten)]
     pub ssh: super::args::SshArgs,
+    #[command(flatten)]
+    pub keep: super::args::KeepArg,
     /// Exit 2 when there are changes, 0 when none (1 stays an error).
     #[arg(long)]
     pub detailed_exitcode: bool,
@@ -86,7 +88,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let ctx = Arc::new(Context::new(
                 store,
                 driver,
-                Config::default(),
+                Config {
+                    keep_generations: usize::from(args.keep.keep_generations),
+                    ..Config::default()
+                },
                 state,
                 snapshot,
             ));

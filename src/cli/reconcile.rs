@@ -55,6 +55,10 @@ pub struct Args {
     pub state: StateArg,
     #[command(flatten)]
     pub ssh: super::args::SshArgs,
+    #[command(flatten)]
+    pub keep: super::args::KeepArg,
+    #[command(flatten)]
+    pub cache: super::args::CacheArg,
     /// Bound on the whole run (e.g. 10m), loading the directory included;
     /// past it, steps are aborted and the exit code is 4.
     #[arg(long)]
@@ -83,7 +87,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
     if let Some(key) = &args.key {
-        return request_reconcile(&args.state.state, key);
+        return request_reconcile(&args.state.state, key, args.retry);
     }
     if !args.once {
         anyhow::bail!(
@@ -118,6 +122,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,
+        keep_generations: usize::from(args.keep.keep_generations),
+        build_cache_max: args.cache.build_cache_max.bytes(),
         ..Config::default()
     };
     let driver = args
@@ -164,7 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                             "False".into()
                         },
                         r.reason.to_string(),
-                        r.generation.clone().unwrap_or_else(|| "-".into()),
+                        super::table::generation_cell(
+                            r.current.as_deref(),
+                            r.generation.as_deref(),
+                        ),
                         r.attempts.to_string(),
                         r.message.clone(),
                     ]
@@ -256,12 +265,14 @@ fn loading_timed_out(args: &Args) -> anyhow::Result<u8> {
 }
 
 /// `converge reconcile KEY`: asks the daemon to reconcile one object now.
-fn request_reconcile(state: &std::path::Path, key: &ObjectKey) -> anyhow::Result<u8> {
-    match super::args::ask(state, "POST", &format!("/v1/reconcile/{key}"))? {
+fn request_reconcile(state: &std::path::Path, key: &ObjectKey, retry: bool) -> anyhow::Result<u8> {
+    let query = if retry { "?retry=true" } else { "" };
+    match super::args::ask(state, "POST", &format!("/v1/reconcile/{key}{query}"))? {
         None => {
             eprintln!(
-                "error: no daemon answers at {}: start `converge run`, or use `converge reconcile --once`",
-                crate::api::client::socket_path(state).display()
+                "error: no daemon answers at {}: start `converge run`, or use `converge reconcile --once{}`",
+                crate::api::client::socket_path(state).display(),
+                if retry { " --retry" } else { "" }
             );
             Ok(EXIT_FATAL)
         }

@@ -49,6 +49,10 @@ pub struct Args {
     pub state: StateArg,
     #[command(flatten)]
     pub ssh: super::args::SshArgs,
+    #[command(flatten)]
+    pub keep: super::args::KeepArg,
+    #[command(flatten)]
+    pub cache: super::args::CacheArg,
     /// Objects reconciled at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -96,6 +100,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,
+        keep_generations: usize::from(args.keep.keep_generations),
+        build_cache_max: args.cache.build_cache_max.bytes(),
         ..Config::default()
     };
     let (manual_tx, manual_rx) = mpsc::unbounded_channel();
@@ -136,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                         && known_ctx.store.status(key).ok().flatten().is_some())
             }),
             manual: manual_tx,
+            retries: ctx.retries.clone(),
             metrics: metrics.clone(),
             plan: Arc::new(move || {
                 let ctx = plan_ctx.clone();

@@ -31,3 +31,28 @@ pub fn write(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std
     }
     Ok(())
 }
+
+/// `N-hash` with the hash cut to 12 characters; anything else as it is.
+pub fn short_generation(name: &str) -> String {
+    match name.split_once('-') {
+        Some((n, hash)) if n.parse::<u64>().is_ok() => {
+            format!("{n}-{}", hash.chars().take(12).collect::<String>())
+        }
+        _ => name.to_owned(),
+    }
+}
+
+/// The GENERATION cell: a machine's observed `current` (the truth), with
+/// the generation last applied beside it when they differ; else the one
+/// last applied; else `-`.
+pub fn generation_cell(current: Option<&str>, applied: Option<&str>) -> String {
+    let applied = applied.map(short_generation);
+    match (current.map(short_generation), applied) {
+        (Some(current), Some(applied)) if current != applied => {
+            format!("{current} (applied {applied})")
+        }
+        (Some(current), _) => current,
+        (None, Some(applied)) => applied,
+        (None, None) => "-".to_owned(),
+    }
+}

@@ -5,7 +5,7 @@
 //! reconcile takes an `Arc` of it at its start and works on that, so one
 //! reconcile never sees half of two revisions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -43,8 +43,12 @@ pub struct Config {
     pub vm_start_timeout: Duration,
     /// How often a VM is observed again.
     pub vm_resync: Duration,
-    /// Complete generations kept on a target (besides current and the one before).
+    /// Complete generations kept on a target, besides the ones `current`
+    /// and `confirmed` point at (never removed).
     pub keep_generations: usize,
+    /// The build cache's bound, in bytes: past it, artifacts no kept
+    /// generation uses go first, then the least recently used.
+    pub build_cache_max: u64,
     /// How long after its VM started a Machine living inside it may take to
     /// answer over SSH (the guest boots); retried every `guest_poll`.
     pub guest_boot_timeout: Duration,
@@ -64,6 +68,7 @@ impl Default for Config {
             vm_start_timeout: Duration::from_secs(30),
             vm_resync: Duration::from_secs(60),
             keep_generations: 5,
+            build_cache_max: 2 << 30,
             guest_boot_timeout: Duration::from_secs(180),
             guest_poll: Duration::from_secs(2),
         }
@@ -88,6 +93,24 @@ pub struct Context<D> {
     pub watched: Mutex<HashMap<ObjectKey, u32>>,
     /// Held by a VM's reconcile and by operator verbs on it.
     pub vm_locks: VmLocks,
+    /// Objects an operator asked to try again (`reconcile KEY --retry`):
+    /// the next reconcile of each releases its held artifact, inside the
+    /// reconcile, so no concurrent status write can undo the release.
+    pub retries: Retries,
+}
+
+/// Keys whose held artifact their next reconcile releases.
+pub type Retries = Arc<Mutex<HashSet<ObjectKey>>>;
+
+impl<D> Context<D> {
+    /// Whether an operator asked to try `key` again since its last
+    /// reconcile; asking consumes the request.
+    pub fn take_retry(&self, key: &ObjectKey) -> bool {
+        self.retries
+            .lock()
+            .map(|mut keys| keys.remove(key))
+            .unwrap_or(false)
+    }
 }
 
 impl<D> Context<D> {
@@ -112,6 +135,7 @@ impl<D> Context<D> {
             wakeups: None,
             watched: Mutex::new(HashMap::new()),
             vm_locks: VmLocks::default(),
+            retries: Retries::default(),
         }
     }
 

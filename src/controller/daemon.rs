@@ -205,6 +205,7 @@ pub async fn run<D: Drivers>(
             () = next_tick(&mut reread) => {
                 tracing::debug!(dir = %root.display(), "periodic re-read of the desired-state directory");
                 reloader.reload(&ctx, &requests, Cause::Periodic).await;
+                lifecycle::prune_build_cache(&ctx).await;
             }
             Some(key) = manual.recv() => {
                 tracing::info!(object = %key, "reconcile requested");

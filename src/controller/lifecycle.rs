@@ -4,7 +4,7 @@
 //!
 //! Shared by `reconcile --once` and the daemon, so both behave the same.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -17,6 +17,7 @@ use super::metrics::Metrics;
 use super::reconcile::reconcile;
 use crate::driver::capability::Drivers;
 use crate::driver::git;
+use crate::driver::protocol::MachineFacts;
 use crate::source::{LoadStats, Source};
 use crate::spec::{Assembled, DesiredState, Kind, ObjectKey};
 use crate::store::records::{ConditionKind, Reason, now_ms};
@@ -87,6 +88,51 @@ pub fn release_held<D>(ctx: &Context<D>, key: Option<&ObjectKey>) -> Vec<ObjectK
         }
     }
     released
+}
+
+/// An artifact built or used this recently is never pruned from the build
+/// cache (a build in flight, one about to be installed).
+const CACHE_RECENT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Prunes the build cache: keeps every artifact a kept generation on some
+/// machine uses (by the last facts) or a machine last applied, and bounds
+/// the rest by `build_cache_max`. Logs what it removed; a failure is logged,
+/// never fatal.
+pub async fn prune_build_cache<D: Drivers>(ctx: &Context<D>) {
+    let mut used = HashSet::new();
+    for (key, status) in ctx.store.statuses().unwrap_or_default() {
+        if key.kind != Kind::Machine {
+            continue;
+        }
+        used.extend(status.last_applied.map(|a| a.artifact));
+        let facts = ctx.store.facts(&key).ok().flatten();
+        if let Some(facts) = facts.and_then(|f| MachineFacts::from_record(&f.facts)) {
+            used.extend(facts.generations.iter().map(|g| g.hash().to_owned()));
+            used.extend(facts.confirmed.map(|g| g.hash().to_owned()));
+        }
+    }
+    match ctx
+        .driver
+        .prune_builds(used, ctx.config.build_cache_max, CACHE_RECENT)
+        .await
+    {
+        Ok(pruned) if pruned.removed > 0 => tracing::info!(
+            removed = pruned.removed,
+            freed_bytes = pruned.freed_bytes,
+            kept = pruned.kept,
+            kept_bytes = pruned.kept_bytes,
+            "pruned the build cache"
+        ),
+        Ok(pruned) => tracing::debug!(
+            kept = pruned.kept,
+            kept_bytes = pruned.kept_bytes,
+            "the build cache needs no pruning"
+        ),
+        Err(e) => tracing::warn!(
+            error = %crate::telemetry::error_chain(&e),
+            "failed to prune the build cache"
+        ),
+    }
 }
 
 /// Forgets objects that are in the store but not in the desired state, and

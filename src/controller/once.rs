@@ -20,6 +20,7 @@ use super::applier::{Config as ApplierConfig, Outcome, Phase, Request};
 use super::context::Context;
 use super::lifecycle::{self, Loop};
 use crate::driver::capability::Drivers;
+use crate::driver::protocol::MachineFacts;
 use crate::spec::{HumanDuration, ObjectKey};
 use crate::store::records::{ConditionKind, Reason, now_ms};
 
@@ -41,7 +42,11 @@ pub struct Row {
     pub reason: Reason,
     pub message: String,
     pub attempts: u32,
+    /// `N-hash` of the generation last applied.
     pub generation: Option<String>,
+    /// Machines: what the target's `current` pointed at when last observed
+    /// (after every change), `N-hash`, `none` or `broken (…)`.
+    pub current: Option<String>,
 }
 
 /// What the run did.
@@ -196,6 +201,9 @@ pub async fn run<D: Drivers>(ctx: Arc<Context<D>>, options: OnceOptions) -> Once
             tracing::warn!(object = %key, "aborted when the run stopped; it is observed again on the next run");
         }
     }
+    if !timed_out {
+        lifecycle::prune_build_cache(&ctx).await;
+    }
     // Written after the loop stopped, so no late dependency poll overwrites them.
     for (key, message) in &blocked {
         let mut status = ctx.store.status(key).ok().flatten().unwrap_or_default();
@@ -282,12 +290,17 @@ fn row<D>(ctx: &Context<D>, key: &ObjectKey, attempts: u32) -> Row {
         reason: ready.map(|c| c.reason).unwrap_or(Reason::NotReconciled),
         message: ready.map(|c| c.message.clone()).unwrap_or_default(),
         attempts,
-        generation: status.last_applied.as_ref().map(|a| {
-            format!(
-                "{}-{}",
-                a.generation,
-                &a.artifact[..a.artifact.len().min(12)]
-            )
-        }),
+        generation: status
+            .last_applied
+            .as_ref()
+            .map(|a| format!("{}-{}", a.generation, a.artifact)),
+        current: ctx
+            .store
+            .facts(key)
+            .ok()
+            .flatten()
+            .filter(|_| key.kind == crate::spec::Kind::Machine)
+            .and_then(|f| MachineFacts::from_record(&f.facts))
+            .map(|m| m.current_name()),
     }
 }

@@ -7,7 +7,7 @@
 //! without real waiting. These tests must not spawn processes or depend on
 //! wall-clock speed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use super::metrics::Metrics;
 use super::once::{self, OnceOptions, OnceReport, Row};
 use crate::driver::CommandOutput;
 use crate::driver::TargetError;
-use crate::driver::build::{Artifact, BuildError, BuildRequest};
+use crate::driver::build::{Artifact, BuildError, BuildRequest, CachePruned};
 use crate::driver::capability::{
     Deploy, DeployOutcome, DriverError, Hypervisor, MachineDriver, VmDriver,
 };
@@ -113,6 +113,8 @@ struct World {
     stop_graces: Vec<Duration>,
     calls: Vec<Call>,
     next_pid: u32,
+    /// The `used` set of each build-cache prune, in call order.
+    cache_used: Vec<HashSet<String>>,
 }
 
 /// Implements every driver capability in memory, keyed by state directory.
@@ -456,6 +458,16 @@ impl MachineDriver for FakeDriver {
         } else {
             Ok(output)
         }
+    }
+
+    async fn prune_builds(
+        &self,
+        used: HashSet<String>,
+        _max_bytes: u64,
+        _recent: Duration,
+    ) -> Result<CachePruned, DriverError> {
+        self.world().cache_used.push(used);
+        Ok(CachePruned::default())
     }
 }
 

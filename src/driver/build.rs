@@ -6,12 +6,13 @@
 //! controller does), must not touch a target, and must never expose a
 //! half-built tree as an artifact.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::command::{argv_summary, exit_text, io_is_transient, trim_front, unique_suffix};
 use super::local::run_process;
@@ -258,6 +259,90 @@ impl CommandBuilder {
         None
     }
 
+    /// Prunes the cache: an artifact whose tree hash is not in `used` (the
+    /// generations targets keep, what machines last applied) goes, then, while
+    /// the cache is larger than `max_bytes`, used ones too, least recently
+    /// used first; an artifact used (built or found) within `recent` always
+    /// stays, and so does every tree of a build in progress. Trees of builds
+    /// cut short go once older than `recent`. Never fails halfway silently:
+    /// what could not be removed is counted as kept.
+    pub fn prune(
+        &self,
+        used: &HashSet<String>,
+        max_bytes: u64,
+        recent: Duration,
+    ) -> Result<CachePruned, BuildError> {
+        self.prune_io(used, max_bytes, recent)
+            .map_err(io_at("prune the build cache", &self.cache_dir))
+    }
+
+    fn prune_io(
+        &self,
+        used: &HashSet<String>,
+        max_bytes: u64,
+        recent: Duration,
+    ) -> io::Result<CachePruned> {
+        let now = SystemTime::now();
+        let age = |path: &Path| {
+            fs::symlink_metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or(Duration::ZERO)
+        };
+        let mut entries = Vec::new();
+        let mut pruned = CachePruned::default();
+        let listing = match fs::read_dir(&self.cache_dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(pruned),
+            Err(e) => return Err(e),
+        };
+        for entry in listing {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.contains(".tmp-") {
+                if age(&path) > recent {
+                    let bytes = tree_bytes(&path);
+                    if remove_any(&path).is_ok() {
+                        pruned.removed += 1;
+                        pruned.freed_bytes += bytes;
+                    }
+                }
+                continue;
+            }
+            let Some(key) = name.strip_suffix(".done") else {
+                continue;
+            };
+            let hash = fs::read_to_string(&path).unwrap_or_default();
+            let dir = self.cache_dir.join(key);
+            entries.push(CacheEntry {
+                used: used.contains(hash.trim()),
+                idle: age(&path),
+                bytes: tree_bytes(&dir),
+                marker: path,
+                dir,
+            });
+        }
+        // Unused first, then least recently used first.
+        entries.sort_by(|a, b| a.used.cmp(&b.used).then(b.idle.cmp(&a.idle)));
+        let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
+        for entry in entries {
+            let goes = entry.idle > recent && (!entry.used || total > max_bytes);
+            // The marker first: a tree without one is never taken for an artifact.
+            if goes && fs::remove_file(&entry.marker).is_ok() && remove_any(&entry.dir).is_ok() {
+                pruned.removed += 1;
+                pruned.freed_bytes += entry.bytes;
+                total -= entry.bytes;
+            } else {
+                pruned.kept += 1;
+                pruned.kept_bytes += entry.bytes;
+            }
+        }
+        Ok(pruned)
+    }
+
     /// Returns the artifact for `req.cache_key`, running the command only when
     /// the cache lacks it.
     ///
@@ -286,6 +371,7 @@ impl CommandBuilder {
         let final_dir = cache_dir.join(&req.cache_key);
         let marker = cache_dir.join(format!("{}.done", req.cache_key));
         if let Some(hash) = complete_hash(&cache_dir, &final_dir, &marker).await? {
+            touch(&marker);
             return Ok(Artifact {
                 path: final_dir,
                 hash,
@@ -412,6 +498,60 @@ impl CommandBuilder {
                 }),
             },
         }
+    }
+}
+
+/// What pruning the build cache did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CachePruned {
+    /// Artifacts and leftover build trees removed, and their bytes.
+    pub removed: usize,
+    pub freed_bytes: u64,
+    /// Artifacts kept, and their bytes.
+    pub kept: usize,
+    pub kept_bytes: u64,
+}
+
+struct CacheEntry {
+    used: bool,
+    /// Since the artifact was last built or found.
+    idle: Duration,
+    bytes: u64,
+    marker: PathBuf,
+    dir: PathBuf,
+}
+
+/// Bytes of the regular files under `path` (symlinks not followed).
+fn tree_bytes(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| tree_bytes(&entry.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks a cached artifact used now (its marker's mtime), for pruning.
+fn touch(marker: &Path) {
+    if let Ok(file) = fs::File::options().write(true).open(marker) {
+        let _ = file.set_modified(SystemTime::now());
     }
 }
 
@@ -753,5 +893,70 @@ mod tests {
         assert_ne!(cache_key(&[b"ab", b"c"]), cache_key(&[b"a", b"bc"]));
         assert_eq!(cache_key(&[b"ab", b"c"]), cache_key(&[b"ab", b"c"]));
         assert!(is_valid_cache_key(&cache_key(&[b"x"])));
+    }
+
+    /// Sets when the artifact under `key` was last used.
+    fn used_ago(f: &Fixture, key: &str, ago: Duration) {
+        let marker = f.cache.join(format!("{key}.done"));
+        let file = fs::File::options()
+            .write(true)
+            .open(&marker)
+            .expect("open marker");
+        file.set_modified(SystemTime::now() - ago)
+            .expect("set mtime");
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_what_is_used_or_recent_and_bounds_the_rest() {
+        // Each build writes a different file, so each artifact differs.
+        let f = fixture(
+            "printf '#!/bin/sh\\n' > \"$CONVERGE_OUT/activate\"\n\
+             chmod +x \"$CONVERGE_OUT/activate\"\n\
+             head -c 1000 /dev/zero > \"$CONVERGE_OUT/data-$(date +%N)\"\n",
+        );
+        let hour = Duration::from_secs(3600);
+        let mut hashes = Vec::new();
+        for key in ["a", "b", "c", "d"] {
+            hashes.push(
+                f.builder
+                    .build(&request(&f, key))
+                    .await
+                    .expect("build")
+                    .hash,
+            );
+        }
+        used_ago(&f, "a", 4 * hour);
+        used_ago(&f, "b", 3 * hour);
+        used_ago(&f, "c", 2 * hour);
+        // d was just built: recent. A build cut short two hours ago left a tree.
+        let leftover = f.cache.join("e.tmp-1-2");
+        fs::create_dir(&leftover).expect("mkdir");
+        let old = fs::File::open(&leftover).expect("open");
+        old.set_modified(SystemTime::now() - 2 * hour)
+            .expect("mtime");
+
+        // a and b are used by kept generations; c is not; under the bound.
+        let used: HashSet<String> = hashes[..2].iter().cloned().collect();
+        let pruned = f.builder.prune(&used, u64::MAX, hour).expect("prune");
+        assert_eq!(pruned.removed, 2, "{pruned:?}: c and the leftover tree");
+        assert_eq!(pruned.kept, 3, "{pruned:?}");
+        assert_eq!(
+            cache_entries(&f),
+            ["a", "a.done", "b", "b.done", "d", "d.done"],
+        );
+        assert!(f.builder.find(&hashes[2]).is_none());
+
+        // Past the bound, used artifacts go too, least recently used first,
+        // until it fits; the recent one never does.
+        let one = tree_bytes(&f.cache.join("a"));
+        let pruned = f.builder.prune(&used, 2 * one, hour).expect("prune");
+        assert_eq!(pruned.removed, 1, "{pruned:?}");
+        assert_eq!(cache_entries(&f), ["b", "b.done", "d", "d.done"]);
+        let pruned = f.builder.prune(&used, 0, hour).expect("prune");
+        assert_eq!(cache_entries(&f), ["d", "d.done"], "{pruned:?}");
+        // What is left is still a working cache entry.
+        let again = f.builder.build(&request(&f, "d")).await.expect("cached");
+        assert!(again.cached);
+        assert_eq!(again.hash, hashes[3]);
     }
 }

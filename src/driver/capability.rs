@@ -6,12 +6,13 @@
 //! Errors keep their source and answer `is_transient()`; the controller's
 //! error policy decides what to do with that.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
 use std::path::Path;
 
-use super::build::{Artifact, BuildError, BuildRequest};
+use super::build::{Artifact, BuildError, BuildRequest, CachePruned};
 use super::hypervisor_error::HypervisorError;
 use super::protocol::{
     ActivationResult, ActivationStarted, ConfirmOutcome, Confirmation, DeployPhase, GenerationId,
@@ -180,6 +181,17 @@ pub trait MachineDriver: Send + Sync + 'static {
         argv: &[String],
         timeout: Duration,
     ) -> impl Future<Output = Result<CommandOutput, DriverError>> + Send;
+
+    /// Prunes the controller's build cache (see `CommandBuilder::prune`):
+    /// artifacts whose tree hash is not in `used` go, then least recently
+    /// used ones while the cache exceeds `max_bytes`; none used within
+    /// `recent`.
+    fn prune_builds(
+        &self,
+        used: HashSet<String>,
+        max_bytes: u64,
+        recent: Duration,
+    ) -> impl Future<Output = Result<CachePruned, DriverError>> + Send;
 }
 
 /// Where a VM's QEMU runs, as the controller resolved its `host:`.

@@ -10,12 +10,12 @@
 //! the result the target wrote. Activations that change the running system
 //! are confirmed over a NEW connection, or the target rolls itself back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::build::{Artifact, BuildRequest, CommandBuilder};
+use super::build::{Artifact, BuildError, BuildRequest, CachePruned, CommandBuilder};
 use super::capability::{Deploy, DeployOutcome, DriverError, Install, MachineDriver};
 use super::hypervisor::Agents;
 use super::local::LocalTarget;
@@ -306,6 +306,25 @@ impl MachineDriver for HostDriver {
 
     async fn build(&self, request: &BuildRequest) -> Result<Artifact, DriverError> {
         Ok(self.builder.build(request).await?)
+    }
+
+    async fn prune_builds(
+        &self,
+        used: HashSet<String>,
+        max_bytes: u64,
+        recent: Duration,
+    ) -> Result<CachePruned, DriverError> {
+        let builder = self.builder.clone();
+        tokio::task::spawn_blocking(move || builder.prune(&used, max_bytes, recent))
+            .await
+            .unwrap_or_else(|e| {
+                Err(BuildError::Io {
+                    action: "prune the build cache",
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+            .map_err(DriverError::from)
     }
 
     async fn deploy(

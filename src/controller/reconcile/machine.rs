@@ -238,6 +238,11 @@ pub async fn reconcile<D: Drivers>(
     // An artifact held (rolled back from, or whose build wrote into the
     // directory) is not tried again until its inputs change or an operator
     // asks: `reconcile KEY --retry` clears the hold.
+    if status.held.is_some() && ctx.take_retry(key) {
+        tracing::info!(object = %key, "held artifact released: it is tried again (--retry)");
+        status.held = None;
+        ctx.store.put_status(key, &status)?;
+    }
     if let Some(held) = &status.held {
         let root = snapshot.root.clone();
         let check = held.clone();

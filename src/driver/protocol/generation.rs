@@ -163,6 +163,20 @@ impl MachineFacts {
             CurrentLink::Absent | CurrentLink::Broken { .. } => None,
         }
     }
+
+    /// What `current` is, in words: `N-hash`, `none`, or `broken (…)`.
+    pub fn current_name(&self) -> String {
+        match &self.current {
+            CurrentLink::Absent => "none".to_owned(),
+            CurrentLink::Generation { generation } => generation.to_string(),
+            CurrentLink::Broken { target, .. } => format!("broken ({target})"),
+        }
+    }
+
+    /// The facts a store's facts record holds, when they are a machine's.
+    pub fn from_record(facts: &serde_json::Value) -> Option<MachineFacts> {
+        serde_json::from_value(facts.clone()).ok()
+    }
 }
 
 /// How a deploy's install phase got the generation onto the target.
