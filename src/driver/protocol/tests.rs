@@ -1280,7 +1280,14 @@ async fn the_watchdog_leaves_a_current_that_moved_on_alone() {
 #[tokio::test]
 async fn the_confirmation_window_starts_when_the_activation_ends() {
     let m = Machine::new();
-    let (g1, g2, _) = deployed_pair(&m).await;
+    let g1 = m.installed(1, "v1", 0).await;
+    let g2 = m.installed(2, "v2", 0).await;
+    switch(&m.target, &m.state_dir, &g1, T)
+        .await
+        .expect("switch");
+    activate(&m.target, &m.state_dir, &g1, "switch", T)
+        .await
+        .expect("activate");
     let artifact = m
         .state()
         .join("generations")
@@ -1291,6 +1298,9 @@ async fn the_confirmation_window_starts_when_the_activation_ends() {
         ACTIVATE.trim_start_matches("#!/bin/sh\n")
     );
     fs::write(artifact.join("activate"), slow).expect("write");
+    switch(&m.target, &m.state_dir, &g2, T)
+        .await
+        .expect("switch");
     let attempt = start_activation(&m.target, &m.state_dir, &g2, "switch", T)
         .await
         .expect("start");

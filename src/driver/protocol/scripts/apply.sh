@@ -110,6 +110,7 @@ read -r b < /proc/sys/kernel/random/boot_id
 echo "$$ $b" > "$a/$4.pid.tmp" && mv "$a/$4.pid.tmp" "$a/$4.pid"
 printf "%s %s %s %s %s\n" "$2" "$4" "$$" "$b" "$(date +%s)" > "$s/activation/record.tmp" &&
 	mv "$s/activation/record.tmp" "$s/activation/record"
+printf "%s %s %s\n" "$2" "$4" "$3" > "$s/last-activation.tmp" && mv "$s/last-activation.tmp" "$s/last-activation"
 if cd "$g/artifact"; then
 	export CONVERGE_ROLES="$g/roles.json" CONVERGE_MODE="$3" CONVERGE_GENERATION="$2" CONVERGE_STATE_DIR="$s"
 	if command -v setsid >/dev/null 2>&1; then
@@ -170,11 +171,24 @@ phase_activate() {
 		# The runner that held the lock is gone without releasing it.
 		mv "$state/activation" "$state/activation.stale-$$" 2>/dev/null && rm -rf "$state/activation.stale-$$"
 	done
-	# Its last activation ended and waits for its confirmation: that is the one to confirm, not
-	# a second activation of the same generation.
+	# The state dir's last activation is this generation's in this mode, it ended and waits for its
+	# confirmation (its watchdog's canary is unclaimed, or it succeeded and the generation was
+	# never recorded as confirmed): that is the one to confirm, not a second activation of the
+	# same generation (a controller that was killed comes back to it). A rollback to an older
+	# generation is not that: another generation was activated since.
 	last=$(readlink "$g/activate.status" 2>/dev/null) && last=${last#activations/} && last=${last%.status}
-	if [ -n "$last" ] && [ -e "$a/$last.status" ] && [ -e "$state/confirm/$last" ] &&
+	waiting=
+	read -r lgen latt lmode < "$state/last-activation" 2>/dev/null || lgen=
+	if [ -n "$last" ] && [ -e "$a/$last.status" ] && [ "$lgen $latt $lmode" = "$1 $last $2" ] &&
 		[ "$(readlink "$state/current" 2>/dev/null)" = "generations/$1" ]; then
+		read -r lcode < "$a/$last.status" 2>/dev/null || lcode=
+		if [ -e "$state/confirm/$last" ]; then
+			waiting=1
+		elif [ "$lcode" = 0 ] && [ "$(readlink "$state/confirmed" 2>/dev/null)" != "generations/$1" ]; then
+			waiting=1
+		fi
+	fi
+	if [ -n "$waiting" ]; then
 		rm -rf "$state/activation"
 		attempt=$last
 		echo "converge-step activate attached $1 $last"
