@@ -87,6 +87,10 @@ pub struct Context<D> {
     pub vm_root: PathBuf,
     snapshot: RwLock<Arc<Snapshot>>,
     pub builds: Semaphore,
+    /// Builds run under its read side; a build that saw the desired-state
+    /// directory change runs again under its write side, alone, so the
+    /// change is pinned on the build that made it (or on none).
+    pub build_gate: tokio::sync::RwLock<()>,
     /// Where a VM's exit is reported at once (the daemon requeues it).
     pub wakeups: Option<mpsc::UnboundedSender<ObjectKey>>,
     /// VM processes already watched for exit, by key.
@@ -132,6 +136,7 @@ impl<D> Context<D> {
             vm_root: vm_root(state),
             snapshot: RwLock::new(Arc::new(snapshot)),
             builds,
+            build_gate: tokio::sync::RwLock::new(()),
             wakeups: None,
             watched: Mutex::new(HashMap::new()),
             vm_locks: VmLocks::default(),

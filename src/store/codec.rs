@@ -196,6 +196,7 @@ mod tests {
                 spec_hash: "h2".into(),
                 revision: None,
                 steps: Vec::new(),
+                pending: Vec::new(),
             }),
             last_attempt_id: Some(8),
             held: None,

@@ -380,6 +380,7 @@ impl Store {
                 spec_hash: spec_hash.to_owned(),
                 revision: revision.map(str::to_owned),
                 steps: Vec::new(),
+                pending: Vec::new(),
             });
             record.last_attempt_id = Some(id);
             let bytes = encode(inner.status.name, key, &record).map_err(abort)?;
@@ -412,7 +413,40 @@ impl Store {
                 decode::<StatusRecord>(inner.status.name, key, &bytes).map_err(abort)?;
             match &mut record.in_progress {
                 Some(in_progress) if in_progress.attempt_id == attempt_id => {
+                    in_progress.pending.retain(|p| p.name != step.name);
                     in_progress.steps.push(step.clone());
+                }
+                _ => return Ok(()),
+            }
+            let bytes = encode(inner.status.name, key, &record).map_err(abort)?;
+            status.insert(status_key.as_slice(), bytes)?;
+            Ok(())
+        });
+        result.map_err(|e| transaction_error("status", key, e))?;
+        self.flush()
+    }
+
+    /// Records steps of attempt `attempt_id` that were sent to the target
+    /// and have not answered yet (replacing the ones recorded before); each
+    /// leaves the list when it is recorded as ended. Flushed, like a step.
+    pub fn record_pending(
+        &self,
+        key: &ObjectKey,
+        attempt_id: u64,
+        steps: &[StepRecord],
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let status_key = layout::object(key);
+        let result = inner.status.tree.transaction(|status| {
+            let abort = ConflictableTransactionError::Abort;
+            let Some(bytes) = status.get(&status_key)? else {
+                return Ok(());
+            };
+            let mut record =
+                decode::<StatusRecord>(inner.status.name, key, &bytes).map_err(abort)?;
+            match &mut record.in_progress {
+                Some(in_progress) if in_progress.attempt_id == attempt_id => {
+                    in_progress.pending = steps.to_vec();
                 }
                 _ => return Ok(()),
             }

@@ -227,6 +227,11 @@ pub struct InProgress {
     /// attempt cut by a crash keeps them.
     #[serde(default)]
     pub steps: Vec<StepRecord>,
+    /// Steps sent to the target and not yet reported (a deploy's round
+    /// trip): an attempt cut by a crash records them as interrupted, so
+    /// history says what the target may have done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<StepRecord>,
 }
 
 impl InProgress {
@@ -242,7 +247,7 @@ impl InProgress {
             spec_hash: self.spec_hash.clone(),
             generation: None,
             artifact: None,
-            steps: self.steps.clone(),
+            steps: self.steps.iter().chain(&self.pending).cloned().collect(),
             result: AttemptResult::Interrupted,
         }
     }
@@ -351,6 +356,9 @@ pub enum StepStatus {
     /// Planned, but not run: an earlier step failed, or what it would do
     /// was already so (an unchanged artifact).
     Skipped,
+    /// Sent to the target, and the controller stopped before it answered:
+    /// it may have run (the target's own records say).
+    Interrupted,
 }
 
 /// One step of an attempt, as it ran. `name` and `detail` are the plan's

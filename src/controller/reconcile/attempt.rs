@@ -87,6 +87,25 @@ impl<'c, D> Attempt<'c, D> {
         self.save(record);
     }
 
+    /// Records `steps` as sent to the target and not answered yet: if the
+    /// controller dies before they are recorded as ended, the attempt is
+    /// closed with them as interrupted (`note` says what they were doing).
+    pub fn pending(&mut self, steps: &[Step], note: &str) {
+        let records: Vec<StepRecord> = steps
+            .iter()
+            .map(|step| StepRecord {
+                name: step.name().to_owned(),
+                status: StepStatus::Interrupted,
+                detail: step.detail(),
+                duration_ms: 0,
+                output: note.to_owned(),
+            })
+            .collect();
+        if let Err(e) = self.ctx.store.record_pending(&self.key, self.id, &records) {
+            tracing::error!(object = %self.key, error = %crate::telemetry::error_chain(&e), "failed to record steps sent to the target");
+        }
+    }
+
     /// Records planned steps that were not run, saying why.
     pub fn skipped<'s>(&mut self, steps: impl IntoIterator<Item = &'s Step>, why: &str) {
         for step in steps {

@@ -116,13 +116,14 @@ impl<D: Drivers> Run<'_, D> {
     async fn steps(
         &mut self,
         steps: &[Step],
+        attempt: &mut Attempt<'_, D>,
     ) -> Vec<(Instant, Duration, Result<Done, ReconcileError>)> {
         if steps.len() == 1 && !deploys(&steps[0]) {
             let started = Instant::now();
             let done = self.step(&steps[0]).await;
             return vec![(started, started.elapsed(), done)];
         }
-        self.deploy(steps).await
+        self.deploy(steps, attempt).await
     }
 
     async fn step(&mut self, step: &Step) -> Result<Done, ReconcileError> {
@@ -216,6 +217,7 @@ impl<D: Drivers> Run<'_, D> {
     async fn deploy(
         &mut self,
         steps: &[Step],
+        attempt: &mut Attempt<'_, D>,
     ) -> Vec<(Instant, Duration, Result<Done, ReconcileError>)> {
         let started = Instant::now();
         let ctx = self.ctx;
@@ -323,13 +325,31 @@ impl<D: Drivers> Run<'_, D> {
         if deploy.switch.is_some() {
             self.switched = true;
         }
+        let generation = deploy
+            .install
+            .as_ref()
+            .map(|i| i.generation.clone())
+            .or_else(|| deploy.switch.clone().flatten())
+            .or_else(|| self.generation.clone());
+        attempt.pending(
+            steps,
+            &format!(
+                "sent to the target in one round trip{}; the controller stopped before the target answered (`converge facts` shows what it did)",
+                generation.map(|g| format!(" (generation {g})")).unwrap_or_default()
+            ),
+        );
         let outcome = ctx
             .driver
             .deploy(self.target(), deploy, ctx.config.install_timeout)
             .await;
         let elapsed = started.elapsed();
         let outcome = match outcome {
-            Ok(outcome) => outcome,
+            // What the target reported: a deploy refused before its switch
+            // (another generation's activation runs) changed nothing.
+            Ok(outcome) => {
+                self.switched = outcome.switched;
+                outcome
+            }
             Err(source) => {
                 let first = &steps[0];
                 let error = driver(step_reason(first), first.name())(source);
@@ -365,7 +385,7 @@ impl<D: Drivers> Run<'_, D> {
                         break;
                     };
                     let error = match (phase, &self.generation) {
-                        (DeployPhase::Activate, _) if is_busy(&error) => ReconcileError::Driver {
+                        _ if is_busy(&error) => ReconcileError::Driver {
                             reason: Reason::ActivationBusy,
                             what: "activate".to_owned(),
                             source: Box::new(error),
@@ -401,7 +421,7 @@ impl<D: Drivers> Run<'_, D> {
                         Some(result) if result.succeeded() => {
                             if started_how == Some(true) {
                                 format!(
-                                    "attached to the activation already running\n{}",
+                                    "attached to the activation a controller before this one started\n{}",
                                     result.log
                                 )
                             } else {
@@ -451,6 +471,27 @@ impl<D: Drivers> Run<'_, D> {
         results
     }
 
+    /// Builds `request` and lists the files of the desired-state directory
+    /// `root` that changed meanwhile (none when the cache had the artifact).
+    async fn build_watching(
+        &self,
+        request: &BuildRequest,
+        root: &std::path::Path,
+    ) -> (Result<Artifact, DriverError>, Vec<String>) {
+        let list = |root: std::path::PathBuf| async move {
+            tokio::task::spawn_blocking(move || crate::source::listing(&root))
+                .await
+                .unwrap_or_default()
+        };
+        let before = list(root.to_path_buf()).await;
+        let built = self.ctx.driver.build(request).await;
+        if !built.as_ref().is_ok_and(|a| !a.cached) {
+            return (built, Vec::new());
+        }
+        let after = list(root.to_path_buf()).await;
+        (built, crate::source::changed_files(&before, &after))
+    }
+
     async fn build(&mut self) -> Result<Done, ReconcileError> {
         let Inputs {
             key,
@@ -481,26 +522,33 @@ impl<D: Drivers> Run<'_, D> {
             ]),
             timeout: spec.build.timeout.value.get(),
         };
+        // A build that writes into the desired-state directory changes its
+        // own inputs: it would rebuild itself forever. When the directory
+        // changed during a build (another build, or a person, may have done
+        // it), the build runs again alone; changed again, it is the culprit.
         let artifact = {
+            let _gate = self.ctx.build_gate.read().await;
             let _permit = self.ctx.builds.acquire().await;
-            let listed = root.clone();
-            let before = tokio::task::spawn_blocking(move || crate::source::listing(&listed))
-                .await
-                .unwrap_or_default();
-            let built = self.ctx.driver.build(&request).await;
-            // A build that writes into the desired-state directory changes
-            // its own inputs: it would rebuild itself forever.
-            if built.as_ref().is_ok_and(|a| !a.cached) {
-                let listed = root.clone();
-                let after = tokio::task::spawn_blocking(move || crate::source::listing(&listed))
-                    .await
-                    .unwrap_or_default();
-                let files = crate::source::changed_files(&before, &after);
-                if !files.is_empty() {
-                    return Err(ReconcileError::BuildChangedDirectory { files });
+            self.build_watching(&request, &root).await
+        };
+        let artifact = match artifact {
+            (built, changed) if changed.is_empty() => built,
+            (first, changed) => {
+                tracing::warn!(
+                    files = %changed.join(", "),
+                    "the desired-state directory changed during the build; building again alone to see whether the build changed it"
+                );
+                let _alone = self.ctx.build_gate.write().await;
+                let again = BuildRequest {
+                    cache_key: cache_key(&[request.cache_key.as_bytes(), b"built-alone"]),
+                    ..request.clone()
+                };
+                // The first artifact stays the one its cache key names.
+                match self.build_watching(&again, &root).await {
+                    (_, changed) if changed.is_empty() => first,
+                    (_, files) => return Err(ReconcileError::BuildChangedDirectory { files }),
                 }
             }
-            built
         };
         let artifact = match artifact {
             Ok(a) => a,
@@ -599,7 +647,7 @@ pub async fn execute<D: Drivers>(
             1
         };
         let group = &change.steps[i..i + len];
-        let results = run.steps(group).await;
+        let results = run.steps(group, &mut attempt).await;
         for (j, (started, elapsed, done)) in results.into_iter().enumerate() {
             let step = &group[j];
             let index = i + j;

@@ -39,6 +39,10 @@ pub async fn reconcile<D: Drivers>(
         Kind::VirtualMachine => vm::reconcile(&ctx, &key).await,
     };
     if let Err(e) = &result {
+        if matches!(e, ReconcileError::Held { .. }) {
+            // Nothing ran, so no step logged it: say why at every look.
+            tracing::warn!(object = %key, reason = %e.reason(), "{}", e.message());
+        }
         record_failure(&ctx, &key, e);
     }
     result

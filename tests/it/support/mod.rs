@@ -45,8 +45,10 @@ pub const BUILD_FAILURE_MARKER: &str = "DISTINCTIVE-BUILD-FAILURE-7f3a";
 /// (so a new variant is a new artifact); options shape the artifact's
 /// `activate`: `activate-exit=N` (exit N after the start line),
 /// `sleep=SECS` (sleep between the start and end lines),
-/// `random-sleep` (sleep 0-50 ms); and the build itself: `build-exit=N`
-/// (print a marker line and exit N without an artifact).
+/// `random-sleep` (sleep 0-50 ms), `random-sleep-ms=N` (sleep 0-N ms),
+/// `overlap-check` (append `overlap <generation>` when another activation of
+/// the machine runs at the same time); and the build itself: `build-exit=N`
+/// (print a marker line and exit N without an artifact), `build-sleep=SECS`.
 ///
 /// Every build appends one line to `ROOT/builds/<machine>`; every activation
 /// appends `start <generation> <mode> <variant>` to `ROOT/ledger/<machine>`
@@ -60,11 +62,15 @@ variant=${1:-v1}
 [ $# -gt 0 ] && shift
 exit_code=0
 sleep_line=:
+overlap=0
 for opt in "$@"; do
   case $opt in
     activate-exit=*) exit_code=${opt#*=} ;;
     sleep=*) sleep_line="sleep ${opt#*=}" ;;
     random-sleep) sleep_line='sleep "$(printf 0.%03d $(( $(od -An -N2 -tu2 /dev/urandom) % 51 )))"' ;;
+    build-sleep=*) sleep "${opt#*=}" ;;
+    random-sleep-ms=*) sleep_line='ms=$(( $(od -An -N2 -tu2 /dev/urandom) % ('"${opt#*=}"' + 1) )); sleep "$((ms / 1000)).$(printf %03d $((ms % 1000)))"' ;;
+    overlap-check) overlap=1 ;;
     build-exit=*)
       echo "build of $name: MARKER"
       exit "${opt#*=}"
@@ -80,7 +86,11 @@ cat > "$CONVERGE_OUT/activate" <<EOF
 ledger='$root/ledger/$name'
 echo "start \$CONVERGE_GENERATION \$1 $variant" >> "\$ledger"
 [ "\$1" = "\$CONVERGE_MODE" ] || echo "mode-mismatch \$1 \$CONVERGE_MODE" >> "\$ledger"
+if [ $overlap = 1 ] && ! mkdir "\$ledger.running" 2>/dev/null; then
+  echo "overlap \$CONVERGE_GENERATION" >> "\$ledger"
+fi
 $sleep_line
+[ $overlap = 0 ] || rmdir "\$ledger.running" 2>/dev/null || true
 if [ $exit_code -ne 0 ]; then echo "activate of $variant fails on purpose" >&2; exit $exit_code; fi
 echo "end \$CONVERGE_GENERATION \$1 $variant" >> "\$ledger"
 EOF

@@ -128,13 +128,13 @@ fi
 echo "$c" > "$a/$4.status.tmp" && mv "$a/$4.status.tmp" "$a/$4.status"
 rm -rf "$s/activation"'
 
-phase_activate() {
+# activation_lock GEN MODE: takes the state dir's activation lock to start GEN (lock=held), or
+# finds GEN's activation to attach to (lock=attached, attempt set): the one running, or the last
+# one when it ended and waits for its confirmation. Returns 6 when another generation's runs.
+# A deploy takes it before it switches, so a busy state dir is left exactly as it was.
+activation_lock() {
 	g=$state/generations/$1
 	a=$g/activations
-	if [ ! -e "$g/.complete" ]; then
-		echo "generation $1 is not installed" >&2
-		return 3
-	fi
 	tries=0
 	while ! mkdir "$state/activation" 2>/dev/null; do
 		record=$(activation_record "$state")
@@ -156,7 +156,7 @@ phase_activate() {
 			if alive "$rpid" "$rboot"; then
 				if [ "$rgen" = "$1" ]; then
 					attempt=$ratt
-					echo "converge-step activate attached $1 $ratt"
+					lock=attached
 					return 0
 				fi
 				echo "generation $rgen is being activated (attempt $ratt)" >&2
@@ -191,13 +191,38 @@ phase_activate() {
 	if [ -n "$waiting" ]; then
 		rm -rf "$state/activation"
 		attempt=$last
-		echo "converge-step activate attached $1 $last"
+		lock=attached
+		return 0
+	fi
+	lock=held
+}
+
+# release_lock: gives back a lock taken and not handed to a runner.
+release_lock() {
+	[ "$lock" = held ] && rm -rf "$state/activation"
+	lock=
+}
+
+phase_activate() {
+	g=$state/generations/$1
+	a=$g/activations
+	if [ ! -e "$g/.complete" ]; then
+		release_lock
+		echo "generation $1 is not installed" >&2
+		return 3
+	fi
+	if [ -z "$lock" ]; then
+		activation_lock "$1" "$2" || return $?
+	fi
+	if [ "$lock" = attached ]; then
+		lock=
+		echo "converge-step activate attached $1 $attempt"
 		return 0
 	fi
 	attempt=$3
-	mkdir -p "$a" && : > "$a/$3.log" || { rm -rf "$state/activation"; return 1; }
+	mkdir -p "$a" && : > "$a/$3.log" || { release_lock; return 1; }
 	for f in log status; do
-		point "$g/activate.$f" "activations/$3.$f" "$3" || { rm -rf "$state/activation"; return 1; }
+		point "$g/activate.$f" "activations/$3.$f" "$3" || { release_lock; return 1; }
 	done
 	if command -v setsid >/dev/null 2>&1; then
 		setsid sh -c "$runner" converge-activation "$state" "$1" "$2" "$3" </dev/null >/dev/null 2>&1 &
@@ -213,6 +238,7 @@ phase_activate() {
 		sleep 0.01
 		i=$((i + 1))
 	done
+	lock=
 	echo "converge-step activate started $1 $3"
 }
 
@@ -324,6 +350,7 @@ phase_kill() {
 state=$1
 shift
 generation=
+lock=
 attempt=
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -333,7 +360,13 @@ while [ $# -gt 0 ]; do
 		;;
 	switch)
 		[ "$2" = - ] || generation=$2
-		phase_switch "$generation" || exit $?
+		if [ "${3:-}" = activate ]; then
+			# Never switch a state dir whose activation lock is not ours to take.
+			agen=$4
+			[ "$agen" = - ] && agen=$generation
+			activation_lock "$agen" "$5" || exit $?
+		fi
+		phase_switch "$generation" || { c=$?; release_lock; exit "$c"; }
 		shift 2
 		;;
 	activate)
