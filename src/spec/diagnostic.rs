@@ -5,7 +5,9 @@
 //! rather than stopping at the first, so a user fixes a bad commit in one go.
 //! Rendering is plain text (like rustc) or JSON; this module never prints.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -148,6 +150,43 @@ pub(crate) fn quote_line(text: &str, line: u32) -> Option<String> {
         quoted.push('…');
     }
     Some(quoted)
+}
+
+/// Whether printing `c` could steer a terminal or reorder what is shown:
+/// control characters (but tab, which YAML allows in text) and Unicode's
+/// bidirectional embeddings, overrides and isolates.
+fn is_unsafe_to_print(c: char) -> bool {
+    (c.is_control() && c != '\t') || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` made safe to print: each character that could steer a terminal
+/// is shown escaped, like `\u{1b}`; everything else, UTF-8 included, is kept.
+pub fn escape_text(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unsafe_to_print) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_unsafe_to_print(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A path as text safe to print: its UTF-8 parts as [`escape_text`] shows
+/// them, and each byte that is not UTF-8 as `\xNN`.
+pub fn escape_path(path: &Path) -> String {
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+        out.push_str(&escape_text(chunk.valid()));
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
 }
 
 impl fmt::Display for Diagnostic {

@@ -88,11 +88,7 @@ pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
         }
     };
     if bytes.len() > MAX_FILE_BYTES {
-        return whole_file(format!(
-            "file is {} bytes, more than the limit of {} bytes: split it into several files",
-            bytes.len(),
-            MAX_FILE_BYTES
-        ));
+        return oversized_file(&file, bytes.len() as u64);
     }
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
@@ -127,6 +123,25 @@ pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
         }
     }
     parsed
+}
+
+/// What a file of `len` bytes, over [`MAX_FILE_BYTES`], yields: one error
+/// about the whole file. The reader calls it from the file's size alone, so
+/// an oversized file is never read.
+pub fn oversized_file(file: &Path, len: u64) -> ParsedFile {
+    let origin = Origin::new(Arc::from(file), Arc::from(""), 0);
+    let mut d = origin.error(
+        Loc::UNKNOWN,
+        format!(
+            "file is {len} bytes, more than the limit of {MAX_FILE_BYTES} bytes: split it into several files"
+        ),
+    );
+    d.line = 0;
+    d.column = 0;
+    ParsedFile {
+        objects: Vec::new(),
+        diagnostics: vec![d],
+    }
 }
 
 /// Splits a stream into documents: `(lines before the document, its text)`.

@@ -22,6 +22,7 @@ mod fuzz;
 mod guest_harness;
 mod health_check_failure;
 mod health_check_failure_rolls_back;
+mod hostile_directory;
 mod incremental;
 mod invalid_inputs;
 mod invalid_yaml_while_daemon_runs;
