@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
@@ -54,18 +54,66 @@ impl Diagnostic {
     }
 }
 
+/// The text of one file, shared by the origins of all its documents. Where
+/// each line starts is found once, when the first diagnostic quotes a line,
+/// so quoting is constant time per diagnostic: a file with many errors is
+/// reported in linear time, and a valid file never pays for the index.
+#[derive(Debug, Default)]
+pub struct SourceText {
+    text: Box<str>,
+    line_starts: OnceLock<Vec<usize>>,
+}
+
+impl SourceText {
+    pub fn new(text: &str) -> SourceText {
+        SourceText {
+            text: text.into(),
+            line_starts: OnceLock::new(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The 1-based `line`, without its line break; as `str::lines` yields it.
+    fn line(&self, line: u32) -> Option<&str> {
+        let index = usize::try_from(line).ok()?.checked_sub(1)?;
+        let starts = self.line_starts.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        let start = *starts.get(index)?;
+        if start >= self.text.len() {
+            return None;
+        }
+        let end = starts
+            .get(index + 1)
+            .map_or(self.text.len(), |next| next - 1);
+        let raw = &self.text[start..end];
+        Some(raw.strip_suffix('\r').unwrap_or(raw))
+    }
+}
+
+impl PartialEq for SourceText {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
 /// Where a document sits in its file; turns document-relative locations
 /// into file positions and quotes source lines.
 #[derive(Debug, Clone)]
 pub struct Origin {
     pub file: Arc<Path>,
-    text: Arc<str>,
+    text: Arc<SourceText>,
     /// Lines of the file before the document's first line.
     line_offset: u32,
 }
 
 impl Origin {
-    pub(crate) fn new(file: Arc<Path>, text: Arc<str>, line_offset: u32) -> Origin {
+    pub(crate) fn new(file: Arc<Path>, text: Arc<SourceText>, line_offset: u32) -> Origin {
         Origin {
             file,
             text,
@@ -142,11 +190,10 @@ impl Diagnostic {
 }
 
 /// The 1-based `line` of `text`, shortened for display.
-pub(crate) fn quote_line(text: &str, line: u32) -> Option<String> {
-    let index = usize::try_from(line).ok()?.checked_sub(1)?;
-    let raw = text.lines().nth(index)?;
+fn quote_line(text: &SourceText, line: u32) -> Option<String> {
+    let raw = text.line(line)?;
     let mut quoted: String = raw.chars().take(160).collect();
-    if raw.chars().count() > 160 {
+    if raw.chars().nth(160).is_some() {
         quoted.push('…');
     }
     Some(quoted)
@@ -231,5 +278,39 @@ impl fmt::Display for Diagnostic {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexed_lines_are_the_lines_str_lines_yields() {
+        for text in [
+            "",
+            "\n",
+            "a",
+            "a\n",
+            "a\r\nb\r\n\r\nc",
+            "a\n\nb\n\n",
+            "é\rx\n\t\n",
+        ] {
+            let indexed = SourceText::new(text);
+            let expected: Vec<&str> = text.lines().collect();
+            let got: Vec<&str> = (1..).map_while(|n| indexed.line(n)).collect();
+            assert_eq!(got, expected, "{text:?}");
+            assert_eq!(indexed.line(0), None);
+        }
+    }
+
+    #[test]
+    fn a_long_line_is_quoted_shortened() {
+        let text = SourceText::new(&format!("{}\nb\n", "x".repeat(10_000)));
+        let quoted = quote_line(&text, 1).unwrap();
+        assert_eq!(quoted.chars().count(), 161);
+        assert!(quoted.ends_with('…'));
+        assert_eq!(quote_line(&text, 2).as_deref(), Some("b"));
+        assert_eq!(quote_line(&text, 3), None);
     }
 }

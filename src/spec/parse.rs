@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_saphyr::{Budget, DuplicateKeyPolicy, MessageFormatter, Options};
 
 use super::at::{At, Loc};
-use super::diagnostic::{Diagnostic, Origin};
+use super::diagnostic::{Diagnostic, Origin, SourceText};
 use super::key::Kind;
 use super::model::{API_VERSION, Document, MachineSpec, ServiceSpec, VmSpec};
 
@@ -78,7 +78,7 @@ struct Header {
 pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
     let file: Arc<Path> = Arc::from(file);
     let whole_file = |message: String| {
-        let origin = Origin::new(file.clone(), Arc::from(""), 0);
+        let origin = Origin::new(file.clone(), Arc::default(), 0);
         let mut d = origin.error(Loc::UNKNOWN, message);
         d.line = 0;
         d.column = 0;
@@ -112,7 +112,7 @@ pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
         parsed.diagnostics[0].column = 1;
         return parsed;
     }
-    let shared_text: Arc<str> = Arc::from(text);
+    let shared_text = Arc::new(SourceText::new(text));
     let mut parsed = ParsedFile::default();
     for (line_offset, doc) in split_documents(text) {
         let origin = Origin::new(file.clone(), shared_text.clone(), line_offset);
@@ -129,7 +129,7 @@ pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
 /// about the whole file. The reader calls it from the file's size alone, so
 /// an oversized file is never read.
 pub fn oversized_file(file: &Path, len: u64) -> ParsedFile {
-    let origin = Origin::new(Arc::from(file), Arc::from(""), 0);
+    let origin = Origin::new(Arc::from(file), Arc::default(), 0);
     let mut d = origin.error(
         Loc::UNKNOWN,
         format!(
