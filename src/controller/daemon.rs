@@ -25,6 +25,7 @@ use super::lifecycle::{self, Loop};
 use super::triggers;
 use crate::driver::capability::Drivers;
 use crate::source::Source;
+use crate::spec::diagnostic::escape_path;
 use crate::spec::{Kind, ObjectKey};
 
 /// Options of the daemon.
@@ -205,7 +206,7 @@ async fn reload<D: Drivers>(
     };
     let Some(snapshot) = snapshot else {
         for d in assembled.errors() {
-            tracing::error!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+            tracing::error!(file = %escape_path(&d.file), line = d.line, column = d.column, "{}", d.message);
         }
         tracing::error!(
             errors = assembled.errors().count(),
@@ -215,7 +216,7 @@ async fn reload<D: Drivers>(
         return;
     };
     for d in assembled.warnings() {
-        tracing::warn!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+        tracing::warn!(file = %escape_path(&d.file), line = d.line, column = d.column, "{}", d.message);
     }
     let old = ctx.snapshot();
     let (changed, removed) = changed_keys(&old, &snapshot);

@@ -193,15 +193,7 @@ impl Source {
 }
 
 fn file_error(file: &Path, message: String) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        file: file.to_path_buf(),
-        line: 0,
-        column: 0,
-        message,
-        source_line: None,
-        related: Vec::new(),
-    }
+    Diagnostic::about_file(Severity::Error, file.to_path_buf(), &message)
 }
 
 /// An entry the walk could not read, as a diagnostic about that entry (its

@@ -10,6 +10,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use converge::spec::diagnostic::escape_text;
 use converge::spec::parse::MAX_FILE_BYTES;
 
 use crate::support::desired::{load, render, write_dir};
@@ -863,6 +864,26 @@ spec:
             vec![("deep.yaml", "[".repeat(10_000).into_bytes())],
             &["deep.yaml:1:", "too deeply nested"],
         ),
+        case(
+            "control_characters_in_a_value_are_escaped",
+            Invalid,
+            &[(
+                "m.yaml",
+                &format!("{WEB1}  drift: \"\\e]0;owned\\a\\e[2J\\u009b31mfix\"\n"),
+            )],
+            &[
+                "m.yaml:7:10",
+                "\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{9b}31mfix",
+            ],
+        ),
+        bytes_case(
+            "control_characters_in_the_source_are_escaped",
+            vec![(
+                "m.yaml",
+                format!("{WEB1}  \u{1b}[2Jcolour: \"r\u{1b}[31mé\u{202e}d\"\n").into_bytes(),
+            )],
+            &["m.yaml:7:", "\\u{1b}[2Jcolour"],
+        ),
         bytes_case(
             "huge_file",
             vec![("huge.yaml", huge_file())],
@@ -924,7 +945,7 @@ fn describe_input(files: &[(&'static str, Vec<u8>)]) -> String {
             Ok(text) if bytes.len() <= 4096 && !text.contains('\0') => {
                 out.push_str(&format!("=== {path}\n"));
                 for (i, line) in text.lines().enumerate() {
-                    out.push_str(&format!("{:>3} | {line}\n", i + 1));
+                    out.push_str(&format!("{:>3} | {}\n", i + 1, escape_text(line)));
                 }
             }
             _ => out.push_str(&format!("=== {path} ({} bytes, not shown)\n", bytes.len())),
@@ -950,6 +971,14 @@ fn check(case: &Case) -> Result<(), String> {
     }
     if case.expect == Invalid && assembled.errors().next().is_none() {
         problems.push("no error diagnostic".to_owned());
+    }
+    if let Some(c) = diagnostics
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\t'))
+    {
+        problems.push(format!(
+            "diagnostics print the control character {c:?} as it is"
+        ));
     }
     let root = dir.path().to_string_lossy();
     if diagnostics.contains(root.as_ref()) {
