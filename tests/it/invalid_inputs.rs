@@ -891,6 +891,70 @@ spec:
         ),
         // ------------------------------------------------ many errors at once
         case(
+            "several_errors_in_one_document",
+            Invalid,
+            &[
+                (
+                    "m.yaml",
+                    "apiVersion: converge/v1
+kind: Machine
+metadata: {name: web1, tags: [web, Prod]}
+spec:
+  target: {host: 10.0.0.5, port: 0, usr: root}
+  build: {command: [\"./build.sh\"]}
+  activation:
+    mode: swich
+    healthChecks: [{timeout: 60s}]
+  drift: fix
+  colour: blue
+",
+                ),
+                (
+                    "vm.yaml",
+                    "apiVersion: converge/v1
+kind: VirtualMachine
+metadata: {name: vm1}
+spec:
+  cpus: many
+  memory: 2GB
+  disks: [{name: root, size: 20GiB, backing: base.qcow2}]
+  network: {mode: nat, forwards: [{host: 2222, guest: 22, protocol: sctp}]}
+  onDelete: shred
+",
+                ),
+                (
+                    "s.yaml",
+                    "apiVersion: converge/v1
+kind: Service
+metadata: {name: vpn}
+spec:
+  module: wireguard
+  roles:
+    Peer: {tags: [all], after: controller}
+    controller: {machine: [gw]}
+",
+                ),
+            ],
+            &[
+                "m.yaml:3:36",
+                "m.yaml:5:34",
+                "m.yaml:5:37",
+                "m.yaml:8:11",
+                "m.yaml:9:21",
+                "m.yaml:10:10",
+                "m.yaml:11:3",
+                "vm.yaml:5:9",
+                "vm.yaml:6:11",
+                "vm.yaml:7:37",
+                "vm.yaml:8:19",
+                "vm.yaml:8:69",
+                "vm.yaml:9:13",
+                "s.yaml:7:5",
+                "s.yaml:7:32",
+                "s.yaml:8:18",
+            ],
+        ),
+        case(
             "every_bad_file_is_reported",
             Invalid,
             &[
@@ -1098,4 +1162,33 @@ fn one_bad_document_does_not_hide_errors_in_the_next() {
         "{}",
         render(&assembled)
     );
+}
+
+#[test]
+fn validate_reports_every_error_of_a_document_in_one_run() {
+    use crate::support::Fleet;
+    let fleet = Fleet::new();
+    fleet.write(
+        "m.yaml",
+        &format!(
+            "{}  drift: fix\n  colour: blue\n",
+            fleet.machine("web", &[], &[], "")
+        ),
+    );
+    let dir = fleet.dir();
+    let run = fleet.converge(&["validate", "--dir", dir.to_str().expect("utf-8")]);
+    run.assert_code(1);
+    for fragment in [
+        "unknown variant `fix`, expected one of correct, warn, ignore",
+        "--> m.yaml:9:10",
+        "unknown field `colour`, expected one of target, build, activation, drift, interval",
+        "--> m.yaml:10:3",
+        "invalid: 2 errors",
+    ] {
+        assert!(
+            run.stdout.contains(fragment),
+            "no `{fragment}` in:\n{}",
+            run.stdout
+        );
+    }
 }
