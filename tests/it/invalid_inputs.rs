@@ -312,7 +312,7 @@ spec:
                 "m.yaml",
                 &format!(
                     "{WEB1}  interval: 0s\n---\n{}  interval: 60d\n",
-                    WEB1.replace("web1", "web2")
+                    WEB1.replace("web1", "web2").replace("10.0.0.5", "10.0.0.6")
                 ),
             )],
             &["m.yaml:7:13", "m.yaml:15:13", "interval", "out of range"],
@@ -563,7 +563,10 @@ spec:
             &[
                 (
                     "m.yaml",
-                    leak(format!("{WEB1}---\n{}", WEB1.replace("web1", "web2"))),
+                    leak(format!(
+                        "{WEB1}---\n{}",
+                        WEB1.replace("web1", "web2").replace("10.0.0.5", "10.0.0.6")
+                    )),
                 ),
                 (
                     "s.yaml",
@@ -586,6 +589,46 @@ spec:
             ],
         ),
         // ------------------------------------------------ VMs and networks
+        case(
+            "machines_share_a_state_directory",
+            Invalid,
+            &[
+                (
+                    "a.yaml",
+                    leak(format!(
+                        "{WEB1}---\n{}---\n{}",
+                        WEB1.replace("web1", "web2").replace(
+                            "{host: 10.0.0.5}",
+                            "{host: 10.0.0.5, port: 22, stateDir: /var/lib/converge/}"
+                        ),
+                        WEB1.replace("web1", "web3")
+                            .replace("{host: 10.0.0.5}", "{host: 10.0.0.5, port: 2222}"),
+                    )),
+                ),
+                (
+                    "b.yaml",
+                    leak(format!(
+                        "{}---\n{}---\n{}",
+                        WEB1.replace("web1", "local1")
+                            .replace("{host: 10.0.0.5}", "{local: true}"),
+                        WEB1.replace("web1", "local2").replace(
+                            "{host: 10.0.0.5}",
+                            "{local: true, stateDir: /var/lib/converge}"
+                        ),
+                        WEB1.replace("web1", "local3")
+                            .replace("{host: 10.0.0.5}", "{local: true, stateDir: /srv/converge}"),
+                    )),
+                ),
+            ],
+            &[
+                "machines `web1` and `web2` share the state directory /var/lib/converge on 10.0.0.5 port 22",
+                "a.yaml:12:48",
+                "machine `web1` uses it at a.yaml:5:18",
+                "machines `local1` and `local2` share the state directory /var/lib/converge on the controller's own host",
+                "b.yaml:12:35",
+                "machine `local1` uses it at b.yaml:5:19",
+            ],
+        ),
         case(
             "forward_clash_on_one_host",
             Invalid,
@@ -791,13 +834,17 @@ spec:
                 ("bom.yaml", leak(format!("\u{feff}{WEB1}"))),
                 (
                     "crlf.yaml",
-                    leak(WEB1.replace("web1", "web2").replace('\n', "\r\n")),
+                    leak(
+                        WEB1.replace("web1", "web2")
+                            .replace("10.0.0.5", "10.0.0.6")
+                            .replace('\n', "\r\n"),
+                    ),
                 ),
                 (
                     "directive.yaml",
                     leak(format!(
                         "%YAML 1.2\n---\n{}...\n",
-                        WEB1.replace("web1", "web3")
+                        WEB1.replace("web1", "web3").replace("10.0.0.5", "10.0.0.7")
                     )),
                 ),
                 (
