@@ -28,7 +28,7 @@ use crate::spec::parse::{MAX_FILE_BYTES, ParsedFile, oversized_file, parse_file}
 use crate::spec::{Assembled, CheckedFile, Diagnostic, Severity, assemble_with};
 
 pub use content::{ContentError, content_hash};
-use ignored::is_ignored_name;
+pub use ignored::is_ignored_name;
 pub use walk::{EntryError, ReadError};
 
 /// A file modified this shortly before it was read may be rewritten within

@@ -22,6 +22,7 @@ mod fuzz;
 mod guest_harness;
 mod health_check_failure;
 mod health_check_failure_rolls_back;
+mod hidden_parent_directory;
 mod hostile_directory;
 mod incremental;
 mod invalid_inputs;
