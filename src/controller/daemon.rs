@@ -30,6 +30,7 @@ use super::lifecycle::{self, Loop};
 use super::triggers;
 use crate::driver::capability::Drivers;
 use crate::source::Source;
+use crate::spec::diagnostic::escape_path;
 use crate::spec::{Kind, ObjectKey};
 
 /// Options of the daemon.
@@ -305,7 +306,7 @@ impl Reloader {
                 return;
             }
             for d in assembled.errors() {
-                tracing::error!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+                tracing::error!(file = %escape_path(&d.file), line = d.line, column = d.column, "{}", d.message);
             }
             tracing::error!(
                 errors = diagnostics.len(),
@@ -318,7 +319,7 @@ impl Reloader {
         };
         self.rejected = None;
         for d in assembled.warnings() {
-            tracing::warn!(file = %d.file.display(), line = d.line, column = d.column, "{}", d.message);
+            tracing::warn!(file = %escape_path(&d.file), line = d.line, column = d.column, "{}", d.message);
         }
         let old = ctx.snapshot();
         let (changed, removed) = changed_keys(&old, &snapshot);

@@ -27,12 +27,27 @@ pub fn load(
     source: &mut Source,
 ) -> Result<(Assembled, LoadStats, Option<Snapshot>), crate::source::SourceError> {
     let (mut assembled, stats) = source.load()?;
-    let snapshot = assembled.desired.take().map(|desired| Snapshot {
-        desired,
-        revision: git::revision(source.root(), &crate::source::content_hash(source.root())),
-        root: source.root().to_path_buf(),
-    });
-    Ok((assembled, stats, snapshot))
+    let Some(desired) = assembled.desired.take() else {
+        return Ok((assembled, stats, None));
+    };
+    // The walk the hash does fails on what the load's walk failed on; an
+    // entry that changed in between makes this load invalid the same way.
+    match crate::source::content_hash(source.root()) {
+        Ok(inputs) => {
+            let snapshot = Snapshot {
+                desired,
+                revision: git::revision(source.root(), &inputs),
+                root: source.root().to_path_buf(),
+            };
+            Ok((assembled, stats, Some(snapshot)))
+        }
+        Err(e) => {
+            assembled
+                .diagnostics
+                .extend(e.errors.iter().map(crate::source::entry_error));
+            Ok((assembled, stats, None))
+        }
+    }
 }
 
 /// Every object key of a desired state, machines first.

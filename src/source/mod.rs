@@ -1,8 +1,12 @@
 //! The desired-state directory: finding, reading and caching its YAML files.
 //!
-//! Walks the directory (recursively, `.yaml`/`.yml` only; hidden files and
-//! directories, editor backups and temporary files ignored), reads each file
-//! and hands the bytes to [`crate::spec::parse`]. Parsed and checked files
+//! Walks the directory (`walk.rs`: recursively, following symlinks only
+//! inside it; hidden files and directories, editor backups and temporary
+//! files ignored; an entry it cannot read, such as a FIFO, a dangling link or
+//! a name that is not UTF-8, is a diagnostic that makes the directory
+//! invalid), reads each `.yaml`/`.yml` file (regular files only, at most
+//! [`MAX_FILE_BYTES`], checked before reading) and hands the bytes to
+//! [`crate::spec::parse`]. Parsed and checked files
 //! are cached by fingerprint (size, mtime, inode), so a reload after one file
 //! changed parses and checks only that file; the previous
 //! [`Resolution`] is kept too, so roles are resolved again only when their
@@ -12,20 +16,22 @@
 
 mod content;
 mod ignored;
+mod walk;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::spec::parse::{ParsedFile, parse_file};
-use crate::spec::{Assembled, CheckedFile, Diagnostic, Resolution, Severity, assemble_with};
+use crate::spec::Resolution;
+use crate::spec::parse::{MAX_FILE_BYTES, ParsedFile, oversized_file, parse_file};
+use crate::spec::{Assembled, CheckedFile, Diagnostic, Severity, assemble_with};
 
-pub use content::{Listing, changed_files, content_hash, content_hash_excluding, listing};
-use ignored::is_ignored_name;
-
-/// Directories nested deeper than this are not walked.
-const MAX_DEPTH: usize = 32;
+pub use content::{
+    ContentError, Listing, changed_files, content_hash, content_hash_excluding, listing,
+};
+pub use ignored::is_ignored_name;
+pub use walk::{EntryError, ReadError};
 
 /// A file modified this shortly before it was read may be rewritten within
 /// the same timestamp tick (coarse on many filesystems) with the same size,
@@ -122,16 +128,26 @@ impl Source {
                 path: self.root.clone(),
             });
         }
-        let mut found: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
-        let mut walk_errors: Vec<Diagnostic> = Vec::new();
-        walk(&self.root, Path::new(""), 0, &mut found, &mut walk_errors);
+        let walked = walk::walk(&self.root);
+        let walk_errors: Vec<Diagnostic> = walked.errors.iter().map(entry_error).collect();
+        let found: Vec<walk::Found> = walked
+            .files
+            .into_iter()
+            .filter(|f| Source::is_desired_state_file(&f.relative))
+            .collect();
 
         let mut stats = LoadStats {
             files: found.len(),
             ..LoadStats::default()
         };
         let mut next: BTreeMap<PathBuf, CachedFile> = BTreeMap::new();
-        for (relative, meta) in found {
+        for walk::Found {
+            relative,
+            open,
+            meta,
+            ..
+        } in found
+        {
             let fingerprint = Fingerprint::of(&meta);
             if let Some(cached) = self.files.remove(&relative) {
                 if cached.fingerprint == fingerprint && !cached.racy {
@@ -146,11 +162,15 @@ impl Source {
                     .duration_since(mtime)
                     .map_or(true, |age| age < RACY_WINDOW)
             });
-            let parsed = match std::fs::read(self.root.join(&relative)) {
+            let parsed = match walk::read_bounded(&open, MAX_FILE_BYTES as u64) {
                 Ok(bytes) => parse_file(&relative, &bytes),
+                Err(ReadError::TooLarge { len, .. }) => oversized_file(&relative, len),
                 Err(e) => ParsedFile {
                     objects: Vec::new(),
-                    diagnostics: vec![file_error(&relative, format!("cannot read file: {e}"))],
+                    diagnostics: vec![file_error(
+                        &relative,
+                        format!("cannot read file: {e}: check that converge may read it"),
+                    )],
                 },
             };
             let checked = CheckedFile::new(&self.root, parsed);
@@ -175,64 +195,13 @@ impl Source {
 }
 
 fn file_error(file: &Path, message: String) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        file: file.to_path_buf(),
-        line: 0,
-        column: 0,
-        message,
-        source_line: None,
-        related: Vec::new(),
-    }
+    Diagnostic::about_file(Severity::Error, file.to_path_buf(), &message)
 }
 
-fn walk(
-    root: &Path,
-    relative: &Path,
-    depth: usize,
-    found: &mut Vec<(PathBuf, std::fs::Metadata)>,
-    errors: &mut Vec<Diagnostic>,
-) {
-    if depth > MAX_DEPTH {
-        errors.push(file_error(
-            relative,
-            format!(
-                "directory is nested more than {MAX_DEPTH} levels deep: its files were not read"
-            ),
-        ));
-        return;
-    }
-    let entries = match std::fs::read_dir(root.join(relative)) {
-        Ok(entries) => entries,
-        Err(e) => {
-            errors.push(file_error(relative, format!("cannot read directory: {e}")));
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            continue;
-        };
-        if is_ignored_name(name) {
-            continue;
-        }
-        let path = relative.join(name);
-        let Ok(file_type) = entry.file_type() else {
-            continue;
-        };
-        if file_type.is_dir() {
-            walk(root, &path, depth + 1, found, errors);
-        } else if Source::is_desired_state_file(&path) {
-            // Follows a symlink to a file; symlinked directories are not
-            // walked, so a link loop cannot make loading endless.
-            match std::fs::metadata(root.join(&path)) {
-                Ok(meta) if meta.is_file() => found.push((path, meta)),
-                Ok(_) => {}
-                Err(e) => errors.push(file_error(&path, format!("cannot read file: {e}"))),
-            }
-        }
-    }
+/// An entry the walk could not read, as a diagnostic about that entry (its
+/// path escaped, so it is valid UTF-8 and safe to print).
+pub fn entry_error(e: &EntryError) -> Diagnostic {
+    file_error(Path::new(e.path()), e.to_string())
 }
 
 #[cfg(test)]

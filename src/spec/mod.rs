@@ -21,7 +21,9 @@ pub mod parse;
 pub mod quantity;
 pub mod roles;
 pub mod schema;
+mod shape;
 pub mod validate;
+mod yaml;
 
 pub use at::{At, Loc};
 pub use desired::{DesiredState, Object};

@@ -14,17 +14,15 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_saphyr::{Budget, DuplicateKeyPolicy, MessageFormatter, Options};
 
 use super::at::{At, Loc};
-use super::diagnostic::{Diagnostic, Origin};
+use super::diagnostic::{Diagnostic, Origin, SourceText};
 use super::key::Kind;
 use super::model::{API_VERSION, Document, MachineSpec, ServiceSpec, VmSpec};
+use super::shape;
+use super::yaml;
 
-/// The largest file read, in bytes.
-pub const MAX_FILE_BYTES: usize = 4 << 20;
-/// The deepest nesting a document may have.
-pub const MAX_DEPTH: usize = 64;
+pub use super::yaml::{MAX_DEPTH, MAX_FILE_BYTES};
 
 /// One object as parsed, before cross-object validation.
 #[derive(Debug, Clone)]
@@ -78,7 +76,7 @@ struct Header {
 pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
     let file: Arc<Path> = Arc::from(file);
     let whole_file = |message: String| {
-        let origin = Origin::new(file.clone(), Arc::from(""), 0);
+        let origin = Origin::new(file.clone(), Arc::default(), 0);
         let mut d = origin.error(Loc::UNKNOWN, message);
         d.line = 0;
         d.column = 0;
@@ -88,11 +86,7 @@ pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
         }
     };
     if bytes.len() > MAX_FILE_BYTES {
-        return whole_file(format!(
-            "file is {} bytes, more than the limit of {} bytes: split it into several files",
-            bytes.len(),
-            MAX_FILE_BYTES
-        ));
+        return oversized_file(&file, bytes.len() as u64);
     }
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
@@ -116,17 +110,36 @@ pub fn parse_file(file: &Path, bytes: &[u8]) -> ParsedFile {
         parsed.diagnostics[0].column = 1;
         return parsed;
     }
-    let shared_text: Arc<str> = Arc::from(text);
+    let shared_text = Arc::new(SourceText::new(text));
     let mut parsed = ParsedFile::default();
     for (line_offset, doc) in split_documents(text) {
         let origin = Origin::new(file.clone(), shared_text.clone(), line_offset);
         match parse_document(&doc, &origin) {
             Ok(Some(object)) => parsed.objects.push(Located { object, origin }),
             Ok(None) => {}
-            Err(d) => parsed.diagnostics.push(d),
+            Err(diagnostics) => parsed.diagnostics.extend(diagnostics),
         }
     }
     parsed
+}
+
+/// What a file of `len` bytes, over [`MAX_FILE_BYTES`], yields: one error
+/// about the whole file. The reader calls it from the file's size alone, so
+/// an oversized file is never read.
+pub fn oversized_file(file: &Path, len: u64) -> ParsedFile {
+    let origin = Origin::new(Arc::from(file), Arc::default(), 0);
+    let mut d = origin.error(
+        Loc::UNKNOWN,
+        format!(
+            "file is {len} bytes, more than the limit of {MAX_FILE_BYTES} bytes: split it into several files"
+        ),
+    );
+    d.line = 0;
+    d.column = 0;
+    ParsedFile {
+        objects: Vec::new(),
+        diagnostics: vec![d],
+    }
 }
 
 /// Splits a stream into documents: `(lines before the document, its text)`.
@@ -179,63 +192,68 @@ fn has_content(doc: &str) -> bool {
     })
 }
 
-fn options() -> Options {
-    let mut budget = Budget::default();
-    budget.max_depth = MAX_DEPTH;
-    budget.max_nodes = 200_000;
-    budget.max_events = 1_000_000;
-    budget.max_aliases = 1_000;
-    budget.max_anchors = 1_000;
-    budget.max_total_scalar_bytes = MAX_FILE_BYTES * 2;
-    budget.max_documents = 1;
-    let mut options = Options::default();
-    options.budget = Some(budget);
-    options.duplicate_keys = DuplicateKeyPolicy::Error;
-    options.with_snippet = false;
-    options.alias_limits.max_total_replayed_events = 100_000;
-    options.alias_limits.max_replay_stack_depth = MAX_DEPTH;
-    options.alias_limits.max_alias_expansions_per_anchor = 1_000;
-    options
-}
-
-fn parse_document(doc: &str, origin: &Origin) -> Result<Option<ParsedObject>, Diagnostic> {
-    let header: Header = from_doc(doc, origin)?;
+fn parse_document(doc: &str, origin: &Origin) -> Result<Option<ParsedObject>, Vec<Diagnostic>> {
+    let one = |d: Diagnostic| vec![d];
+    let header: Header = from_doc(doc, origin).map_err(one)?;
     let Some(api_version) = header.api_version else {
-        return Err(origin.error(
+        return Err(one(origin.error(
             Loc::new(first_content_line(doc), 1),
             format!("document has no `apiVersion`: add `apiVersion: {API_VERSION}`"),
-        ));
+        )));
     };
     if api_version.value != API_VERSION {
-        return Err(origin.error(
+        return Err(one(origin.error(
             api_version.loc,
             format!(
                 "unknown apiVersion `{}`: this converge reads `{API_VERSION}`",
                 shorten(&api_version.value)
             ),
-        ));
+        )));
     }
     let Some(kind) = header.kind else {
-        return Err(origin.error(
+        return Err(one(origin.error(
             Loc::new(first_content_line(doc), 1),
             "document has no `kind`: add `kind: Machine`, `kind: VirtualMachine` or `kind: Service`",
-        ));
+        )));
     };
     let object = match Kind::from_yaml_name(&kind.value) {
-        Some(Kind::Machine) => ParsedObject::Machine(from_doc(doc, origin)?),
-        Some(Kind::VirtualMachine) => ParsedObject::VirtualMachine(from_doc(doc, origin)?),
-        Some(Kind::Service) => ParsedObject::Service(from_doc(doc, origin)?),
+        Some(k @ Kind::Machine) => ParsedObject::Machine(typed(doc, origin, k)?),
+        Some(k @ Kind::VirtualMachine) => ParsedObject::VirtualMachine(typed(doc, origin, k)?),
+        Some(k @ Kind::Service) => ParsedObject::Service(typed(doc, origin, k)?),
         None => {
-            return Err(origin.error(
+            return Err(one(origin.error(
                 kind.loc,
                 format!(
                     "unknown kind `{}`: use Machine, VirtualMachine or Service",
                     shorten(&kind.value)
                 ),
-            ));
+            )));
         }
     };
     Ok(Some(object))
+}
+
+/// Reads a document of `kind` as its type. serde stops at the first error;
+/// then `shape` finds the others, and each is reported once: a problem at
+/// the place of serde's error is the same one, unless it is a missing field
+/// (reported at its mapping's last key, which may be wrong too) that serde
+/// did not name.
+fn typed<T: DeserializeOwned>(
+    doc: &str,
+    origin: &Origin,
+    kind: Kind,
+) -> Result<T, Vec<Diagnostic>> {
+    yaml::from_str(doc).map_err(|(first_loc, first)| {
+        let mut all = vec![origin.error(first_loc, first.as_str())];
+        for problem in shape::problems(doc, kind, first_loc) {
+            let said =
+                problem.loc == first_loc && (!problem.missing_field || problem.message == first);
+            if !said {
+                all.push(origin.error(problem.loc, problem.message));
+            }
+        }
+        all
+    })
 }
 
 fn first_content_line(doc: &str) -> u32 {
@@ -250,73 +268,7 @@ fn first_content_line(doc: &str) -> u32 {
 }
 
 fn from_doc<T: DeserializeOwned>(doc: &str, origin: &Origin) -> Result<T, Diagnostic> {
-    serde_saphyr::from_str_with_options::<T>(doc, options()).map_err(|e| {
-        let loc = e
-            .location()
-            .map(|l| {
-                Loc::new(
-                    u32::try_from(l.line()).unwrap_or(u32::MAX),
-                    u32::try_from(l.column()).unwrap_or(u32::MAX),
-                )
-            })
-            .unwrap_or(Loc::UNKNOWN);
-        origin.error(loc, yaml_message(&e))
-    })
-}
-
-/// The parser's message without its own location suffix, made actionable
-/// where we know better words.
-fn yaml_message(e: &serde_saphyr::Error) -> String {
-    let raw = serde_saphyr::DefaultMessageFormatter
-        .format_message(e.without_snippet())
-        .into_owned();
-    let mut message = strip_location_suffix(&raw).to_owned();
-    if message.starts_with("duplicate mapping key") {
-        message = message
-            .split(", set DuplicateKeyPolicy")
-            .next()
-            .unwrap_or(&message)
-            .to_owned();
-        message.push_str(": each key may appear once in a mapping");
-    } else if message.contains("budget")
-        || message.contains("Budget")
-        || message.contains("exceeded")
-    {
-        message = format!(
-            "document is too large, too deeply nested or expands too many aliases ({message}): simplify it"
-        );
-    } else if let Some(expected) = message
-        .strip_prefix("invalid ")
-        .and_then(scalar_expectation)
-    {
-        message = format!("expected {expected} here");
-    } else if message == "expected sequence start" {
-        message = "expected a list here, like `[a, b]`".to_owned();
-    } else if message == "expected mapping start" {
-        message = "expected a mapping here, like `key: value`".to_owned();
-    }
-    message
-}
-
-/// What a scalar of a Rust type (as the parser names it) must look like.
-fn scalar_expectation(ty: &str) -> Option<&'static str> {
-    Some(match ty {
-        "u8" => "a whole number from 0 to 255",
-        "u16" => "a whole number from 0 to 65535",
-        "u32" => "a whole number from 0 to 4294967295",
-        "u64" | "u128" | "usize" => "a whole number, 0 or more",
-        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
-        "f32" | "f64" => "a number",
-        "bool" => "`true` or `false`",
-        _ => return None,
-    })
-}
-
-fn strip_location_suffix(message: &str) -> &str {
-    match message.rfind(" at line ") {
-        Some(pos) if message[pos..].contains(", column ") => &message[..pos],
-        _ => message,
-    }
+    yaml::from_str(doc).map_err(|(loc, message)| origin.error(loc, message))
 }
 
 fn shorten(s: &str) -> String {

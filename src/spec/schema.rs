@@ -6,6 +6,8 @@
 //! that span fields or objects are `converge validate`'s job. Pure: returns
 //! JSON values; the CLI writes them.
 
+use std::sync::OnceLock;
+
 use serde_json::{Map, Value, json};
 
 use super::key::Kind;
@@ -45,6 +47,24 @@ pub fn all() -> Vec<(&'static str, Value)> {
     });
     out.push(("document.json", any));
     out
+}
+
+/// The schema of one kind, generated once per process: what `shape` walks
+/// a document against.
+pub fn of_kind(kind: Kind) -> &'static Value {
+    static SCHEMAS: OnceLock<[Value; 3]> = OnceLock::new();
+    let [machine, vm, service] = SCHEMAS.get_or_init(|| {
+        [
+            kind_schema::<MachineSpec>(Kind::Machine),
+            kind_schema::<VmSpec>(Kind::VirtualMachine),
+            kind_schema::<ServiceSpec>(Kind::Service),
+        ]
+    });
+    match kind {
+        Kind::Machine => machine,
+        Kind::VirtualMachine => vm,
+        Kind::Service => service,
+    }
 }
 
 /// The file a kind's schema is written to.

@@ -10,6 +10,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use converge::spec::diagnostic::escape_text;
 use converge::spec::parse::MAX_FILE_BYTES;
 
 use crate::support::desired::{load, render, write_dir};
@@ -311,7 +312,7 @@ spec:
                 "m.yaml",
                 &format!(
                     "{WEB1}  interval: 0s\n---\n{}  interval: 60d\n",
-                    WEB1.replace("web1", "web2")
+                    WEB1.replace("web1", "web2").replace("10.0.0.5", "10.0.0.6")
                 ),
             )],
             &["m.yaml:7:13", "m.yaml:15:13", "interval", "out of range"],
@@ -562,7 +563,10 @@ spec:
             &[
                 (
                     "m.yaml",
-                    leak(format!("{WEB1}---\n{}", WEB1.replace("web1", "web2"))),
+                    leak(format!(
+                        "{WEB1}---\n{}",
+                        WEB1.replace("web1", "web2").replace("10.0.0.5", "10.0.0.6")
+                    )),
                 ),
                 (
                     "s.yaml",
@@ -585,6 +589,46 @@ spec:
             ],
         ),
         // ------------------------------------------------ VMs and networks
+        case(
+            "machines_share_a_state_directory",
+            Invalid,
+            &[
+                (
+                    "a.yaml",
+                    leak(format!(
+                        "{WEB1}---\n{}---\n{}",
+                        WEB1.replace("web1", "web2").replace(
+                            "{host: 10.0.0.5}",
+                            "{host: 10.0.0.5, port: 22, stateDir: /var/lib/converge/}"
+                        ),
+                        WEB1.replace("web1", "web3")
+                            .replace("{host: 10.0.0.5}", "{host: 10.0.0.5, port: 2222}"),
+                    )),
+                ),
+                (
+                    "b.yaml",
+                    leak(format!(
+                        "{}---\n{}---\n{}",
+                        WEB1.replace("web1", "local1")
+                            .replace("{host: 10.0.0.5}", "{local: true}"),
+                        WEB1.replace("web1", "local2").replace(
+                            "{host: 10.0.0.5}",
+                            "{local: true, stateDir: /var/lib/converge}"
+                        ),
+                        WEB1.replace("web1", "local3")
+                            .replace("{host: 10.0.0.5}", "{local: true, stateDir: /srv/converge}"),
+                    )),
+                ),
+            ],
+            &[
+                "machines `web1` and `web2` share the state directory /var/lib/converge on 10.0.0.5 port 22",
+                "a.yaml:12:48",
+                "machine `web1` uses it at a.yaml:5:18",
+                "machines `local1` and `local2` share the state directory /var/lib/converge on the controller's own host",
+                "b.yaml:12:35",
+                "machine `local1` uses it at b.yaml:5:19",
+            ],
+        ),
         case(
             "forward_clash_on_one_host",
             Invalid,
@@ -790,13 +834,17 @@ spec:
                 ("bom.yaml", leak(format!("\u{feff}{WEB1}"))),
                 (
                     "crlf.yaml",
-                    leak(WEB1.replace("web1", "web2").replace('\n', "\r\n")),
+                    leak(
+                        WEB1.replace("web1", "web2")
+                            .replace("10.0.0.5", "10.0.0.6")
+                            .replace('\n', "\r\n"),
+                    ),
                 ),
                 (
                     "directive.yaml",
                     leak(format!(
                         "%YAML 1.2\n---\n{}...\n",
-                        WEB1.replace("web1", "web3")
+                        WEB1.replace("web1", "web3").replace("10.0.0.5", "10.0.0.7")
                     )),
                 ),
                 (
@@ -863,12 +911,96 @@ spec:
             vec![("deep.yaml", "[".repeat(10_000).into_bytes())],
             &["deep.yaml:1:", "too deeply nested"],
         ),
+        case(
+            "control_characters_in_a_value_are_escaped",
+            Invalid,
+            &[(
+                "m.yaml",
+                &format!("{WEB1}  drift: \"\\e]0;owned\\a\\e[2J\\u009b31mfix\"\n"),
+            )],
+            &[
+                "m.yaml:7:10",
+                "\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{9b}31mfix",
+            ],
+        ),
+        bytes_case(
+            "control_characters_in_the_source_are_escaped",
+            vec![(
+                "m.yaml",
+                format!("{WEB1}  \u{1b}[2Jcolour: \"r\u{1b}[31mé\u{202e}d\"\n").into_bytes(),
+            )],
+            &["m.yaml:7:", "\\u{1b}[2Jcolour"],
+        ),
         bytes_case(
             "huge_file",
             vec![("huge.yaml", huge_file())],
             &["huge.yaml", "more than the limit of 4194304 bytes"],
         ),
         // ------------------------------------------------ many errors at once
+        case(
+            "several_errors_in_one_document",
+            Invalid,
+            &[
+                (
+                    "m.yaml",
+                    "apiVersion: converge/v1
+kind: Machine
+metadata: {name: web1, tags: [web, Prod]}
+spec:
+  target: {host: 10.0.0.5, port: 0, usr: root}
+  build: {command: [\"./build.sh\"]}
+  activation:
+    mode: swich
+    healthChecks: [{timeout: 60s}]
+  drift: fix
+  colour: blue
+",
+                ),
+                (
+                    "vm.yaml",
+                    "apiVersion: converge/v1
+kind: VirtualMachine
+metadata: {name: vm1}
+spec:
+  cpus: many
+  memory: 2GB
+  disks: [{name: root, size: 20GiB, backing: base.qcow2}]
+  network: {mode: nat, forwards: [{host: 2222, guest: 22, protocol: sctp}]}
+  onDelete: shred
+",
+                ),
+                (
+                    "s.yaml",
+                    "apiVersion: converge/v1
+kind: Service
+metadata: {name: vpn}
+spec:
+  module: wireguard
+  roles:
+    Peer: {tags: [all], after: controller}
+    controller: {machine: [gw]}
+",
+                ),
+            ],
+            &[
+                "m.yaml:3:36",
+                "m.yaml:5:34",
+                "m.yaml:5:37",
+                "m.yaml:8:11",
+                "m.yaml:9:21",
+                "m.yaml:10:10",
+                "m.yaml:11:3",
+                "vm.yaml:5:9",
+                "vm.yaml:6:11",
+                "vm.yaml:7:37",
+                "vm.yaml:8:19",
+                "vm.yaml:8:69",
+                "vm.yaml:9:13",
+                "s.yaml:7:5",
+                "s.yaml:7:32",
+                "s.yaml:8:18",
+            ],
+        ),
         case(
             "every_bad_file_is_reported",
             Invalid,
@@ -924,7 +1056,7 @@ fn describe_input(files: &[(&'static str, Vec<u8>)]) -> String {
             Ok(text) if bytes.len() <= 4096 && !text.contains('\0') => {
                 out.push_str(&format!("=== {path}\n"));
                 for (i, line) in text.lines().enumerate() {
-                    out.push_str(&format!("{:>3} | {line}\n", i + 1));
+                    out.push_str(&format!("{:>3} | {}\n", i + 1, escape_text(line)));
                 }
             }
             _ => out.push_str(&format!("=== {path} ({} bytes, not shown)\n", bytes.len())),
@@ -950,6 +1082,14 @@ fn check(case: &Case) -> Result<(), String> {
     }
     if case.expect == Invalid && assembled.errors().next().is_none() {
         problems.push("no error diagnostic".to_owned());
+    }
+    if let Some(c) = diagnostics
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\t'))
+    {
+        problems.push(format!(
+            "diagnostics print the control character {c:?} as it is"
+        ));
     }
     let root = dir.path().to_string_lossy();
     if diagnostics.contains(root.as_ref()) {
@@ -1069,4 +1209,33 @@ fn one_bad_document_does_not_hide_errors_in_the_next() {
         "{}",
         render(&assembled)
     );
+}
+
+#[test]
+fn validate_reports_every_error_of_a_document_in_one_run() {
+    use crate::support::Fleet;
+    let fleet = Fleet::new();
+    fleet.write(
+        "m.yaml",
+        &format!(
+            "{}  drift: fix\n  colour: blue\n",
+            fleet.machine("web", &[], &[], "")
+        ),
+    );
+    let dir = fleet.dir();
+    let run = fleet.converge(&["validate", "--dir", dir.to_str().expect("utf-8")]);
+    run.assert_code(1);
+    for fragment in [
+        "unknown variant `fix`, expected one of correct, warn, ignore",
+        "--> m.yaml:9:10",
+        "unknown field `colour`, expected one of target, build, activation, drift, interval",
+        "--> m.yaml:10:3",
+        "invalid: 2 errors",
+    ] {
+        assert!(
+            run.stdout.contains(fragment),
+            "no `{fragment}` in:\n{}",
+            run.stdout
+        );
+    }
 }

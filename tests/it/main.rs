@@ -28,6 +28,8 @@ mod fuzz;
 mod guest_harness;
 mod health_check_failure;
 mod health_check_failure_rolls_back;
+mod hidden_parent_directory;
+mod hostile_directory;
 mod incremental;
 mod invalid_inputs;
 mod invalid_yaml_while_daemon_runs;

@@ -1,7 +1,9 @@
-//! `reconcile --once --timeout` bounds loading the directory too: a FIFO
-//! nobody writes to (hashing the build inputs opens it and waits, as a read
-//! from a hung mount would) ends the run at the timeout with exit 4 and a
-//! message saying loading did not end, and nothing is applied.
+//! `reconcile --once --timeout` bounds loading the directory too: a Git
+//! checkout whose `core.fsmonitor` hook hangs (as a wedged fsmonitor daemon
+//! does; reading the revision runs `git status`, which waits for it) ends
+//! the run at the timeout with exit 4 and a message saying loading did not
+//! end, and nothing is applied. (A FIFO no longer hangs loading: it is an
+//! error at once, see `hostile_directory.rs`.)
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,12 +15,25 @@ use crate::support::Converge as _;
 fn a_directory_that_never_finishes_loading_times_out_with_exit_4() {
     let fleet = Fleet::new();
     fleet.write("web.yaml", &fleet.machine("web", &[], &["v1"], ""));
-    let fifo = fleet.dir().join("templates.fifo");
-    let made = Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("run mkfifo");
-    assert!(made.success(), "mkfifo {}", fifo.display());
+    let hook = fleet.state().with_extension("fsmonitor");
+    std::fs::write(&hook, "#!/bin/sh\nexec sleep 30\n").expect("write the hook");
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the hook");
+    let git = |args: &[&str]| {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(fleet.dir())
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .status()
+            .expect("run git")
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "desired state"]);
+    git(&["config", "core.fsmonitor", hook.to_str().expect("utf-8")]);
 
     let dir = fleet.dir();
     let state = fleet.state();

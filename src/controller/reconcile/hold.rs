@@ -34,8 +34,11 @@ pub(super) fn still_held(
     if held.excluded.is_empty() {
         return held.inputs == inputs;
     }
-    let build_input = crate::source::content_hash_excluding(root, &held.excluded);
-    held.inputs == inputs_identity(spec_hash, roles_hash, &build_input)
+    // A directory that cannot be hashed cannot be the one the hold was for.
+    match crate::source::content_hash_excluding(root, &held.excluded) {
+        Ok(build_input) => held.inputs == inputs_identity(spec_hash, roles_hash, &build_input),
+        Err(_) => false,
+    }
 }
 
 /// The hold a failed attempt leaves, when its error is one that holds:
@@ -73,11 +76,10 @@ pub(super) fn hold(
     let inputs = if excluded.is_empty() {
         inputs
     } else {
-        inputs_identity(
-            spec_hash,
-            roles_hash,
-            &crate::source::content_hash_excluding(root, &excluded),
-        )
+        match crate::source::content_hash_excluding(root, &excluded) {
+            Ok(build_input) => inputs_identity(spec_hash, roles_hash, &build_input),
+            Err(_) => inputs,
+        }
     };
     Some(Held {
         reason,

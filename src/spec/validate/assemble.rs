@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::checked::{AnyObject, CheckedFile};
 use super::references::check_vm_references;
 use super::resolution::Resolution;
+use super::targets::check_shared_state_dirs;
 use crate::spec::desired::{DesiredState, Object};
 use crate::spec::diagnostic::Diagnostic;
 use crate::spec::model::{MachineSpec, ServiceSpec, VmSpec};
@@ -62,6 +63,7 @@ pub fn assemble_with<'a>(
         services,
     } = gather(files);
     check_vm_references(&machines, &vms, &mut diags);
+    check_shared_state_dirs(&machines, &mut diags);
     let resolution = std::mem::take(previous).update(&machines, &services);
     resolution.diagnostics(&mut diags);
 

@@ -3,7 +3,8 @@
 //! Takes every parsed file of a directory, checks each object on its own
 //! (ranges, exclusive fields, paths that climb out of the directory) and then
 //! all of them together (duplicate names, references to machines that do not
-//! exist, tags that select nothing, `after` cycles, host port clashes), and
+//! exist, tags that select nothing, `after` cycles, host port clashes, two
+//! machines sharing one state directory on one host), and
 //! returns either a complete
 //! [`DesiredState`](crate::spec::desired::DesiredState) or every diagnostic
 //! found. A directory with any error yields no desired state at all: the
@@ -20,6 +21,7 @@
 //! The work is split by stage, one file each: `checks` looks at one object
 //! alone, `checked` builds a file's objects with what those checks found,
 //! `references` checks the VMs against the machines and each other,
+//! `targets` the machines' targets against each other,
 //! `resolution` selects role members and resolves the roles documents, and
 //! `assemble` puts it all together, finding duplicate names on the way;
 //! `cycle` finds the `after` cycles that `checks` and `resolution` report.
@@ -32,6 +34,7 @@ mod checks;
 mod cycle;
 mod references;
 mod resolution;
+mod targets;
 
 pub use assemble::{Assembled, assemble, assemble_with};
 pub use checked::CheckedFile;

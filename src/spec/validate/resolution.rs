@@ -354,14 +354,6 @@ fn machine_cycle(
     });
     Some(match place {
         Some((service, loc)) => service.origin.error(loc, message),
-        None => Diagnostic {
-            severity: Severity::Error,
-            file: Path::new(".").to_path_buf(),
-            line: 0,
-            column: 0,
-            message,
-            source_line: None,
-            related: Vec::new(),
-        },
+        None => Diagnostic::about_file(Severity::Error, Path::new(".").to_path_buf(), &message),
     })
 }

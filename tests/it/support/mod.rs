@@ -111,8 +111,18 @@ pub struct Fleet {
 impl Fleet {
     /// An empty fleet with the standard `build.sh` in its desired-state directory.
     pub fn new() -> Fleet {
+        Fleet::with_prefix("converge-loop-")
+    }
+
+    /// A fleet whose directories all lie under a hidden one (its root's
+    /// name starts with a dot), like a desired state in `~/.config/gitops`.
+    pub fn under_a_hidden_directory() -> Fleet {
+        Fleet::with_prefix(".converge-loop-")
+    }
+
+    fn with_prefix(prefix: &str) -> Fleet {
         let root = tempfile::Builder::new()
-            .prefix("converge-loop-")
+            .prefix(prefix)
             .tempdir()
             .expect("create a temporary directory");
         for dir in ["d", "s", "m", "ledger", "builds", "logs"] {

@@ -4,7 +4,9 @@
 //! Run in release: `cargo run --release -p converge-bench --bin bench-load`. Prints numbers;
 //! BENCHMARKS.md records them. Options: `--all-service` adds one service
 //! whose role selects every machine (`tags: [all]`); `--memory` only loads
-//! once and prints what a loaded `Source` holds.
+//! once and prints what a loaded `Source` holds; `--bad-documents N` (default
+//! 100,000) times loading and rendering the diagnostics of N invalid
+//! documents instead, in one file and spread over files of 1,000.
 //!
 //! Reloads must give exactly what a cold load gives: after the reload runs,
 //! the bench edits a service and a machine's tags, compares a digest of
@@ -328,6 +330,9 @@ fn read_all(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) -> Resul
 
 fn main() -> Result<(), Error> {
     let all_service = std::env::args().any(|a| a == "--all-service");
+    if let Some(n) = bad_documents_arg()? {
+        return bad_documents(n);
+    }
     let root = std::env::temp_dir().join(format!("converge-bench-load-{}", std::process::id()));
     let _guard = TempDir(root.clone());
     let started = Instant::now();
@@ -655,5 +660,76 @@ fn memory(root: &Path) -> Result<(), Error> {
         documents as f64 / 1024.0 / desired.machines.len() as f64,
     );
     drop((desired, source));
+    Ok(())
+}
+
+/// `--bad-documents [N]`: how many invalid documents to load, if asked.
+fn bad_documents_arg() -> Result<Option<usize>, Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(at) = args.iter().position(|a| a == "--bad-documents") else {
+        return Ok(None);
+    };
+    match args.get(at + 1) {
+        Some(n) if !n.starts_with("--") => Ok(Some(n.replace([',', '_'], "").parse()?)),
+        _ => Ok(Some(100_000)),
+    }
+}
+
+/// A machine document with two errors: a misspelt enum value and an
+/// unknown field.
+fn bad_machine_doc(i: usize) -> String {
+    format!(
+        "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: bad{i:06}}}\nspec:\n  target: {{host: 10.0.{}.{}}}\n  build: {{command: [\"./build.sh\"]}}\n  drift: fix\n  colour: blue\n",
+        i / 250 % 250,
+        i % 250
+    )
+}
+
+/// `--bad-documents N`: loading (`Source::load`) and rendering (every
+/// diagnostic formatted, as `converge validate` prints them) N invalid
+/// documents: (1) all in one file, each a two-line document of an unknown
+/// kind (the most that fit under the 4 MiB limit); (2) machines with two
+/// errors each, 1,000 documents per file.
+fn bad_documents(n: usize) -> Result<(), Error> {
+    let root = std::env::temp_dir().join(format!("converge-bench-bad-{}", std::process::id()));
+    let _guard = TempDir(root.clone());
+    let one = root.join("one");
+    let short = "apiVersion: converge/v1\nkind: Pod\n";
+    let text = vec![short; n].join("---\n");
+    write(&one, "bad.yaml", &text)?;
+    time_bad(
+        &format!("{n} documents in one file ({} bytes)", text.len()),
+        &one,
+    )?;
+    let spread = root.join("spread");
+    for (f, start) in (0..n).step_by(1_000).enumerate() {
+        let docs: Vec<String> = (start..n.min(start + 1_000)).map(bad_machine_doc).collect();
+        write(&spread, &format!("bad-{f:04}.yaml"), &docs.join("---\n"))?;
+    }
+    time_bad(
+        &format!("{n} machine documents with two errors each, 1,000 per file"),
+        &spread,
+    )
+}
+
+fn time_bad(what: &str, dir: &Path) -> Result<(), Error> {
+    let t = Instant::now();
+    let (assembled, stats) = Source::new(dir).load()?;
+    let load = t.elapsed();
+    let t = Instant::now();
+    let mut rendered = String::new();
+    for d in &assembled.diagnostics {
+        let _ = writeln!(rendered, "{d}");
+    }
+    let render = t.elapsed();
+    println!("{what}:");
+    println!(
+        "    load {:10.1} ms   render {:8.1} ms   ({} files, {} diagnostics, {:.1} MiB of text)",
+        ms(load),
+        ms(render),
+        stats.files,
+        assembled.diagnostics.len(),
+        rendered.len() as f64 / (1024.0 * 1024.0)
+    );
     Ok(())
 }
