@@ -43,10 +43,11 @@ pub fn content_hash_excluding(dir: &Path, excluded: &[String]) -> Result<String,
         .into_iter()
         .filter(|f| {
             let name = f.relative.to_string_lossy();
-            !(name.ends_with(".yaml") || name.ends_with(".yml"))
-                && !excluded
-                    .iter()
-                    .any(|e| Path::new(e) == f.relative.as_path())
+            let document = name.ends_with(".yaml") || name.ends_with(".yml");
+            let left_out = excluded
+                .iter()
+                .any(|e| Path::new(e) == f.relative.as_path());
+            !(document || left_out)
         })
         .collect();
     files.sort_by(|a, b| a.relative.cmp(&b.relative));
