@@ -44,6 +44,7 @@ mod roles;
 mod schemas;
 mod shutdown_signals;
 mod source_cache;
+mod ssh_control_dir;
 mod sshd_killed_during_activation;
 mod store_across_processes;
 mod support;
