@@ -24,7 +24,7 @@ use super::protocol::{
     DeployPhase, DeployRequest, GenerationId, InstallRequest, InstallSource, MachineError,
     MachineFacts, WaitOutcome,
 };
-use super::ssh::{SshOptions, SshTarget};
+use super::ssh::{ControlDir, SshError, SshOptions, SshTarget};
 use super::stream::Manifest;
 use super::target::{CommandOutput, Input, Target, TargetError};
 use crate::spec::Target as TargetSpec;
@@ -34,8 +34,12 @@ mod vm;
 /// How converge uses OpenSSH, from the command line.
 #[derive(Debug, Clone)]
 pub struct SshSettings {
-    /// Where master sockets and generated configs live; kept short (socket paths ≤ 107 bytes).
-    pub control_dir: PathBuf,
+    /// The controller's state directory. Master sockets and the client
+    /// files converge generates for ssh live in its `ssh/` subdirectory,
+    /// checked private before each use, or in a fresh temporary directory
+    /// removed when converge ends if socket paths there would be too long
+    /// ([`ControlDir`]).
+    pub state_dir: PathBuf,
     /// An ssh_config to use instead of the user's (`--ssh-config`).
     pub ssh_config: Option<PathBuf>,
     /// A known_hosts file for targets without `hostKey`/`knownHosts` (`--known-hosts`).
@@ -53,11 +57,10 @@ pub struct SshSettings {
 }
 
 impl SshSettings {
-    /// Defaults, with the control directory derived from the state directory.
+    /// Defaults, with sockets and client files under `state`.
     pub fn for_state(state: &Path) -> SshSettings {
-        let tag = blake3::hash(state.to_string_lossy().as_bytes()).to_hex();
         SshSettings {
-            control_dir: std::env::temp_dir().join(format!("cvssh-{}", &tag[..10])),
+            state_dir: state.to_path_buf(),
             ssh_config: None,
             known_hosts: None,
             accept_new_host_keys: false,
@@ -129,6 +132,9 @@ pub struct HostDriver {
     /// The desired-state directory: relative `knownHosts`/`identityFile` resolve against it.
     root: PathBuf,
     ssh: SshSettings,
+    /// Made on first use by an SSH target, so a fleet without one creates
+    /// nothing; a refusal is not kept (it is checked again next time).
+    control_dir: Arc<Mutex<Option<Arc<ControlDir>>>>,
     pool: Arc<Mutex<HashMap<String, Arc<SshTarget>>>>,
     /// converge's agent on hypervisor Machines.
     agents: Arc<Agents>,
@@ -145,18 +151,41 @@ impl HostDriver {
             local: LocalTarget::new("local"),
             root: root.into(),
             ssh,
+            control_dir: Arc::new(Mutex::new(None)),
             pool: Arc::new(Mutex::new(HashMap::new())),
             agents: Arc::new(Agents::default()),
         }
     }
 
-    fn ssh_options(&self, spec: &TargetSpec) -> Result<SshOptions, DriverError> {
+    /// The control directory of this process's SSH targets (see
+    /// [`SshSettings::state_dir`]), made on first use.
+    fn control_dir(&self) -> Result<Arc<ControlDir>, SshError> {
+        let mut slot = match self.control_dir.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(dir) = slot.as_ref() {
+            return Ok(Arc::clone(dir));
+        }
+        let dir = Arc::new(ControlDir::for_state(&self.ssh.state_dir)?);
+        if dir.is_temporary() {
+            tracing::info!(state = %self.ssh.state_dir.display(), control_dir = %dir.path().display(), "ssh socket paths under the state directory would be too long; using a private temporary directory, removed at exit (masters are not kept for the next command)");
+        }
+        *slot = Some(Arc::clone(&dir));
+        Ok(dir)
+    }
+
+    fn ssh_options(
+        &self,
+        spec: &TargetSpec,
+        control_dir: &ControlDir,
+    ) -> Result<SshOptions, DriverError> {
         let Some(host) = &spec.host else {
             return Err(DriverError::Unsupported {
                 what: "a target with neither `host` nor `local: true`".to_owned(),
             });
         };
-        let mut options = SshOptions::new(host.value.as_str(), &self.ssh.control_dir);
+        let mut options = SshOptions::new(host.value.as_str(), control_dir.path());
         options.port = spec.port.as_ref().map_or(22, |p| p.value.get());
         options.user = spec
             .user
@@ -177,7 +206,9 @@ impl HostDriver {
         options.max_sessions = self.ssh.max_sessions.max(1);
         options.connect_timeout = self.ssh.connect_timeout;
         options.master_idle_exit = self.ssh.master_idle_exit;
-        options.keep_master = self.ssh.keep_masters && !self.ssh.master_idle_exit.is_zero();
+        options.keep_master = self.ssh.keep_masters
+            && !self.ssh.master_idle_exit.is_zero()
+            && !control_dir.is_temporary();
         Ok(options)
     }
 
@@ -186,16 +217,7 @@ impl HostDriver {
         if spec.is_local() {
             return Ok(AnyTarget::Local(self.local.clone()));
         }
-        let options = self.ssh_options(spec)?;
-        let key = format!("{options:?}");
-        let mut pool = match self.pool.lock() {
-            Ok(pool) => pool,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(t) = pool.get(&key) {
-            return Ok(AnyTarget::Ssh(t.clone()));
-        }
-        let target = Arc::new(SshTarget::new(options).map_err(|e| {
+        let ssh_error = |e: SshError| {
             DriverError::Target(TargetError::Ssh {
                 target: spec
                     .host
@@ -204,7 +226,18 @@ impl HostDriver {
                     .unwrap_or_default(),
                 source: Box::new(e),
             })
-        })?);
+        };
+        let control_dir = self.control_dir().map_err(ssh_error)?;
+        let options = self.ssh_options(spec, &control_dir)?;
+        let key = format!("{options:?}");
+        let mut pool = match self.pool.lock() {
+            Ok(pool) => pool,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(t) = pool.get(&key) {
+            return Ok(AnyTarget::Ssh(t.clone()));
+        }
+        let target = Arc::new(SshTarget::in_control_dir(options, control_dir).map_err(ssh_error)?);
         pool.insert(key, target.clone());
         Ok(AnyTarget::Ssh(target))
     }

@@ -51,6 +51,7 @@ mod schemas;
 mod shutdown_signals;
 mod soak_kills_during_activations;
 mod source_cache;
+mod ssh_control_dir;
 mod sshd_killed_during_activation;
 mod store_across_processes;
 mod support;

@@ -1,13 +1,14 @@
 //! The client files ssh reads, generated from [`SshOptions`] into the
 //! control directory: the ssh_config whose fixed options come before the
 //! user's (with the probe that decides whether the cheap key exchange goes
-//! first), the known_hosts line for a spec's host key, and the helpers that
-//! write them privately (a 0700 directory, 0600 files written by rename).
+//! first), the known_hosts line for a spec's host key, and the helper that
+//! writes them privately (0600 files written by rename; the directory is
+//! checked by `control_dir.rs`).
 //! It must not connect to or run anything on a target; the only process it
 //! starts is the local `ssh -G` probe, once per process.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio as StdStdio;
 
@@ -125,19 +126,12 @@ pub(super) fn short_hash(bytes: &[u8]) -> String {
     hash.as_str()[..16].to_owned()
 }
 
-/// Creates `dir` (and its parents) and makes it 0700: it holds master
-/// sockets, which give whoever can reach them a shell on the target.
-pub(super) fn create_private_dir(dir: &Path) -> Result<(), SshError> {
-    let prepare = |source| SshError::Prepare {
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(prepare)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(prepare)
-}
-
 /// Writes `bytes` to `path` (mode 0600) by a rename, so concurrent writers of
-/// the same content never expose a half-written file.
+/// the same content never expose a half-written file. Follows no symbolic
+/// link: the temporary file is created exclusively (`O_EXCL` fails on a
+/// link), and the rename replaces whatever is at `path`, a link included,
+/// rather than writing through it. `path`'s directory is a checked control
+/// directory (`control_dir.rs`), so no other user can put anything there.
 pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SshError> {
     let prepare = |source| SshError::Prepare {
         path: path.to_path_buf(),

@@ -22,6 +22,24 @@ pub enum SshError {
         len: usize,
         max: usize,
     },
+    #[error(
+        "use {path:?} for ssh's control sockets and client files: {problem}; {fix}. Nothing was run from it"
+    )]
+    UnsafeControlDir {
+        path: PathBuf,
+        /// What is wrong with it: "it is owned by uid 65534, not by uid 0 that converge runs as".
+        problem: String,
+        /// What to do: "remove it; converge creates it".
+        fix: String,
+    },
+    #[error("{action} {path:?}")]
+    ControlDir {
+        /// What failed, read after "failed to": "create the ssh control directory".
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("use ssh option {option} {value:?}: {why}")]
     InvalidOption {
         option: &'static str,
@@ -106,10 +124,13 @@ impl SshError {
         match self {
             Self::ControlPathTooLong { .. }
             | Self::InvalidOption { .. }
+            | Self::UnsafeControlDir { .. }
             | Self::HostKeyMismatch { .. }
             | Self::HostKeyUnknown { .. }
             | Self::Auth { .. } => false,
-            Self::Prepare { source, .. } => io_is_transient(source),
+            Self::Prepare { source, .. } | Self::ControlDir { source, .. } => {
+                io_is_transient(source)
+            }
             Self::Connect { source, .. } => !matches!(
                 source,
                 openssh::Error::Connect(e) | openssh::Error::Master(e)

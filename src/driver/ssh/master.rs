@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio as StdStdio;
 use std::sync::Arc;
@@ -18,11 +19,10 @@ use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
-use super::config::{
-    client_config, create_private_dir, known_hosts_line, short_hash, write_private,
-};
+use super::config::{client_config, known_hosts_line, short_hash, write_private};
+use super::control_dir::{ControlDir, prepare_private_dir};
 use super::error::SshError;
-use super::options::{SshOptions, check_options};
+use super::options::{SshOptions, check_options, check_socket_dir};
 use crate::driver::target::{Target, TargetError};
 
 /// How long the local mux alive check may take (it never touches the network).
@@ -44,16 +44,46 @@ pub struct SshTarget {
     known_hosts_file: Option<PathBuf>,
     master: Mutex<Option<Arc<Session>>>,
     pub(super) sessions: Arc<Semaphore>,
+    /// The [`ControlDir`] this target's files and sockets are in, when it
+    /// was given one: held so that a temporary one is removed only after
+    /// the last target using it (declared last, so it is dropped after the
+    /// master).
+    control_dir: Option<Arc<ControlDir>>,
 }
 
 impl SshTarget {
-    /// Checks the options and writes the client files (the generated
-    /// ssh_config and, for a `host_key`, a known_hosts file, both 0600) into
-    /// the control directory. Does not connect: the master is built on first
-    /// use.
+    /// Checks the options and the control directory (creating it, mode
+    /// 0700, when missing; refusing one that is not this user's own with
+    /// mode 0700, or that another user could replace, see
+    /// `control_dir.rs`), then writes the client files (the generated
+    /// ssh_config and, for a `host_key`, a known_hosts file, both 0600)
+    /// into it. Does not connect: the master is built on first use.
     pub fn new(options: SshOptions) -> Result<Self, SshError> {
+        Self::with_control_dir(options, None)
+    }
+
+    /// [`SshTarget::new`] in `dir`, which replaces `options.control_dir`
+    /// and is held as long as this target (and its [`fresh`] copies). In a
+    /// temporary `dir` the master is never kept for another process: the
+    /// directory goes when this one ends.
+    ///
+    /// [`fresh`]: SshTarget::fresh
+    pub fn in_control_dir(mut options: SshOptions, dir: Arc<ControlDir>) -> Result<Self, SshError> {
+        options.control_dir = dir.path().to_path_buf();
+        if dir.is_temporary() {
+            options.keep_master = false;
+        }
+        Self::with_control_dir(options, Some(dir))
+    }
+
+    fn with_control_dir(
+        mut options: SshOptions,
+        control_dir: Option<Arc<ControlDir>>,
+    ) -> Result<Self, SshError> {
         check_options(&options)?;
-        create_private_dir(&options.control_dir)?;
+        // From here on the checked, resolved path is the one used.
+        options.control_dir = prepare_private_dir(&options.control_dir)?;
+        check_socket_dir(&options.control_dir)?;
         let known_hosts_file = match (&options.host_key, &options.known_hosts) {
             (Some(key), _) => {
                 let line = known_hosts_line(&options.host, options.port, key)?;
@@ -78,6 +108,7 @@ impl SshTarget {
             known_hosts_file,
             master: Mutex::new(None),
             sessions,
+            control_dir,
         })
     }
 
@@ -98,6 +129,7 @@ impl SshTarget {
             known_hosts_file: self.known_hosts_file.clone(),
             master: Mutex::new(None),
             sessions: Arc::new(Semaphore::new(self.options.max_sessions.max(1))),
+            control_dir: self.control_dir.clone(),
         }
     }
 
@@ -315,6 +347,16 @@ impl SshTarget {
         let destination = self.destination();
         match launched {
             Ok(Ok(session)) => {
+                // The openssh crate makes the master's directory with the
+                // default mode (0755 after a usual umask). The control
+                // directory's 0700 keeps others out of it already; this
+                // keeps every directory converge leaves there at 0700 too.
+                if let Some(dir) = session.control_socket().parent() {
+                    if self.is_own_socket(session.control_socket()) {
+                        let _ =
+                            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+                    }
+                }
                 tracing::debug!(target_host = %destination, elapsed = ?started.elapsed(), "ssh master connected");
                 Ok(session)
             }

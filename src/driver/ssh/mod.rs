@@ -12,13 +12,16 @@
 //! This file is the facade: it declares the files and re-exports what the
 //! rest of the crate uses, and holds no code. The files import each other,
 //! never this facade, and depend one way: `error.rs` (SshError) <-
-//! `options.rs` (SshOptions and their checks) <- `config.rs` (the generated
+//! `options.rs` (SshOptions and their checks) <- `control_dir.rs` (where
+//! sockets and client files live, checked private: `STATE/ssh` or a
+//! temporary directory removed at the end), `config.rs` (the generated
 //! client files) <- `master.rs` (SshTarget and its master connection) <-
 //! `exec.rs` (running a command), `upload.rs` (SFTP upload) <- `target.rs`
 //! (SshTarget as a Target). `error` is visible to the rest of `driver`
 //! because `TargetError` carries an [`SshError`].
 
 mod config;
+mod control_dir;
 pub(super) mod error;
 mod exec;
 mod master;
@@ -26,6 +29,7 @@ mod options;
 mod target;
 mod upload;
 
+pub use control_dir::ControlDir;
 pub use error::SshError;
 pub use master::{SshTarget, effective_client_config};
 pub use options::SshOptions;

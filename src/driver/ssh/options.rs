@@ -5,7 +5,7 @@
 //! the filesystem or the network: writing the client files is `config.rs`'s
 //! job, connecting is `master.rs`'s.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::SshError;
@@ -49,7 +49,15 @@ pub struct SshOptions {
     /// Sessions open at once over the master (sshd's `MaxSessions` is 10).
     pub max_sessions: usize,
     /// Where control sockets and generated client files live. Must be short
-    /// (at most 61 bytes): socket paths are limited to 107 bytes.
+    /// (at most 61 bytes): socket paths are limited to 107 bytes. Created
+    /// when missing (mode 0700) and checked before every use: a directory
+    /// that is not this user's own with mode 0700, or below a parent
+    /// another user could write to, is refused ([`SshTarget::new`]).
+    /// converge's controller uses a [`ControlDir`] under its state
+    /// directory.
+    ///
+    /// [`SshTarget::new`]: super::master::SshTarget::new
+    /// [`ControlDir`]: super::control_dir::ControlDir
     pub control_dir: PathBuf,
     /// An idle master exits after this long, so masters of a controller that
     /// died do not linger (`ControlPersist`); the next call reconnects.
@@ -143,11 +151,26 @@ pub(super) fn check_options(o: &SshOptions) -> Result<(), SshError> {
             }
         }
     }
-    let dir_len = o.control_dir.as_os_str().len();
-    let len = dir_len + SOCKET_PATH_OVERHEAD;
+    check_socket_dir(&o.control_dir)
+}
+
+/// The longest control socket path under `dir`, with what ssh and the
+/// openssh crate add to it.
+fn socket_path_len(dir: &Path) -> usize {
+    dir.as_os_str().len() + SOCKET_PATH_OVERHEAD
+}
+
+/// Whether control sockets under `dir` fit a Unix socket's path.
+pub(super) fn socket_dir_fits(dir: &Path) -> bool {
+    socket_path_len(dir) <= SOCKET_PATH_MAX
+}
+
+/// [`SshError::ControlPathTooLong`] unless control sockets under `dir` fit.
+pub(super) fn check_socket_dir(dir: &Path) -> Result<(), SshError> {
+    let len = socket_path_len(dir);
     if len > SOCKET_PATH_MAX {
         return Err(SshError::ControlPathTooLong {
-            dir: o.control_dir.clone(),
+            dir: dir.to_path_buf(),
             len,
             max: SOCKET_PATH_MAX,
         });

@@ -1,17 +1,21 @@
 //! The SSH target's own tests, against real sshd hosts in network
 //! namespaces (the testbed): commands, output bounds, timeouts, shared and
-//! kept masters, uploads, host keys, dropped links, frozen and killed sshd,
-//! and the effective client options. Test code only.
+//! kept masters (under the state directory, or ended with a temporary
+//! control directory), control directories another user planted, uploads,
+//! host keys, dropped links, frozen and killed sshd, and the effective
+//! client options. Test code only.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use testbed::{REMOTE_STATE_DIR, Testbed};
 
 use super::config::{default_kex_is_costly_hybrid, known_hosts_line};
+use super::control_dir::ControlDir;
 use super::error::SshError;
 use super::master::{SshTarget, effective_client_config};
 use super::options::{SshOptions, testbed_options};
@@ -331,6 +335,211 @@ async fn a_kept_master_outlives_its_target_and_the_next_one_resumes_it() {
         pid_of(&replaced).is_none(),
         "disconnect stops a kept master"
     );
+}
+
+/// The pid of the ssh master listening on `socket` (its argv names it).
+fn master_pid(socket: &Path) -> Option<String> {
+    fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .find_map(|p| {
+            let cmdline = fs::read(p.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(&*socket.to_string_lossy())
+                .then(|| p.file_name().to_string_lossy().into_owned())
+        })
+}
+
+/// Every entry under `dir` with its permission bits, sorted, as `name mode`.
+fn modes_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).expect("read_dir").flatten() {
+            let meta = fs::symlink_metadata(entry.path()).expect("lstat");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            let name = entry.path().strip_prefix(dir).expect("under").to_owned();
+            found.push(format!(
+                "{} {:o}",
+                name.display(),
+                meta.permissions().mode() & 0o7777
+            ));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn a_kept_master_under_the_state_directory_is_resumed_by_the_next_process() {
+    let testbed = Testbed::new(1);
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut options = testbed_options(&testbed.client(0));
+    options.keep_master = true;
+    options.master_idle_exit = Duration::from_secs(30);
+
+    // One process: its control directory, a target, a command, then its end.
+    let dir = Arc::new(ControlDir::for_state(state.path()).expect("control dir"));
+    assert!(!dir.is_temporary());
+    let first = SshTarget::in_control_dir(options.clone(), Arc::clone(&dir)).expect("target");
+    assert!(first.options().keep_master);
+    assert!(
+        first
+            .run(&argv(&["true"]), &[], T)
+            .await
+            .expect("run")
+            .succeeded()
+    );
+    let socket = first.master_socket().await.expect("a master");
+    let ssh_dir = fs::canonicalize(state.path()).expect("state").join("ssh");
+    assert!(
+        socket.starts_with(&ssh_dir),
+        "{} is under STATE/ssh",
+        socket.display()
+    );
+    drop(first);
+    drop(dir);
+    let pid = master_pid(&socket).expect("the kept master still runs");
+    // What converge leaves in STATE/ssh is private: directories 0700, the
+    // rest (client files, pointers, the master's log and socket) 0600.
+    for line in modes_under(&ssh_dir) {
+        let (name, mode) = line.rsplit_once(' ').expect("name mode");
+        let is_dir = fs::symlink_metadata(ssh_dir.join(name))
+            .expect("lstat")
+            .is_dir();
+        assert_eq!(mode, if is_dir { "700" } else { "600" }, "{line}");
+    }
+
+    // The next process finds it there.
+    let dir = Arc::new(ControlDir::for_state(state.path()).expect("control dir"));
+    let second = SshTarget::in_control_dir(options, dir).expect("target");
+    assert!(
+        second
+            .run(&argv(&["true"]), &[], T)
+            .await
+            .expect("run")
+            .succeeded()
+    );
+    assert_eq!(
+        second.master_socket().await.as_ref(),
+        Some(&socket),
+        "the next process resumes the master kept under STATE/ssh"
+    );
+    second.disconnect().await;
+    wait_gone(&pid, "disconnect stops a kept master").await;
+}
+
+#[tokio::test]
+async fn a_temporary_control_dir_ends_its_masters_and_goes_with_its_last_target() {
+    let testbed = Testbed::new(1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let scratch = tempfile::tempdir().expect("TMPDIR");
+    // Socket paths under STATE/ssh would be too long.
+    let state = tmp.path().join("s".repeat(70));
+    let dir = Arc::new(ControlDir::for_state_in(&state, scratch.path()).expect("control dir"));
+    assert!(dir.is_temporary());
+    let mut options = testbed_options(&testbed.client(0));
+    options.keep_master = true;
+    options.master_idle_exit = Duration::from_secs(30);
+    let t = SshTarget::in_control_dir(options.clone(), Arc::clone(&dir)).expect("target");
+    assert!(
+        !t.options().keep_master,
+        "nothing is kept in a temporary directory"
+    );
+    assert!(
+        t.run(&argv(&["true"]), &[], T)
+            .await
+            .expect("run")
+            .succeeded()
+    );
+    let socket = t.master_socket().await.expect("a master");
+    assert!(socket.starts_with(dir.path()));
+    let pid = master_pid(&socket).expect("the master runs");
+    let fresh = t.fresh();
+    assert!(
+        fresh
+            .run(&argv(&["true"]), &[], T)
+            .await
+            .expect("run")
+            .succeeded()
+    );
+    let fresh_pid = master_pid(&fresh.master_socket().await.expect("a master")).expect("runs");
+
+    let path = dir.path().to_path_buf();
+    drop(dir);
+    assert!(path.is_dir(), "kept while targets use it");
+    drop(t);
+    assert!(path.is_dir(), "kept while the fresh copy uses it");
+    drop(fresh);
+    assert!(!path.exists(), "removed with the last target");
+    wait_gone(&pid, "the master ends with its temporary directory").await;
+    wait_gone(&fresh_pid, "the fresh master ends too").await;
+    assert_eq!(
+        fs::read_dir(scratch.path()).expect("read").count(),
+        0,
+        "nothing left in TMPDIR"
+    );
+
+    // A master left listening there (here: one kept on purpose, as a leaked
+    // handle would leave it) is told to exit when the directory goes.
+    let dir = ControlDir::for_state_in(&state, scratch.path()).expect("control dir");
+    options.control_dir = dir.path().to_path_buf();
+    let kept = SshTarget::new(options).expect("target");
+    assert!(
+        kept.run(&argv(&["true"]), &[], T)
+            .await
+            .expect("run")
+            .succeeded()
+    );
+    let socket = kept.master_socket().await.expect("a master");
+    drop(kept);
+    let pid = master_pid(&socket).expect("the kept master still runs");
+    drop(dir);
+    wait_gone(
+        &pid,
+        "a master still listening in a temporary directory is ended",
+    )
+    .await;
+    assert_eq!(
+        fs::read_dir(scratch.path()).expect("read").count(),
+        0,
+        "nothing left in TMPDIR"
+    );
+}
+
+#[test]
+fn a_target_refuses_a_control_dir_another_user_planted_and_uses_nothing_in_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let marker = tmp.path().join("marker");
+    let planted = tmp.path().join("ssh");
+    fs::create_dir(&planted).expect("mkdir");
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let config = format!("Host *\n  ProxyCommand touch {}\n", marker.display());
+    fs::write(planted.join("config"), &config).expect("plant");
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534))
+        .expect("chown (tests run as root)");
+    let before = modes_under(&planted);
+
+    let mut options = SshOptions::new("10.0.0.5", &planted);
+    options.host_key = Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA".to_owned());
+    let error = SshTarget::new(options).expect_err("refused");
+    assert!(
+        matches!(error, SshError::UnsafeControlDir { .. }) && !error.is_transient(),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("owned by uid 65534"), "{message}");
+    assert_eq!(modes_under(&planted), before, "nothing written into it");
+    assert!(!marker.exists());
+
+    // A link to it in place of the directory is refused too.
+    let link = tmp.path().join("link");
+    symlink(&planted, &link).expect("symlink");
+    let error = SshTarget::new(SshOptions::new("10.0.0.5", &link)).expect_err("refused");
+    assert!(error.to_string().contains("symbolic link"), "{error}");
+    assert_eq!(modes_under(&planted), before, "nothing written into it");
 }
 
 #[tokio::test]
