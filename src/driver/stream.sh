@@ -2,8 +2,9 @@
 # scripts that receive one. Lines: `R LEN` (a roles document: LEN bytes follow, into the file
 # named by $roles_tmp), `D MODE PATH` (a directory), `F MODE LEN PATH` (a file: LEN bytes
 # follow), `S PATH<TAB>TARGET` (a symlink), `K PATH` (the file PATH of the base tree, hard
-# linked, else copied), `E COUNT` (the end: COUNT entries came). Modes are octal; names hold no
-# newline or tab. File contents are read with `dd iflag=count_bytes,fullblock` (GNU and busybox):
+# linked, else copied), `E COUNT` (the end: COUNT entries came). Modes are octal, kept to their
+# owner's bits; names hold no newline or tab; a path is refused unless it is new, below
+# directories the stream made (never through a symlink). File contents are read with `dd iflag=count_bytes,fullblock` (GNU and busybox):
 # it reads exactly what it is asked, where busybox `head -c` reads ahead into the next line.
 
 # checked_path PATH: refuses absolute paths, `..` and empty names.
@@ -20,6 +21,44 @@ checked_path() {
 	return 0
 }
 
+# real_dirs DIR PATH: every directory above PATH in DIR is a directory, none a symlink, so
+# nothing reached through PATH is outside DIR.
+real_dirs() {
+	_d=$2
+	while :; do
+		case $_d in
+		*/*) _d=${_d%/*} ;;
+		*) return 0 ;;
+		esac
+		if [ -L "$1/$_d" ] || [ ! -d "$1/$_d" ]; then
+			echo "refused path in the stream: $2 (below something that is not a directory)" >&2
+			return 1
+		fi
+	done
+}
+
+# checked_new DIR PATH: PATH is a path checked_path accepts, new in DIR, below directories the
+# stream made: a stream cannot write through a symlink it sent, nor twice to one path.
+checked_new() {
+	checked_path "$2" && real_dirs "$1" "$2" || return 1
+	if [ -e "$1/$2" ] || [ -L "$1/$2" ]; then
+		echo "refused path in the stream: $2 (it came twice)" >&2
+		return 1
+	fi
+}
+
+# private MODE: the octal MODE without group, other and special bits (everything converge writes
+# on a target is private to its user, whatever the stream says).
+private() {
+	case $1 in
+	'' | *[!0-7]*)
+		echo "refused mode in the stream: $1" >&2
+		return 1
+		;;
+	esac
+	printf '%o' $((0$1 & 0700))
+}
+
 # read_bytes N FILE: the next N bytes of stdin into FILE, exactly.
 read_bytes() {
 	dd bs=65536 count="$1" iflag=count_bytes,fullblock status=none > "$2" || return 1
@@ -33,7 +72,8 @@ read_bytes() {
 # read_entries DIR BASE: reads the stream into DIR until its end line. Lines: `R LEN` (the roles
 # document, LEN bytes follow), `D MODE PATH` (a directory), `F MODE LEN PATH` (a file, LEN bytes
 # follow), `S PATH<TAB>TARGET` (a symlink), `K PATH` (the file PATH of BASE, hard linked, else
-# copied), `E COUNT` (the end; COUNT entries came). Modes are octal; names hold no newline or tab.
+# copied), `E COUNT` (the end; COUNT entries came). Modes are octal, kept to their owner's bits;
+# names hold no newline or tab, and every path is new, below directories the stream made.
 read_entries() {
 	n=0
 	while IFS= read -r line; do
@@ -52,8 +92,8 @@ read_entries() {
 			r=${line#D }
 			m=${r%% *}
 			f=${r#* }
-			checked_path "$f" || return 1
-			mkdir -p "$1/$f" && chmod "$m" "$1/$f" || return 1
+			checked_new "$1" "$f" && m=$(private "$m") || return 1
+			mkdir "$1/$f" && chmod "$m" "$1/$f" || return 1
 			;;
 		'F '*)
 			r=${line#F }
@@ -61,21 +101,25 @@ read_entries() {
 			r=${r#* }
 			l=${r%% *}
 			f=${r#* }
-			checked_path "$f" || return 1
+			checked_new "$1" "$f" && m=$(private "$m") || return 1
 			read_bytes "$l" "$1/$f" || return 1
 			chmod "$m" "$1/$f" || return 1
 			;;
 		'S '*)
 			r=${line#S }
 			f=${r%%	*}
-			checked_path "$f" || return 1
+			checked_new "$1" "$f" || return 1
 			ln -s "${r#*	}" "$1/$f" || return 1
 			;;
 		'K '*)
 			f=${line#K }
-			checked_path "$f" || return 1
+			checked_new "$1" "$f" || return 1
 			if [ -z "$2" ]; then
 				echo "the stream keeps $f, but no base generation was given" >&2
+				return 1
+			fi
+			if ! real_dirs "$2" "$f" || [ -L "$2/$f" ] || [ ! -f "$2/$f" ]; then
+				echo "the stream keeps $f, which is not a file of the base generation" >&2
 				return 1
 			fi
 			ln "$2/$f" "$1/$f" 2>/dev/null || cp -p "$2/$f" "$1/$f" || return 1

@@ -78,3 +78,5 @@ pub use prune::prune;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_v2;

@@ -1,7 +1,9 @@
 //! The machine protocol's own tests, on a local target over real files and
 //! processes: observe, install, switch, activate, health checks, rollback,
-//! the confirmation watchdog and prune, and the serialized forms. Test code
-//! only.
+//! the confirmation watchdog and prune, the serialized forms, one
+//! activation per state directory (attaching, refusing, taking over a dead
+//! runner's lock) and ending an activation's process group; and the
+//! helpers `tests_v2.rs` shares. Test code only.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -11,24 +13,28 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::activation::activate;
-use super::activation::{health_check, wait_activation};
+use super::activation::{health_check, kill_activation, wait_activation};
 use super::apply::split_status;
-use super::apply::{arm_confirmation, install, start_activation, switch};
+use super::apply::{
+    ActivateRequest, DeployReport, DeployRequest, InstallRequest, InstallSource, WaitOutcome,
+    Watchdog, arm_confirmation, deploy, install, start_activation, switch,
+};
 use super::confirm::{
     ConfirmOutcome, Confirmation, ConfirmationState, Rollback, RollbackAction, confirm,
     confirmation_state,
 };
 use super::generation::{
-    ActivationAttempt, ActivationResult, CurrentLink, GenerationId, InstallOutcome, MachineError,
-    MachineFacts,
+    ActivationAttempt, ActivationInProgress, ActivationResult, ActivationState, CurrentLink,
+    GenerationId, InstallOutcome, MachineError, MachineFacts,
 };
 use super::observe::{observe, observe_local};
 use super::prune::prune;
 use crate::driver::build::tree_hash;
 use crate::driver::local::LocalTarget;
+use crate::driver::stream::Manifest;
 use crate::driver::target::Target;
 
-const T: Duration = Duration::from_secs(20);
+pub(super) const T: Duration = Duration::from_secs(20);
 
 /// Switches back to `to` and activates it again (a new attempt), within one
 /// timeout: what a rollback does, as two phases of one deploy.
@@ -45,7 +51,7 @@ async fn rollback<T: Target>(
 
 /// Records its arguments, environment and cwd, counts its runs in the
 /// state directory, and exits with the code in the artifact's `exit-code`.
-const ACTIVATE: &str = r#"#!/bin/sh
+pub(super) const ACTIVATE: &str = r#"#!/bin/sh
 echo "mode=$1 env_mode=$CONVERGE_MODE generation=$CONVERGE_GENERATION"
 echo "roles=$(cat "$CONVERGE_ROLES")"
 echo "cwd=$(pwd)"
@@ -56,14 +62,14 @@ echo "exiting with $code" >&2
 exit "$code"
 "#;
 
-struct Machine {
-    dir: tempfile::TempDir,
-    state_dir: String,
-    target: LocalTarget,
+pub(super) struct Machine {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) state_dir: String,
+    pub(super) target: LocalTarget,
 }
 
 impl Machine {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let state_dir = dir.path().join("state").to_str().expect("utf-8").to_owned();
         Self {
@@ -73,13 +79,13 @@ impl Machine {
         }
     }
 
-    fn state(&self) -> PathBuf {
+    pub(super) fn state(&self) -> PathBuf {
         PathBuf::from(&self.state_dir)
     }
 
     /// A local artifact tree whose activate exits with `code`; `version`
     /// makes its hash differ from other artifacts.
-    fn artifact(&self, name: &str, version: &str, code: i32) -> (PathBuf, String) {
+    pub(super) fn artifact(&self, name: &str, version: &str, code: i32) -> (PathBuf, String) {
         let root = self.dir.path().join("artifacts").join(name);
         fs::create_dir_all(root.join("share")).expect("mkdir");
         fs::write(root.join("activate"), ACTIVATE).expect("write");
@@ -92,13 +98,13 @@ impl Machine {
         (root, hash)
     }
 
-    async fn installed(&self, number: u64, version: &str, code: i32) -> GenerationId {
+    pub(super) async fn installed(&self, number: u64, version: &str, code: i32) -> GenerationId {
         let (root, hash) = self.artifact(&format!("a{number}"), version, code);
         self.install(number, &root, hash).await
     }
 
     /// Installed as generation `number`, with an activate that never ends.
-    async fn installed_hanging(&self, number: u64) -> GenerationId {
+    pub(super) async fn installed_hanging(&self, number: u64) -> GenerationId {
         let name = format!("a{number}");
         let (root, _) = self.artifact(&name, "hangs", 0);
         fs::write(root.join("hang"), "").expect("write");
@@ -121,7 +127,7 @@ impl Machine {
         generation
     }
 
-    fn runs(&self) -> Vec<String> {
+    pub(super) fn runs(&self) -> Vec<String> {
         fs::read_to_string(self.state().join("activation-runs"))
             .unwrap_or_default()
             .lines()
@@ -871,7 +877,7 @@ fn the_wait_output_splits_into_log_and_status() {
 }
 
 /// Polls until the watchdog has finished (fired and recorded), or panics.
-async fn wait_fired<T: Target>(t: &T, state_dir: &str, c: &Confirmation) -> Rollback {
+pub(super) async fn wait_fired<T: Target>(t: &T, state_dir: &str, c: &Confirmation) -> Rollback {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match confirmation_state(t, state_dir, c, T).await.expect("state") {
@@ -889,7 +895,7 @@ async fn wait_fired<T: Target>(t: &T, state_dir: &str, c: &Confirmation) -> Roll
 /// Polls every 20 ms until the watchdog of `c` has exited (or is a zombie),
 /// after which it can no longer act; fails after 20 s with what /proc still
 /// shows of it and the confirmation's files.
-async fn wait_watchdog_gone(m: &Machine, c: &Confirmation) {
+pub(super) async fn wait_watchdog_gone(m: &Machine, c: &Confirmation) {
     let pidfile = m.state().join("confirm").join(format!("{}.pid", c.id));
     let line = fs::read_to_string(&pidfile).expect("the watchdog's pid file");
     let pid = line.split_whitespace().next().expect("a pid").to_owned();
@@ -1293,11 +1299,7 @@ async fn the_confirmation_window_starts_when_the_activation_ends() {
         .join("generations")
         .join(g2.to_string())
         .join("artifact");
-    let slow = format!(
-        "#!/bin/sh\nsleep 1\n{}",
-        ACTIVATE.trim_start_matches("#!/bin/sh\n")
-    );
-    fs::write(artifact.join("activate"), slow).expect("write");
+    fs::write(artifact.join("activate"), GATED).expect("write");
     switch(&m.target, &m.state_dir, &g2, T)
         .await
         .expect("switch");
@@ -1305,20 +1307,22 @@ async fn the_confirmation_window_starts_when_the_activation_ends() {
         .await
         .expect("start");
     let armed = Instant::now();
+    let window = Duration::from_millis(300);
     let c = arm_confirmation(
         &m.target,
         &m.state_dir,
         &attempt,
         Some(&g1),
         "switch",
-        Duration::from_millis(300),
+        window,
         T,
     )
     .await
     .expect("arm");
-    // The sleep is the scenario: 900 ms after arming is past a 300 ms window
-    // counted from arming, and before the 1 s activation ends.
-    tokio::time::sleep(Duration::from_millis(900).saturating_sub(armed.elapsed())).await;
+    // The activation runs until released: twice the window after arming (or
+    // later, on a busy machine), a window counted from arming would have
+    // fired.
+    tokio::time::sleep((window * 2).saturating_sub(armed.elapsed())).await;
     assert_eq!(
         confirmation_state(&m.target, &m.state_dir, &c, T)
             .await
@@ -1326,12 +1330,11 @@ async fn the_confirmation_window_starts_when_the_activation_ends() {
         ConfirmationState::Pending,
         "the window must not run while the activation does"
     );
-    wait_fired(&m.target, &m.state_dir, &c).await;
-    assert!(
-        armed.elapsed() >= Duration::from_millis(1300),
-        "{:?}",
-        armed.elapsed()
-    );
+    let released = Instant::now();
+    fs::write(m.state().join("release"), "").expect("release");
+    let rollback = wait_fired(&m.target, &m.state_dir, &c).await;
+    assert_eq!(rollback.activation_code, Some(0));
+    assert!(released.elapsed() >= window, "{:?}", released.elapsed());
 }
 
 #[tokio::test]
@@ -1443,4 +1446,389 @@ async fn arming_refuses_what_it_cannot_watch() {
         .expect_err("never armed");
     assert!(matches!(error, MachineError::ConfirmationMissing { .. }) && !error.is_transient());
     assert!(!m.state().join("confirm").exists(), "nothing was armed");
+}
+
+// ---------------------------------------------- protocol v2: one activation per state dir
+
+/// Appends its generation to `activation-runs` in the state directory, then
+/// waits (at most 30 s) until `release` appears there.
+pub(super) const GATED: &str = r#"#!/bin/sh
+echo "$CONVERGE_GENERATION" >> "$CONVERGE_STATE_DIR/activation-runs"
+i=0
+while [ ! -e "$CONVERGE_STATE_DIR/release" ] && [ "$i" -lt 1500 ]; do sleep 0.02; i=$((i + 1)); done
+"#;
+
+/// A local artifact tree `artifacts/<name>` holding `activate` (`script`,
+/// mode 0755) and `files` (path, contents, mode), and its tree hash.
+pub(super) fn tree(
+    m: &Machine,
+    name: &str,
+    script: &str,
+    files: &[(&str, &[u8], u32)],
+) -> (PathBuf, String) {
+    let root = m.dir.path().join("artifacts").join(name);
+    fs::create_dir_all(&root).expect("mkdir");
+    let activate: &[u8] = script.as_bytes();
+    for (path, contents, mode) in [("activate", activate, 0o755)].iter().chain(files) {
+        let file = root.join(path);
+        fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        fs::write(&file, contents).expect("write");
+        fs::set_permissions(&file, fs::Permissions::from_mode(*mode)).expect("chmod");
+    }
+    let hash = tree_hash(&root).expect("hash");
+    (root, hash)
+}
+
+/// Installs the tree with `script` as generation `number` (every file sent).
+pub(super) async fn installed<T: Target>(
+    t: &T,
+    m: &Machine,
+    number: u64,
+    script: &str,
+) -> GenerationId {
+    let name = format!("g{number}");
+    let (root, hash) = tree(m, &name, script, &[("name", name.as_bytes(), 0o600)]);
+    let generation = GenerationId::new(number, hash).expect("generation");
+    install(t, &m.state_dir, &root, b"{}", &generation, T)
+        .await
+        .expect("install");
+    generation
+}
+
+/// Activation in mode switch within [`T`], with `watchdog`.
+pub(super) fn switch_mode(
+    watchdog: Option<Watchdog>,
+) -> Option<(Option<GenerationId>, ActivateRequest)> {
+    let request = ActivateRequest {
+        mode: "switch".to_owned(),
+        timeout: T,
+        watchdog,
+    };
+    Some((None, request))
+}
+
+/// A deploy of `root` (read now) as generation `number`: install from
+/// `source`, switch, activate (guarded by `watchdog`), wait up to `wait`.
+pub(super) async fn deployed<T: Target>(
+    t: &T,
+    m: &Machine,
+    (number, root, hash): (u64, &Path, &str),
+    source: InstallSource<'_>,
+    watchdog: Option<Watchdog>,
+    wait: Duration,
+) -> (GenerationId, DeployReport) {
+    let generation = GenerationId::new(number, hash).expect("generation");
+    let manifest = Manifest::of(root).expect("manifest");
+    let request = DeployRequest {
+        install: Some(InstallRequest {
+            generation: generation.clone(),
+            artifact: root,
+            manifest: &manifest,
+            roles_json: b"{\"r\":1}",
+            source,
+        }),
+        switch: Some(None),
+        activate: switch_mode(watchdog),
+        wait: Some(wait),
+    };
+    let report = deploy(t, &m.state_dir, &request, T).await.expect("deploy");
+    assert!(report.failure.is_none(), "{:?}", report.failure);
+    (generation, report)
+}
+
+pub(super) fn watchdog(previous: Option<&GenerationId>, window: Duration) -> Option<Watchdog> {
+    Some(Watchdog {
+        previous: previous.cloned(),
+        confirm_timeout: window,
+    })
+}
+
+/// Polls `done` every 10 ms for up to 10 s.
+pub(super) async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The first number in the file at `path`, once the file has one.
+pub(super) async fn number_in(path: &Path) -> u32 {
+    let read = || {
+        fs::read_to_string(path)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    until(&format!("a number in {}", path.display()), || {
+        read().is_some()
+    })
+    .await;
+    read().expect("number")
+}
+
+/// Live (not zombie) processes with their process group, from /proc.
+pub(super) fn processes() -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        if let [state, _ppid, pgrp, ..] = fields[..] {
+            if state != "Z" {
+                found.push((pid, pgrp.parse().unwrap_or(0)));
+            }
+        }
+    }
+    found
+}
+
+pub(super) fn running(pid: u32) -> bool {
+    processes().iter().any(|(p, _)| *p == pid)
+}
+
+pub(super) fn attempt_file(
+    m: &Machine,
+    generation: &GenerationId,
+    attempt: &str,
+    ext: &str,
+) -> PathBuf {
+    m.state()
+        .join("generations")
+        .join(generation.to_string())
+        .join("activations")
+        .join(format!("{attempt}.{ext}"))
+}
+
+#[tokio::test]
+async fn one_activation_per_state_dir_attaching_to_its_own_generation_refusing_others() {
+    let m = Machine::new();
+    let g = installed(&m.target, &m, 1, GATED).await;
+    let h = installed(&m.target, &m, 2, GATED).await;
+    switch(&m.target, &m.state_dir, &g, T)
+        .await
+        .expect("switch");
+    let first = start_activation(&m.target, &m.state_dir, &g, "switch", T)
+        .await
+        .expect("start");
+    until("g's activate runs", || m.runs().len() == 1).await;
+
+    let again = start_activation(&m.target, &m.state_dir, &g, "switch", T)
+        .await
+        .expect("attach");
+    assert_eq!(again, first, "the running attempt is the one returned");
+    let request = DeployRequest {
+        switch: Some(Some(g.clone())),
+        activate: switch_mode(None),
+        wait: Some(Duration::from_millis(50)),
+        ..DeployRequest::default()
+    };
+    let report = deploy(&m.target, &m.state_dir, &request, T)
+        .await
+        .expect("deploy");
+    assert!(report.failure.is_none(), "{:?}", report.failure);
+    let started = report.started.expect("started");
+    assert!(started.attached && started.attempt == first, "{started:?}");
+    assert_eq!(report.waited, Some(WaitOutcome::Running));
+
+    let error = start_activation(&m.target, &m.state_dir, &h, "switch", T)
+        .await
+        .expect_err("another generation's activation runs");
+    match &error {
+        MachineError::ActivationBusy {
+            wanted,
+            running,
+            attempt,
+            ..
+        } => {
+            assert_eq!((wanted, running, attempt), (&h, &g.to_string(), &first.id));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(error.is_transient());
+    // A deploy that would switch to h while g's activation runs is refused
+    // before its switch: `current` still names g.
+    let busy = DeployRequest {
+        switch: Some(Some(h.clone())),
+        activate: switch_mode(None),
+        ..DeployRequest::default()
+    };
+    let report = deploy(&m.target, &m.state_dir, &busy, T)
+        .await
+        .expect("deploy");
+    assert!(!report.switched, "{report:?}");
+    assert!(
+        matches!(
+            report.failure,
+            Some((
+                super::DeployPhase::Switch,
+                MachineError::ActivationBusy { .. }
+            ))
+        ),
+        "{:?}",
+        report.failure
+    );
+    let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+    assert_eq!(facts.current_generation(), Some(&g), "current is unchanged");
+    assert_eq!(m.runs(), [g.to_string()], "activate ran once");
+
+    fs::write(m.state().join("release"), "").expect("release");
+    let ended = wait_activation(&m.target, &m.state_dir, &first, T).await;
+    assert_eq!(ended.expect("wait").code, 0);
+    switch(&m.target, &m.state_dir, &h, T)
+        .await
+        .expect("switch");
+    let second = start_activation(&m.target, &m.state_dir, &h, "switch", T)
+        .await
+        .expect("h starts once g ended");
+    assert_ne!(second.id, first.id);
+    let ended = wait_activation(&m.target, &m.state_dir, &second, T).await;
+    assert_eq!(ended.expect("wait").code, 0);
+    assert_eq!(m.runs(), [g.to_string(), h.to_string()]);
+}
+
+#[tokio::test]
+async fn a_controller_back_after_an_unconfirmed_activation_attaches_to_it() {
+    let m = Machine::new();
+    let (root, hash) = m.artifact("a1", "v1", 0);
+    let g = (1, root.as_path(), hash.as_str());
+    let window = watchdog(None, Duration::from_secs(60));
+    let (generation, first) =
+        deployed(&m.target, &m, g, InstallSource::Stream, window.clone(), T).await;
+    let first = first.started.expect("started");
+    let c = first.confirmation.clone().expect("armed");
+    assert!(!first.attached);
+
+    // The controller died before confirming; the next one deploys again.
+    let (_, again) = deployed(&m.target, &m, g, InstallSource::Stream, window, T).await;
+    assert_eq!(again.install, Some(InstallOutcome::AlreadyPresent));
+    let again = again.started.expect("started");
+    assert!(again.attached, "{again:?}");
+    assert_eq!(again.attempt, first.attempt);
+    assert_eq!(again.confirmation.as_ref(), Some(&c), "the same canary");
+    assert_eq!(m.runs(), [generation.to_string()], "activate ran once");
+
+    assert_eq!(
+        confirm(&m.target, &m.state_dir, &c, T)
+            .await
+            .expect("confirm"),
+        ConfirmOutcome::Confirmed
+    );
+    wait_watchdog_gone(&m, &c).await;
+    // Confirmed, the generation activates anew.
+    let third = start_activation(&m.target, &m.state_dir, &generation, "switch", T)
+        .await
+        .expect("start");
+    assert_ne!(third, first.attempt);
+    wait_activation(&m.target, &m.state_dir, &third, T)
+        .await
+        .expect("wait");
+    assert_eq!(m.runs().len(), 2);
+}
+
+#[tokio::test]
+async fn the_lock_of_a_killed_runner_is_taken_over_and_reported_lost() {
+    let m = Machine::new();
+    let g = m.installed_hanging(1).await;
+    let h = m.installed(2, "v2", 0).await;
+    switch(&m.target, &m.state_dir, &g, T)
+        .await
+        .expect("switch");
+    let attempt = start_activation(&m.target, &m.state_dir, &g, "switch", T)
+        .await
+        .expect("start");
+    let runner = number_in(&attempt_file(&m, &g, &attempt.id, "pid")).await;
+    let group = number_in(&attempt_file(&m, &g, &attempt.id, "pgid")).await;
+    until("g's activate runs", || m.runs().len() == 1).await;
+    for victim in [runner.to_string(), format!("-{group}")] {
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", "--", &victim])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "kill {victim}");
+    }
+    until("the runner and its activate are gone", || {
+        !running(runner) && !processes().iter().any(|(_, pg)| *pg == group)
+    })
+    .await;
+    assert!(m.state().join("activation/record").exists(), "lock left");
+
+    let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+    let lost = ActivationInProgress {
+        generation: g.clone(),
+        attempt: attempt.id.clone(),
+        state: ActivationState::Lost,
+    };
+    assert_eq!(facts.activation.as_ref(), Some(&lost));
+    let local = observe_local(&m.state_dir, T).await.expect("observe");
+    assert_eq!(local.activation, Some(lost));
+    let error = wait_activation(&m.target, &m.state_dir, &attempt, T)
+        .await
+        .expect_err("lost");
+    assert!(
+        matches!(error, MachineError::ActivationLost { .. }),
+        "{error:?}"
+    );
+
+    switch(&m.target, &m.state_dir, &h, T)
+        .await
+        .expect("switch");
+    let next = start_activation(&m.target, &m.state_dir, &h, "switch", T)
+        .await
+        .expect("the stale lock is taken over");
+    let ended = wait_activation(&m.target, &m.state_dir, &next, T).await;
+    assert_eq!(ended.expect("wait").code, 0);
+    assert_eq!(m.runs(), [g.to_string(), h.to_string()]);
+    let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+    assert_eq!(facts.activation, None);
+    let names: Vec<String> = fs::read_dir(m.state())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let lock = |n: &String| n == "activation" || n.starts_with("activation.");
+    assert!(!names.iter().any(lock), "{names:?}");
+}
+
+#[tokio::test]
+async fn ending_an_activation_ends_its_whole_process_group() {
+    let m = Machine::new();
+    let script = "#!/bin/sh\nsleep 600 &\necho $! > \"$CONVERGE_STATE_DIR/child\"\nwait\n";
+    let g = installed(&m.target, &m, 1, script).await;
+    switch(&m.target, &m.state_dir, &g, T)
+        .await
+        .expect("switch");
+    let attempt = start_activation(&m.target, &m.state_dir, &g, "switch", T)
+        .await
+        .expect("start");
+    let group = number_in(&attempt_file(&m, &g, &attempt.id, "pgid")).await;
+    let child = number_in(&m.state().join("child")).await;
+    let members: Vec<u32> = processes()
+        .into_iter()
+        .filter(|(_, pg)| *pg == group)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        members.contains(&group) && members.contains(&child),
+        "{members:?}"
+    );
+
+    let killed = kill_activation(&m.target, &m.state_dir, &attempt).await;
+    assert!(killed.expect("kill"), "it was running");
+    let left: Vec<_> = processes()
+        .into_iter()
+        .filter(|(_, pg)| *pg == group)
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+    let status = fs::read_to_string(attempt_file(&m, &g, &attempt.id, "status"));
+    assert_eq!(status.expect("status").trim(), "143", "ended by SIGTERM");
+    let facts = observe(&m.target, &m.state_dir, T).await.expect("observe");
+    assert_eq!(facts.activation, None, "the lock is released");
+    let again = kill_activation(&m.target, &m.state_dir, &attempt).await;
+    assert!(!again.expect("kill"), "nothing left to end");
 }

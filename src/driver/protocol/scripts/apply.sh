@@ -355,7 +355,13 @@ attempt=
 while [ $# -gt 0 ]; do
 	case $1 in
 	install)
-		phase_install "$2" "$3" "$4" || exit $?
+		# A failed install removes what it wrote: nothing else would (observe and prune skip
+		# installs in progress).
+		phase_install "$2" "$3" "$4" || {
+			c=$?
+			rm -rf "$state/generations/$2.partial-$$"
+			exit "$c"
+		}
 		shift 4
 		;;
 	switch)
