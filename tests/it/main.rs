@@ -30,6 +30,7 @@ mod health_check_failure;
 mod health_check_failure_rolls_back;
 mod hidden_parent_directory;
 mod hostile_directory;
+mod hung_activation;
 mod incremental;
 mod invalid_inputs;
 mod invalid_yaml_while_daemon_runs;

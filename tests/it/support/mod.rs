@@ -47,7 +47,9 @@ pub const BUILD_FAILURE_MARKER: &str = "DISTINCTIVE-BUILD-FAILURE-7f3a";
 /// `sleep=SECS` (sleep between the start and end lines),
 /// `random-sleep` (sleep 0-50 ms), `random-sleep-ms=N` (sleep 0-N ms),
 /// `overlap-check` (append `overlap <generation>` when another activation of
-/// the machine runs at the same time); and the build itself: `build-exit=N`
+/// the machine runs at the same time), `leave-child` (start a background
+/// `sh` that sleeps 1000 s, its command line naming `ROOT/leftover`); and
+/// the build itself: `build-exit=N`
 /// (print a marker line and exit N without an artifact), `build-sleep=SECS`.
 ///
 /// Every build appends one line to `ROOT/builds/<machine>`; every activation
@@ -63,6 +65,7 @@ variant=${1:-v1}
 exit_code=0
 sleep_line=:
 overlap=0
+child_line=:
 for opt in "$@"; do
   case $opt in
     activate-exit=*) exit_code=${opt#*=} ;;
@@ -71,6 +74,7 @@ for opt in "$@"; do
     build-sleep=*) sleep "${opt#*=}" ;;
     random-sleep-ms=*) sleep_line='ms=$(( $(od -An -N2 -tu2 /dev/urandom) % ('"${opt#*=}"' + 1) )); sleep "$((ms / 1000)).$(printf %03d $((ms % 1000)))"' ;;
     overlap-check) overlap=1 ;;
+    leave-child) child_line="sh -c 'sleep 1000; :' '$root/leftover' &" ;;
     build-exit=*)
       echo "build of $name: MARKER"
       exit "${opt#*=}"
@@ -89,6 +93,7 @@ echo "start \$CONVERGE_GENERATION \$1 $variant" >> "\$ledger"
 if [ $overlap = 1 ] && ! mkdir "\$ledger.running" 2>/dev/null; then
   echo "overlap \$CONVERGE_GENERATION" >> "\$ledger"
 fi
+$child_line
 $sleep_line
 [ $overlap = 0 ] || rmdir "\$ledger.running" 2>/dev/null || true
 if [ $exit_code -ne 0 ]; then echo "activate of $variant fails on purpose" >&2; exit $exit_code; fi
