@@ -6,8 +6,11 @@
 //! is the directory it watches (409 otherwise: a plan of another directory
 //! than asked would be a lie); `POST /v1/reconcile/{kind}/{name}` queues a
 //! reconcile of an object the daemon knows (404 otherwise);
+//! `POST /v1/suspend/{kind}/{name}` and `/v1/resume/{kind}/{name}` suspend
+//! and resume an object, then queue its reconcile;
 //! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
-//! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
+//! `POST /v1/vm/{name}/revert/{snap}` and `POST /v1/vm/{name}/power/{verb}`
+//! (stop, start, restart, delete) are the VM operator verbs; `/metrics` is
 //! Prometheus text (its content type says which format version). Never
 //! listens on a TCP port.
 
@@ -158,10 +161,13 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
         .route("/v1/events", get(events))
         .route("/v1/plan", get(plan))
         .route("/v1/reconcile/{kind}/{name}", post(reconcile))
+        .route("/v1/suspend/{kind}/{name}", post(suspend))
+        .route("/v1/resume/{kind}/{name}", post(resume))
         .route("/v1/vm", get(vm_list))
         .route("/v1/vm/{name}/snapshots", get(vm_snapshots))
         .route("/v1/vm/{name}/snapshot/{snap}", post(vm_snapshot))
         .route("/v1/vm/{name}/revert/{snap}", post(vm_revert))
+        .route("/v1/vm/{name}/power/{verb}", post(vm_power))
         .route("/metrics", get(metrics))
         .with_state(state);
     axum::serve(listener, app).await
@@ -199,6 +205,7 @@ pub fn status_view(
         "key": key,
         "status": status,
         "lastSeenMs": facts.as_ref().map(|f| f.observed_ms),
+        "suspended": store.suspension(key)?,
     });
     if key.kind == crate::spec::Kind::Machine {
         // What the target's `current` and `confirmed` pointed at when last
@@ -397,6 +404,48 @@ async fn reconcile(
     }
 }
 
+async fn suspend(
+    State(s): State<ApiState>,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+) -> Response {
+    suspension(&s, &kind, &name, true)
+}
+
+async fn resume(
+    State(s): State<ApiState>,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+) -> Response {
+    suspension(&s, &kind, &name, false)
+}
+
+/// Suspends or resumes, then queues a reconcile: its status says so at
+/// once, and a resumed object converges at once.
+fn suspension(s: &ApiState, kind: &str, name: &str, suspend: bool) -> Response {
+    use crate::controller::suspend::{self, SuspendError};
+    let key = match key_of(kind, name) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    let done = if suspend {
+        suspend::suspend(&s.store, &key, "suspend")
+    } else {
+        suspend::resume(&s.store, &key)
+    };
+    match done {
+        Ok(message) => {
+            let _ = s.manual.send(key);
+            (StatusCode::OK, format!("{message}\n")).into_response()
+        }
+        Err(e @ SuspendError::Unknown { .. }) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Err(e @ SuspendError::NotSuspendable { .. }) => {
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+        Err(e) => store_failure(crate::telemetry::error_chain(&e)),
+    }
+}
+
 async fn vm_op(s: &ApiState, name: &str, op: VmOp) -> Response {
     let name = match Name::new(name) {
         Ok(n) => n,
@@ -426,6 +475,23 @@ async fn vm_revert(
     UrlPath((name, snap)): UrlPath<(String, String)>,
 ) -> Response {
     vm_op(&s, &name, VmOp::Revert(snap)).await
+}
+
+/// `stop`, `start`, `restart`, `delete`.
+async fn vm_power(
+    State(s): State<ApiState>,
+    UrlPath((name, verb)): UrlPath<(String, String)>,
+) -> Response {
+    let op = match verb.as_str() {
+        "stop" => VmOp::Stop,
+        "start" => VmOp::Start,
+        "restart" => VmOp::Restart,
+        "delete" => VmOp::Delete,
+        other => {
+            return (StatusCode::NOT_FOUND, format!("no VM verb {other:?}\n")).into_response();
+        }
+    };
+    vm_op(&s, &name, op).await
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {

@@ -51,11 +51,15 @@ pub struct HistoryArgs {
 
 /// Show what was last observed on an object (hostname, boot id, kernel, generations…).
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  converge facts machine/web1")]
+#[command(
+    after_help = "Examples:\n  converge facts machine/web1\n  converge facts vm/builder --output json | jq .facts.pid"
+)]
 pub struct FactsArgs {
     pub key: ObjectKey,
     #[command(flatten)]
     pub state: StateArg,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 /// Asks the daemon for `path`, or computes the same JSON from the store.
@@ -182,11 +186,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<u8> {
                     None => "Unknown".to_owned(),
                 },
                 format!(
-                    "{}{}",
+                    "{}{}{}",
                     ready
                         .map(|c| text(c.get("reason")))
                         .unwrap_or_else(|| "-".into()),
-                    if drifted { " (drifted)" } else { "" }
+                    if drifted { " (drifted)" } else { "" },
+                    if row.get("suspended").is_some_and(|v| !v.is_null()) {
+                        " (suspended)"
+                    } else {
+                        ""
+                    }
                 ),
                 generation,
                 text(applied.get("revision")),
@@ -324,13 +333,49 @@ pub fn facts(args: FactsArgs) -> anyhow::Result<u8> {
     })?;
     let mut out = std::io::stdout().lock();
     match value {
-        Some(v) => {
+        Some(v) if args.output == Output::Json => {
             writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            Ok(EXIT_OK)
+        }
+        Some(v) => {
+            writeln!(
+                out,
+                "{key} observed {}",
+                ms_ago(v.get("observed_ms").and_then(Value::as_u64))
+            )?;
+            let mut lines = Vec::new();
+            flatten("", v.get("facts").unwrap_or(&Value::Null), &mut lines);
+            let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+            for (k, v) in lines {
+                writeln!(out, "  {k:width$}  {v}")?;
+            }
             Ok(EXIT_OK)
         }
         None => {
             writeln!(out, "no facts observed for {key}")?;
             Ok(EXIT_FATAL)
         }
+    }
+}
+
+/// `a.b[0].c`-style paths and their scalar values, in document order.
+fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&path, v, out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            for (i, v) in items.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        other => out.push((prefix.to_owned(), text(Some(other)))),
     }
 }

@@ -11,6 +11,7 @@ mod plan;
 mod reconcile;
 mod run;
 mod schema;
+mod suspend;
 mod table;
 mod validate;
 mod vm;
@@ -58,6 +59,8 @@ pub enum Command {
     Status(inspect::StatusArgs),
     History(inspect::HistoryArgs),
     Facts(inspect::FactsArgs),
+    Suspend(suspend::SuspendArgs),
+    Resume(suspend::ResumeArgs),
     Vm(vm::Args),
     Schema(schema::Args),
     /// Run one VM operation for a controller on this hypervisor (internal).
@@ -87,6 +90,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(args) => inspect::status(args),
         Command::History(args) => inspect::history(args),
         Command::Facts(args) => inspect::facts(args),
+        Command::Suspend(args) => suspend::suspend(args),
+        Command::Resume(args) => suspend::resume(args),
         Command::Vm(args) => vm::run(args),
         Command::Schema(args) => schema::run(args),
         Command::VmAgent(args) => agent::run(args),

@@ -13,7 +13,8 @@ use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
 use crate::controller::daemon::{self, DaemonOptions, Signals};
 use crate::controller::metrics::Metrics;
-use crate::controller::{lifecycle, preview, vmops};
+use crate::controller::vmops::{self, VmOp};
+use crate::controller::{lifecycle, preview};
 use crate::source::Source;
 use crate::spec::{HumanDuration, Kind};
 
@@ -132,6 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let plan_ctx = ctx.clone();
         let vm_ctx = ctx.clone();
         let known_ctx = ctx.clone();
+        let verb_queue = manual_tx.clone();
         let api_state = ApiState {
             store,
             dir: watched,
@@ -150,11 +152,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }),
             vm: Arc::new(move |name, op| {
                 let ctx = vm_ctx.clone();
+                let queue = verb_queue.clone();
                 // Spawned: a client that hangs up must not cut a snapshot or
                 // a revert off halfway.
                 let task = tokio::spawn(async move {
                     let snapshot = ctx.snapshot();
-                    vmops::operate(
+                    let done = vmops::operate(
                         &ctx.driver,
                         &ctx.store,
                         &ctx.vm_locks,
@@ -164,7 +167,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                         &op,
                     )
                     .await
-                    .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+                    .map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
+                    // A power verb changes what the VM's reconcile does:
+                    // run it now (a restart is planned there).
+                    if matches!(op, VmOp::Stop | VmOp::Start | VmOp::Restart | VmOp::Delete) {
+                        let key = crate::spec::ObjectKey::vm(name.clone());
+                        if op == VmOp::Restart {
+                            if let Ok(mut keys) = ctx.restarts.lock() {
+                                keys.insert(key.clone());
+                            }
+                        }
+                        let _ = queue.send(key);
+                    }
+                    Ok(done)
                 });
                 async move {
                     task.await

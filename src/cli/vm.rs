@@ -19,10 +19,11 @@ use crate::controller::vmops::{self, VmOp, VmOpOutcome};
 use crate::driver::console::{Console, RawTerminal, SessionEnd};
 use crate::spec::{HumanDuration, Name, ObjectKey};
 
-/// Operate VMs: list them, attach to a console, snapshot and revert, show history.
+/// Operate VMs: list them, attach to a console, snapshot and revert, stop,
+/// start, restart and delete, show history.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge vm list\n  converge vm console builder\n  converge vm snapshot builder before-upgrade\n  converge vm revert builder before-upgrade\n  converge vm history builder"
+    after_help = "Examples:\n  converge vm list\n  converge vm console builder\n  converge vm snapshot builder before-upgrade\n  converge vm revert builder before-upgrade\n  converge vm stop builder      # and keep it stopped\n  converge vm start builder\n  converge vm restart builder\n  converge vm delete builder\n  converge vm history builder"
 )]
 pub struct Args {
     #[command(subcommand)]
@@ -32,23 +33,61 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Each VM: desired and observed state, resources, forwards, condition.
+    #[command(
+        after_help = "Examples:\n  converge vm list\n  converge vm list --output json | jq '.[] | select(.running)'"
+    )]
     List(ListArgs),
     /// Attach to a running VM's serial console (detach with Ctrl-]).
     ///
     /// On a terminal the session is raw; with stdin from a pipe, what it
     /// reads is sent and the output printed until the guest is quiet for
     /// --quiet-for. `--log` prints what the guest wrote since it started.
+    #[command(
+        after_help = "Examples:\n  converge vm console builder          # Ctrl-] detaches\n  converge vm console builder --log    # what the guest printed since it started\n  echo uname -a | converge vm console builder"
+    )]
     Console(ConsoleArgs),
     /// Take snapshot SNAP of every disk (with RAM and devices when running).
+    #[command(after_help = "Examples:\n  converge vm snapshot builder before-upgrade")]
     Snapshot(SnapArgs),
     /// Revert every disk (and RAM when running) to snapshot SNAP.
     ///
     /// A running VM is only reverted to a snapshot taken while it ran.
+    #[command(after_help = "Examples:\n  converge vm revert builder before-upgrade")]
     Revert(SnapArgs),
     /// List a VM's snapshots.
+    #[command(
+        after_help = "Examples:\n  converge vm snapshots builder\n  converge vm snapshots builder --output json"
+    )]
     Snapshots(NameArgs),
     /// A VM's reconcile attempts, newest first (`converge history vm/NAME`).
+    #[command(
+        after_help = "Examples:\n  converge vm history builder\n  converge vm history builder --steps --limit 3"
+    )]
     History(HistoryArgs),
+    /// Stop a VM and keep it stopped: the VM object is suspended, so the
+    /// loop does not start it again until `converge vm start NAME`.
+    #[command(
+        after_help = "Examples:\n  converge vm stop builder     # stays stopped until `converge vm start builder`"
+    )]
+    Stop(NameArgs),
+    /// Let a stopped VM run again: resumes the VM object, and its reconcile
+    /// starts it (at once with a daemon; at the next `reconcile --once`
+    /// without).
+    #[command(after_help = "Examples:\n  converge vm start builder")]
+    Start(NameArgs),
+    /// Restart a running VM: its next reconcile plans and records a
+    /// `restart-vm` step (needs the daemon).
+    #[command(
+        after_help = "Examples:\n  converge vm restart builder\n  converge history vm/builder   # the restart-vm step"
+    )]
+    Restart(NameArgs),
+    /// Stop a VM and delete its files, and its disks when its `onDelete`
+    /// says `delete`, as removing its YAML would; the VM object is
+    /// suspended so it is not created again while its YAML remains.
+    #[command(
+        after_help = "Examples:\n  converge vm delete builder   # then remove builder's YAML"
+    )]
+    Delete(NameArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,6 +160,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         VmCommand::Snapshot(a) => operate(&a.vm, VmOp::Snapshot(a.snap)),
         VmCommand::Revert(a) => operate(&a.vm, VmOp::Revert(a.snap)),
         VmCommand::Snapshots(a) => operate(&a, VmOp::Snapshots),
+        VmCommand::Stop(a) => operate(&a, VmOp::Stop),
+        VmCommand::Start(a) => operate(&a, VmOp::Start),
+        VmCommand::Restart(a) => operate(&a, VmOp::Restart),
+        VmCommand::Delete(a) => operate(&a, VmOp::Delete),
         VmCommand::History(a) => {
             let name = parse_name(&a.name)?;
             super::inspect::history(super::inspect::HistoryArgs {
@@ -224,6 +267,10 @@ fn operate(args: &NameArgs, op: VmOp) -> anyhow::Result<u8> {
         VmOp::Snapshots => ("GET", format!("/v1/vm/{name}/snapshots")),
         VmOp::Snapshot(snap) => ("POST", format!("/v1/vm/{name}/snapshot/{snap}")),
         VmOp::Revert(snap) => ("POST", format!("/v1/vm/{name}/revert/{snap}")),
+        VmOp::Stop => ("POST", format!("/v1/vm/{name}/power/stop")),
+        VmOp::Start => ("POST", format!("/v1/vm/{name}/power/start")),
+        VmOp::Restart => ("POST", format!("/v1/vm/{name}/power/restart")),
+        VmOp::Delete => ("POST", format!("/v1/vm/{name}/power/delete")),
     };
     // Waiting for the VM's lock (a reconcile may be starting or stopping
     // it) and a `savevm`/`loadvm` of a large guest both take a while.
@@ -267,6 +314,9 @@ fn operate(args: &NameArgs, op: VmOp) -> anyhow::Result<u8> {
     }
     if op != VmOp::Snapshots {
         writeln!(out, "{}", outcome.message)?;
+    }
+    if matches!(op, VmOp::Stop | VmOp::Start | VmOp::Restart | VmOp::Delete) {
+        return Ok(EXIT_OK);
     }
     let rows: Vec<Vec<String>> = outcome
         .snapshots

@@ -101,12 +101,24 @@ pub struct Context<D> {
     /// the next reconcile of each releases its held artifact, inside the
     /// reconcile, so no concurrent status write can undo the release.
     pub retries: Retries,
+    /// VMs an operator asked to restart (`converge vm restart`): their next
+    /// reconcile plans a restart.
+    pub restarts: Retries,
 }
 
 /// Keys whose held artifact their next reconcile releases.
 pub type Retries = Arc<Mutex<HashSet<ObjectKey>>>;
 
 impl<D> Context<D> {
+    /// Whether an operator asked to restart VM `key` since its last
+    /// reconcile; asking consumes the request.
+    pub fn take_restart(&self, key: &ObjectKey) -> bool {
+        self.restarts
+            .lock()
+            .map(|mut keys| keys.remove(key))
+            .unwrap_or(false)
+    }
+
     /// Whether an operator asked to try `key` again since its last
     /// reconcile; asking consumes the request.
     pub fn take_retry(&self, key: &ObjectKey) -> bool {
@@ -141,6 +153,7 @@ impl<D> Context<D> {
             watched: Mutex::new(HashMap::new()),
             vm_locks: VmLocks::default(),
             retries: Retries::default(),
+            restarts: Retries::default(),
         }
     }
 

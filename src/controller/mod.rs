@@ -21,6 +21,7 @@ pub mod preview;
 pub mod reconcile;
 pub mod runner;
 pub mod scheduler;
+pub mod suspend;
 pub mod triggers;
 pub mod vmops;
 

@@ -128,7 +128,7 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
                 (launch.clone().unwrap_or_default(), None)
             }
         };
-        let view = vm::desired(object, &launch);
+        let view = vm::desired(object, &launch, false);
         let (change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
         out.changes.extend(change);
         out.drift.extend(drift);

@@ -1,5 +1,14 @@
-//! Operator verbs on VMs (`converge vm snapshot|revert|snapshots`): done by
-//! the daemon when one runs, by the CLI otherwise, with the same checks.
+//! Operator verbs on VMs (`converge vm snapshot|revert|snapshots|stop|
+//! start|restart|delete`): done by the daemon when one runs, by the CLI
+//! otherwise, with the same checks.
+//!
+//! The power verbs keep the loop from undoing them: `stop` suspends the VM
+//! object (it is observed, never started again) and stops it; `start`
+//! resumes it, and its reconcile starts it; `restart` asks the VM's next
+//! reconcile to plan a restart (so it is in its history like any other),
+//! which only the daemon can do; `delete` does what removing its YAML
+//! would (stop, delete its disks per `onDelete`) and suspends it, so it is
+//! not created again while its document remains.
 //!
 //! A verb never races the VM's reconcile: both hold the VM's lock
 //! ([`VmLocks`]) while they touch its process or disks. The CLI only acts
@@ -34,6 +43,14 @@ pub enum VmOp {
     Snapshot(String),
     /// Revert every disk (and RAM when running) to SNAP.
     Revert(String),
+    /// Suspend the VM object and stop the VM.
+    Stop,
+    /// Resume the VM object; its reconcile starts it.
+    Start,
+    /// Restart the VM at its next reconcile (the daemon only).
+    Restart,
+    /// Stop it, delete its files (disks per `onDelete`), suspend it.
+    Delete,
 }
 
 impl VmOp {
@@ -42,6 +59,10 @@ impl VmOp {
             VmOp::Snapshots => "list snapshots of",
             VmOp::Snapshot(_) => "snapshot",
             VmOp::Revert(_) => "revert",
+            VmOp::Stop => "stop",
+            VmOp::Start => "start",
+            VmOp::Restart => "restart",
+            VmOp::Delete => "delete",
         }
     }
 }
@@ -100,6 +121,14 @@ pub enum VmOpError {
         "revert vm/{name} to {snap}: the VM is running and {snap} holds no RAM state (it was taken while stopped); stop the VM (`state: stopped`), revert, then start it"
     )]
     RunningToDiskOnly { name: String, snap: String },
+    #[error(
+        "restart vm/{name}: a restart is planned by the VM's reconcile, and no daemon runs on this state directory; run `converge vm stop {name}`, then `converge vm start {name}` and `converge reconcile --once`"
+    )]
+    RestartNeedsDaemon { name: String },
+    #[error(
+        "restart vm/{name}: it is suspended (by `converge {by}`), so nothing would start it again; `converge vm start {name}` resumes and starts it"
+    )]
+    RestartSuspended { name: String, by: String },
     #[error("{verb} vm/{name}")]
     Driver {
         verb: &'static str,
@@ -168,8 +197,46 @@ pub async fn operate<D: VmDriver>(
         name: name.to_string(),
         source,
     };
+    if let VmOp::Start | VmOp::Restart = op {
+        return resume_or_restart(store, desired.is_some(), name, op);
+    }
     let _held = locks.lock(name).await;
     let message = match op {
+        VmOp::Start | VmOp::Restart => unreachable!("answered above"),
+        VmOp::Stop => {
+            let suspended = store.suspend(&key, "vm stop").map_err(store_error)?;
+            let grace = stop_grace(Some(&record));
+            let outcome = driver.vm_stop(&host, &dir, grace).await.map_err(failed)?;
+            let message = format!(
+                "vm/{name}: stopped ({outcome:?}){}; suspended, so converge does not start it again until `converge vm start {name}`",
+                if suspended {
+                    ""
+                } else {
+                    ", it was suspended already"
+                }
+            );
+            record_event(store, &key, &message);
+            message
+        }
+        VmOp::Delete => {
+            store.suspend(&key, "vm delete").map_err(store_error)?;
+            let deletes = super::reconcile::vm::deletes_disks(Some(&record));
+            let on_delete = if deletes {
+                crate::spec::OnDelete::Delete
+            } else {
+                crate::spec::OnDelete::KeepDisks
+            };
+            let outcome = driver
+                .vm_delete(&host, &dir, on_delete, stop_grace(Some(&record)))
+                .await
+                .map_err(failed)?;
+            let message = format!(
+                "vm/{name}: deleted ({outcome:?}; its disks {} per `onDelete`); suspended, so it is not created again while its YAML remains: remove the YAML, or `converge vm start {name}` to create it again",
+                if deletes { "deleted" } else { "kept" }
+            );
+            record_event(store, &key, &message);
+            message
+        }
         VmOp::Snapshots => "snapshots".to_owned(),
         VmOp::Snapshot(snap) => {
             let running = driver
@@ -219,6 +286,73 @@ pub async fn operate<D: VmDriver>(
         message,
         snapshots,
     })
+}
+
+/// `start` resumes (the VM's reconcile then starts it); `restart` asks the
+/// daemon's next reconcile of the VM to plan one. The daemon queues that
+/// reconcile itself.
+#[expect(
+    clippy::result_large_err,
+    reason = "the same error as `operate`, which returns it as is; verbs are rare"
+)]
+fn resume_or_restart(
+    store: &Store,
+    daemon: bool,
+    name: &Name,
+    op: &VmOp,
+) -> Result<VmOpOutcome, VmOpError> {
+    let key = ObjectKey::vm(name.clone());
+    let store_error = |source| VmOpError::Store {
+        verb: op.verb(),
+        name: name.to_string(),
+        source,
+    };
+    let message = if *op == VmOp::Start {
+        let resumed = store.resume(&key).map_err(store_error)?;
+        let when = if daemon {
+            "the daemon starts it now"
+        } else {
+            "no daemon runs: `converge reconcile --once` starts it"
+        };
+        let message = if resumed {
+            format!("vm/{name}: resumed; {when} (if its spec says `state: running`)")
+        } else {
+            format!("vm/{name}: it was not stopped by converge; {when} if it is not running")
+        };
+        record_event(store, &key, &message);
+        message
+    } else {
+        if !daemon {
+            return Err(VmOpError::RestartNeedsDaemon {
+                name: name.to_string(),
+            });
+        }
+        if let Some(s) = store.suspension(&key).map_err(store_error)? {
+            return Err(VmOpError::RestartSuspended {
+                name: name.to_string(),
+                by: s.by,
+            });
+        }
+        let message = format!(
+            "vm/{name}: restart asked; the daemon restarts it now (`converge history vm/{name}`)"
+        );
+        record_event(store, &key, &message);
+        message
+    };
+    Ok(VmOpOutcome {
+        vm: name.to_string(),
+        message,
+        snapshots: Vec::new(),
+    })
+}
+
+/// The VM's `stopTimeout` from its recorded spec, else 30 s.
+fn stop_grace(record: Option<&crate::store::records::SpecRecord>) -> std::time::Duration {
+    record
+        .and_then(|r| r.spec.pointer("/spec/stopTimeout"))
+        .and_then(serde_json::Value::as_str)
+        .and_then(|t| t.parse::<crate::spec::HumanDuration>().ok())
+        .map_or(std::time::Duration::from_secs(30), |d| d.get())
 }
 
 fn record_event(store: &Store, key: &ObjectKey, message: &str) {

@@ -55,6 +55,9 @@ pub struct VmDesired<'a> {
     /// The identity of what starting the VM would launch now (a hash of
     /// QEMU's argv): a running VM launched otherwise restarts.
     pub launch: &'a str,
+    /// An operator asked for a restart (`converge vm restart`): a running
+    /// VM restarts even when launched as its spec says.
+    pub restart: bool,
 }
 
 /// What converge recorded when it last applied the object.
@@ -361,7 +364,7 @@ fn vm_steps(
             }
             match (vm.running, o.running) {
                 (true, false) => steps.push(Step::StartVm),
-                (true, true) if o.launched.as_deref() != Some(vm.launch) => {
+                (true, true) if vm.restart || o.launched.as_deref() != Some(vm.launch) => {
                     steps.push(Step::RestartVm);
                 }
                 (false, true) => steps.push(Step::StopVm),

@@ -276,6 +276,7 @@ fn plan_marks_vm_fields_that_force_a_restart() {
             running: true,
             disks: &spec_disks,
             launch: "launch-2",
+            restart: false,
         }),
     };
     let a = Applied {
@@ -309,6 +310,7 @@ fn a_vm_restarts_exactly_when_its_launch_differs_from_what_runs() {
             running: true,
             disks: &spec_disks,
             launch: "launch-1",
+            restart: false,
         }),
     };
     let a = Applied {
@@ -338,4 +340,40 @@ fn a_vm_restarts_exactly_when_its_launch_differs_from_what_runs() {
     let (change, drift) = diff(&k, Some(&d), Some(&a), Some(&dead));
     assert_eq!(names(&change.unwrap()), ["start-vm"]);
     assert_eq!(drift[0].field, "running");
+}
+
+#[test]
+fn an_operator_restart_restarts_a_running_vm_and_starts_a_stopped_one() {
+    let k = key("vm/builder");
+    let doc = vm_doc("1GiB", "1GiB");
+    let spec_disks = disks(GIB);
+    let d = Desired {
+        document: doc.clone(),
+        spec_hash: "h1",
+        kind: DesiredKind::Vm(VmDesired {
+            running: true,
+            disks: &spec_disks,
+            launch: "launch-1",
+            restart: true,
+        }),
+    };
+    let a = Applied {
+        document: Some(&doc),
+        spec_hash: "h1",
+        roles_hash: None,
+        build_input: None,
+        generation: None,
+        delete_on_removal: false,
+    };
+    let observed = |running: bool| {
+        Observed::Vm(VmObserved {
+            running,
+            launched: running.then(|| "launch-1".to_owned()),
+            disks: vec![("root".to_owned(), Some(GIB))],
+        })
+    };
+    let (change, _) = diff(&k, Some(&d), Some(&a), Some(&observed(true)));
+    assert_eq!(names(&change.unwrap()), ["restart-vm"]);
+    let (change, _) = diff(&k, Some(&d), Some(&a), Some(&observed(false)));
+    assert_eq!(names(&change.unwrap()), ["start-vm"]);
 }

@@ -15,6 +15,7 @@ pub(crate) const STATUS: &str = "status";
 pub(crate) const HISTORY: &str = "history";
 pub(crate) const EVENTS: &str = "events";
 pub(crate) const META: &str = "meta";
+pub(crate) const SUSPENDED: &str = "suspended";
 
 /// `meta` key: the next attempt id [`super::Store::begin_attempt`] hands out.
 pub(crate) const NEXT_ATTEMPT_ID: &[u8] = b"next_attempt_id";

@@ -20,6 +20,7 @@ mod codec;
 mod error;
 mod layout;
 pub mod records;
+mod suspension;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -38,6 +39,7 @@ pub use error::{DbError, StoreError};
 use error::{open_error, transaction_error};
 use layout::{AttemptName, RawKey};
 pub use records::*;
+pub use suspension::Suspension;
 
 /// Attempts kept per object; older ones are trimmed when a new one is recorded.
 pub const HISTORY_PER_OBJECT: usize = 100;
@@ -82,6 +84,7 @@ struct Inner {
     history: Tree,
     events: Tree,
     meta: Tree,
+    suspended: Tree,
     /// Serializes [`Store::append_event`]: the next sequence number is the
     /// last one stored plus one, and trimming must see its own append.
     event_append: Mutex<()>,
@@ -230,6 +233,7 @@ impl Store {
                 history: Tree::open(&db, &path, layout::HISTORY)?,
                 events: Tree::open(&db, &path, layout::EVENTS)?,
                 meta: Tree::open(&db, &path, layout::META)?,
+                suspended: Tree::open(&db, &path, layout::SUSPENDED)?,
                 db,
                 path,
                 event_append: Mutex::new(()),
@@ -650,7 +654,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes the spec, facts, status and history of `key`, for an object
+    /// Removes the spec, facts, status, suspension and history of `key`, for an object
     /// that left the desired state. Its events stay. Not flushed.
     pub fn forget(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let inner = &self.inner;
@@ -658,6 +662,7 @@ impl Store {
         inner.specs.remove(&k, key)?;
         inner.facts.remove(&k, key)?;
         inner.status.remove(&k, key)?;
+        inner.suspended.remove(&k, key)?;
         let history = &inner.history;
         let keys = history
             .tree

@@ -131,9 +131,13 @@ pub enum Reason {
     // Drift.
     NoDrift,
     DriftDetected,
+    /// An operator suspended the object: observed, never changed.
+    Suspended,
     // Events.
     /// An operator ran a VM verb.
     OperatorVerb,
+    /// An operator suspended or resumed an object.
+    Suspension,
 }
 
 impl Reason {
@@ -173,7 +177,9 @@ impl Reason {
             Reason::NotReconciled => "NotReconciled",
             Reason::NoDrift => "NoDrift",
             Reason::DriftDetected => "DriftDetected",
+            Reason::Suspended => "Suspended",
             Reason::OperatorVerb => "OperatorVerb",
+            Reason::Suspension => "Suspension",
         }
     }
 }

@@ -88,7 +88,14 @@ impl Drop for Guard {
 fn vm_facts(fleet: &SshFleet) -> Value {
     let state = fleet.state();
     let run = fleet.converge_within(
-        &["facts", "vm/rvm", "--state", state.to_str().expect("utf-8")],
+        &[
+            "facts",
+            "vm/rvm",
+            "--output",
+            "json",
+            "--state",
+            state.to_str().expect("utf-8"),
+        ],
         RUN_LIMIT,
     );
     run.assert_code(0);

@@ -118,6 +118,8 @@ spec:
     let facts = fleet.converge(&[
         "facts",
         "machine/inside",
+        "--output",
+        "json",
         "--state",
         fleet.state().to_str().expect("utf-8"),
     ]);

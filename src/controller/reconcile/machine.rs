@@ -311,6 +311,11 @@ pub async fn reconcile<D: Drivers>(
         ctx.store.put_status(key, &status)?;
         return Ok(Action::Requeue(jittered(interval)));
     };
+    if let Some(suspension) = ctx.store.suspension(key)? {
+        super::record::suspended(key, &mut status, &suspension, &change);
+        ctx.store.put_status(key, &status)?;
+        return Ok(Action::Requeue(jittered(interval)));
+    }
 
     let result = deploy::execute(
         ctx,

@@ -22,6 +22,43 @@ pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(1.0 + fraction)
 }
 
+/// A suspended object whose plan has steps: nothing runs. Ready is false
+/// (what the spec asks is not what runs), with reason `Suspended` naming the
+/// steps that wait; one INFO line when the object first waits so, DEBUG at
+/// every later look.
+pub fn suspended(
+    key: &ObjectKey,
+    status: &mut StatusRecord,
+    suspension: &crate::store::Suspension,
+    change: &plan::Change,
+) {
+    let steps: Vec<&str> = change.steps.iter().map(plan::Step::name).collect();
+    let message = format!(
+        "suspended (by `converge {}`): not changed; waiting: {}; `converge resume {key}` lets it converge",
+        suspension.by,
+        steps.join(" ")
+    );
+    let was = status
+        .condition(ConditionKind::Ready)
+        .is_some_and(|c| c.reason == Reason::Suspended && c.message == message);
+    if was {
+        tracing::debug!(object = %key, "{message}");
+    } else {
+        tracing::info!(object = %key, "{message}");
+    }
+    let now = now_ms();
+    status.set_condition(
+        ConditionKind::Ready,
+        false,
+        Reason::Suspended,
+        &message,
+        now,
+    );
+    status.set_condition(ConditionKind::Reconciling, false, Reason::Unset, "", now);
+    status.set_condition(ConditionKind::Stalled, false, Reason::Unset, "", now);
+    status.next_attempt_ms = None;
+}
+
 /// Marks `status` Ready (nothing to do, or done): Reconciling and Stalled
 /// cleared, failures reset.
 pub fn set_ready(

@@ -45,7 +45,11 @@ pub fn spec_document(name: &crate::spec::Name, spec: &VmSpec) -> Value {
 
 /// The desired side of a VM as the plan sees it; `launch` is the identity
 /// of what starting it would launch now.
-pub fn desired<'a>(object: &'a Object<VmSpec>, launch: &'a str) -> plan::Desired<'a> {
+pub fn desired<'a>(
+    object: &'a Object<VmSpec>,
+    launch: &'a str,
+    restart: bool,
+) -> plan::Desired<'a> {
     plan::Desired {
         document: spec_document(&object.key.name, &object.spec),
         spec_hash: &object.spec_hash,
@@ -53,6 +57,7 @@ pub fn desired<'a>(object: &'a Object<VmSpec>, launch: &'a str) -> plan::Desired
             running: object.spec.state == VmPowerState::Running,
             disks: &object.spec.disks,
             launch,
+            restart,
         }),
     }
 }
@@ -88,7 +93,7 @@ pub fn observed(facts: &VmFacts) -> plan::Observed {
 }
 
 /// Whether a VM's recorded spec says `onDelete: delete`.
-fn deletes_disks(record: Option<&SpecRecord>) -> bool {
+pub(crate) fn deletes_disks(record: Option<&SpecRecord>) -> bool {
     record
         .and_then(|r| r.spec.pointer("/spec/onDelete"))
         .and_then(Value::as_str)
@@ -143,9 +148,11 @@ pub async fn reconcile<D: Drivers>(
         .driver
         .vm_launch_identity(key.name.as_str(), spec, &dir, &snapshot.root);
     let record = ctx.store.spec(key)?;
+    // Asked by `converge vm restart`; a suspended VM was refused before.
+    let restart = ctx.take_restart(key);
     let (change, drift) = plan::diff(
         key,
-        Some(&desired(object, &launch)),
+        Some(&desired(object, &launch, restart)),
         applied(&status, record.as_ref()).as_ref(),
         Some(&observed(&facts)),
     );
@@ -161,6 +168,14 @@ pub async fn reconcile<D: Drivers>(
         }
         return Ok(Action::Requeue(jittered(ctx.config.vm_resync)));
     };
+    if let Some(suspension) = ctx.store.suspension(key)? {
+        super::record::suspended(key, &mut status, &suspension, &change);
+        ctx.store.put_status(key, &status)?;
+        if host.is_local() {
+            watch_exit(ctx, key, facts.pid);
+        }
+        return Ok(Action::Requeue(jittered(ctx.config.vm_resync)));
+    }
 
     let mut attempt = Attempt::begin(ctx, key, &object.spec_hash, snapshot.revision.short())?;
     let place = Place {
@@ -467,6 +482,10 @@ fn watch_exit<D: Drivers>(ctx: &Context<D>, key: &ObjectKey, pid: Option<u32>) {
 /// its last spec's `onDelete`, forget) run where it was last seen. Its
 /// records, history included, go with the `forget` step.
 async fn remove<D: Drivers>(ctx: &Context<D>, key: &ObjectKey) -> Result<Action, ReconcileError> {
+    if ctx.store.suspension(key)?.is_some() {
+        tracing::info!(object = %key, "removed from the YAML but suspended: it is removed once resumed (`converge resume {key}`)");
+        return Ok(Action::AwaitChange);
+    }
     let record = ctx.store.spec(key)?;
     let status = ctx.store.status(key)?.unwrap_or_default();
     let applied = applied(&status, record.as_ref()).unwrap_or(plan::Applied {
