@@ -21,6 +21,7 @@ mod daemon_periodic_reread;
 mod daemon_sighup;
 mod daemon_stale_socket;
 mod damaged_store;
+mod deploy_units;
 mod drift;
 mod examples;
 mod frozen_sshd;
