@@ -4,7 +4,8 @@
 //! plans, JSON). `RUST_LOG` overrides the default filter. Span and field names
 //! used across the program are defined here so they stay one vocabulary.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, RwLock};
 
 use tracing_subscriber::EnvFilter;
 
@@ -45,7 +46,7 @@ pub fn init(format: LogFormat, default_level: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter);
     let result = match format {
         LogFormat::Human => builder
             .with_ansi(std::io::stderr().is_terminal())
@@ -59,4 +60,41 @@ pub fn init(format: LogFormat, default_level: &str) {
     };
     // A second init (tests calling the CLI in-process) keeps the first subscriber.
     let _ = result;
+}
+
+/// Runs a write to stderr at a moment when it does not tear a progress
+/// display (the display hides itself, the closure writes, it redraws).
+pub type Suspender = Arc<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
+
+static SUSPENDER: RwLock<Option<Suspender>> = RwLock::new(None);
+
+/// While a progress display is drawn on stderr, log lines go through
+/// `suspender`; `None` when it is gone.
+pub fn set_suspender(suspender: Option<Suspender>) {
+    if let Ok(mut slot) = SUSPENDER.write() {
+        *slot = suspender;
+    }
+}
+
+/// stderr, or stderr through the progress display's [`Suspender`]. The fmt
+/// layer writes each event with one `write_all`, so a line is never split
+/// around a redraw.
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let suspender = SUSPENDER.read().ok().and_then(|s| s.clone());
+        match suspender {
+            Some(suspend) => {
+                let mut result = Ok(());
+                suspend(&mut || result = std::io::stderr().write_all(buf));
+                result.map(|()| buf.len())
+            }
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }

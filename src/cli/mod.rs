@@ -8,6 +8,7 @@ mod agent;
 mod args;
 mod inspect;
 mod plan;
+mod progress;
 mod reconcile;
 mod run;
 mod schema;

@@ -146,7 +146,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         applier,
     };
     let runtime = super::args::runtime()?;
+    // On a terminal, a line per object while it runs; plain log lines otherwise.
+    let progress = match args.output {
+        Output::Text => super::progress::Progress::start(
+            ctx.store.clone(),
+            lifecycle::keys(&ctx.snapshot().desired),
+        ),
+        Output::Json => None,
+    };
     let report = runtime.block_on(once::run(ctx.clone(), options));
+    if let Some(progress) = progress {
+        progress.finish();
+    }
     if let Err(e) = ctx.store.flush() {
         tracing::error!(error = %e, "failed to flush the store");
     }

@@ -16,7 +16,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
-use super::records::{AttemptRecord, EventRecord, FactsRecord, SpecRecord, StatusRecord};
+use super::records::{
+    AttemptRecord, EventRecord, FactsRecord, SpecRecord, StatusRecord, Suspension,
+};
 
 /// A record type with a format version.
 pub(crate) trait Versioned: Serialize + DeserializeOwned {
@@ -33,6 +35,9 @@ pub(crate) trait Versioned: Serialize + DeserializeOwned {
 
 impl Versioned for SpecRecord {
     const FORMAT: u32 = SpecRecord::FORMAT;
+}
+impl Versioned for Suspension {
+    const FORMAT: u32 = Suspension::FORMAT;
 }
 impl Versioned for FactsRecord {
     const FORMAT: u32 = FactsRecord::FORMAT;

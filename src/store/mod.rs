@@ -20,7 +20,6 @@ mod codec;
 mod error;
 mod layout;
 pub mod records;
-mod suspension;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -39,7 +38,6 @@ pub use error::{DbError, StoreError};
 use error::{open_error, transaction_error};
 use layout::{AttemptName, RawKey};
 pub use records::*;
-pub use suspension::Suspension;
 
 /// Attempts kept per object; older ones are trimmed when a new one is recorded.
 pub const HISTORY_PER_OBJECT: usize = 100;
@@ -674,6 +672,37 @@ impl Store {
             history.remove(k, &RawKey(k))?;
         }
         Ok(())
+    }
+
+    /// Suspends `key` (by the verb `by`); `false` when it already was (the
+    /// first suspension is kept). Flushed.
+    pub fn suspend(&self, key: &ObjectKey, by: &str) -> Result<bool, StoreError> {
+        if self.suspension(key)?.is_some() {
+            return Ok(false);
+        }
+        let by = by.to_owned();
+        let record = Suspension {
+            since_ms: records::now_ms(),
+            by,
+        };
+        self.inner
+            .suspended
+            .put(&layout::object(key), key, &record)?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Resumes `key`; `false` when it was not suspended. Flushed.
+    pub fn resume(&self, key: &ObjectKey) -> Result<bool, StoreError> {
+        let was = self.suspension(key)?.is_some();
+        self.inner.suspended.remove(&layout::object(key), key)?;
+        self.flush()?;
+        Ok(was)
+    }
+
+    /// The suspension of `key`, if it is suspended.
+    pub fn suspension(&self, key: &ObjectKey) -> Result<Option<Suspension>, StoreError> {
+        self.inner.suspended.get(&layout::object(key), key)
     }
 
     /// Every key with a status or a spec in the store, sorted. Corrupt keys

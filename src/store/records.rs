@@ -472,6 +472,21 @@ impl EventRecord {
     pub const FORMAT: u32 = 1;
 }
 
+/// Why and since when an object is suspended (`converge suspend`, `vm
+/// stop`, `vm delete`): it is observed, never changed. Kept in a tree of its
+/// own, so no reconcile writing the object's status can drop it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suspension {
+    pub since_ms: u64,
+    /// The verb that suspended it: `suspend`, `vm stop`, `vm delete`.
+    pub by: String,
+}
+
+impl Suspension {
+    pub const FORMAT: u32 = 1;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

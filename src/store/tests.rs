@@ -569,3 +569,31 @@ fn a_store_with_a_newer_key_layout_is_refused() {
         })
     ));
 }
+
+#[test]
+fn a_suspension_is_kept_across_opens_until_resumed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = ObjectKey::machine(crate::spec::Name::new("web").expect("name"));
+    {
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.suspension(&key).expect("read"), None);
+        assert!(store.suspend(&key, "suspend").expect("suspend"));
+        assert!(!store.suspend(&key, "vm stop").expect("again"), "kept");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let s = store.suspension(&key).expect("read").expect("suspended");
+    assert_eq!(s.by, "suspend", "the first suspension is kept");
+    assert!(store.resume(&key).expect("resume"));
+    assert!(!store.resume(&key).expect("again"));
+    assert_eq!(store.suspension(&key).expect("read"), None);
+}
+
+#[test]
+fn forgetting_an_object_ends_its_suspension() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let key = ObjectKey::machine(crate::spec::Name::new("web").expect("name"));
+    store.suspend(&key, "suspend").expect("suspend");
+    store.forget(&key).expect("forget");
+    assert_eq!(store.suspension(&key).expect("read"), None);
+}

@@ -43,6 +43,7 @@ mod once_timeout_bounds_loading;
 mod once_timeout_cuts_an_attempt;
 mod plan_is_what_runs;
 mod plan_other_dir_with_daemon;
+mod progress_display;
 mod protocol_over_ssh;
 mod reconcile_unknown_key;
 mod remote_hypervisor;
