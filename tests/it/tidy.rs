@@ -572,6 +572,17 @@ fn the_source_tree_keeps_every_architecture_invariant() {
             "the code map lists every folder",
             rule_code_map_lists_every_folder(&root, &architecture),
         ),
+        ("no merge left unresolved", {
+            let mut docs: Vec<(String, String)> = ["README.md", "ARCHITECTURE.md", "BENCHMARKS.md"]
+                .iter()
+                .map(|d| {
+                    let text = std::fs::read_to_string(root.join(d)).unwrap_or_default();
+                    ((*d).to_owned(), text)
+                })
+                .collect();
+            docs.extend(texts.iter().cloned());
+            rule_no_conflict_markers(&docs)
+        }),
     ]
     .into_iter()
     .filter(|(_, found)| !found.is_empty())
@@ -580,7 +591,37 @@ fn the_source_tree_keeps_every_architecture_invariant() {
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
 
+/// Lines a merge left: `<<<<<<< `, `=======` alone, `>>>>>>> `.
+fn rule_no_conflict_markers(texts: &[(String, String)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (path, text) in texts {
+        for (n, line) in text.lines().enumerate() {
+            if line.starts_with("<<<<<<< ") || line.starts_with(">>>>>>> ") || line == "=======" {
+                found.push(format!("{path}:{}: {line}", n + 1));
+            }
+        }
+    }
+    found
+}
+
 // ---------------------------------------------------------------- the rules fail
+
+#[test]
+fn tidy_catches_a_merge_left_unresolved() {
+    let texts = vec![
+        (
+            "ARCHITECTURE.md".to_owned(),
+            "a\n<<<<<<< HEAD\nb\n=======\nc\n>>>>>>> x\n".to_owned(),
+        ),
+        (
+            "src/x.rs".to_owned(),
+            "//! fine\nlet s = \"=======\";\n".to_owned(),
+        ),
+    ];
+    let found = rule_no_conflict_markers(&texts);
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found[0].starts_with("ARCHITECTURE.md:2"), "{found:?}");
+}
 
 fn tree(files: &[(&str, &str)]) -> Vec<File> {
     files.iter().map(|(p, t)| File::new(p, t)).collect()
