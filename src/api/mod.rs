@@ -7,7 +7,9 @@
 //! than asked would be a lie); `POST /v1/reconcile/{kind}/{name}` queues a
 //! reconcile of an object the daemon knows (404 otherwise);
 //! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
-//! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
+//! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs;
+//! `GET /v1/source` is the Git source's record and `POST /v1/fetch` fetches
+//! it now, answering with what that fetch did; `/metrics` is
 //! Prometheus text (its content type says which format version). Never
 //! listens on a TCP port.
 
@@ -59,6 +61,9 @@ pub struct ApiState {
     /// Keys to release a held artifact of at their next reconcile.
     pub retries: crate::controller::context::Retries,
     pub metrics: Arc<Metrics>,
+    /// Where `POST /v1/fetch` asks the Git source to fetch now; `None`
+    /// when the daemon reads a directory.
+    pub fetch: Option<mpsc::UnboundedSender<crate::controller::git_source::FetchRequest>>,
     pub plan: PlanFn,
     pub vm: VmOpFn,
 }
@@ -157,6 +162,8 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
         .route("/v1/facts/{kind}/{name}", get(facts))
         .route("/v1/events", get(events))
         .route("/v1/plan", get(plan))
+        .route("/v1/source", get(source))
+        .route("/v1/fetch", post(fetch))
         .route("/v1/reconcile/{kind}/{name}", post(reconcile))
         .route("/v1/vm", get(vm_list))
         .route("/v1/vm/{name}/snapshots", get(vm_snapshots))
@@ -329,6 +336,41 @@ async fn events(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
     match s.store.events(q.limit.unwrap_or(50)) {
         Ok(v) => json(&v),
         Err(e) => store_failure(e),
+    }
+}
+
+async fn source(State(s): State<ApiState>) -> Response {
+    match s.store.source() {
+        Ok(Some(record)) => json(&record),
+        Ok(None) => (StatusCode::NOT_FOUND, "no Git source\n").into_response(),
+        Err(e) => store_failure(e),
+    }
+}
+
+/// How long `POST /v1/fetch` waits for the fetch it asked for.
+const FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(290);
+
+/// Fetches the Git source now and answers with what that fetch did.
+async fn fetch(State(s): State<ApiState>) -> Response {
+    let Some(fetch) = &s.fetch else {
+        return (
+            StatusCode::CONFLICT,
+            "this daemon reads a directory, not a Git remote: start it with --git URL to fetch\n",
+        )
+            .into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if fetch.send(reply).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response();
+    }
+    match tokio::time::timeout(FETCH_WAIT, answer).await {
+        Ok(Ok(outcome)) => json(&outcome),
+        Ok(Err(_)) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the fetch did not end in time; `converge status` shows the source when it does\n",
+        )
+            .into_response(),
     }
 }
 

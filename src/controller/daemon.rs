@@ -12,7 +12,10 @@
 //! file system, a watch that failed to start); both go through the same
 //! reload as a file change, so an unchanged directory enqueues nothing. An
 //! invalid directory is logged with file:line:col and never applied: the
-//! last valid desired state stays in force. The first SIGTERM or SIGINT stops
+//! last valid desired state stays in force. With a Git source (`--git`),
+//! the directory is converge's checkout and is not watched: the source's
+//! poll loop (`git_source.rs`) says when a new tip is in force, and the
+//! daemon reloads then. The first SIGTERM or SIGINT stops
 //! scheduling and lets running steps finish within the grace period; a
 //! second aborts.
 
@@ -54,6 +57,8 @@ enum Cause {
     Signal,
     /// The periodic re-read.
     Periodic,
+    /// The Git source applied a new tip.
+    Source,
 }
 
 impl Cause {
@@ -62,6 +67,7 @@ impl Cause {
             Cause::Files => "files changed",
             Cause::Signal => "SIGHUP",
             Cause::Periodic => "periodic re-read",
+            Cause::Source => "git source",
         }
     }
 }
@@ -110,6 +116,14 @@ impl Signals {
     }
 }
 
+/// A Git source for the daemon: its tracker, `converge fetch` requests, and
+/// how long until its first poll.
+pub struct GitRun {
+    pub tracker: super::git_source::Tracker,
+    pub requests: mpsc::UnboundedReceiver<super::git_source::FetchRequest>,
+    pub first_poll: Duration,
+}
+
 /// Runs until shut down by signal.
 pub async fn run<D: Drivers>(
     ctx: Arc<Context<D>>,
@@ -118,6 +132,7 @@ pub async fn run<D: Drivers>(
     manual: mpsc::UnboundedReceiver<ObjectKey>,
     metrics: Arc<super::metrics::Metrics>,
     signals: Signals,
+    git: Option<GitRun>,
 ) -> Result<(), DaemonError> {
     let interrupted = lifecycle::recover_interrupted(&ctx);
     let removed = lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
@@ -144,8 +159,23 @@ pub async fn run<D: Drivers>(
 
     let (changes_tx, mut changes) = mpsc::unbounded_channel::<BTreeSet<PathBuf>>();
     let root = source.root().to_path_buf();
-    let _watch = match triggers::watch_dir(&root, options.debounce, changes_tx) {
-        Ok(w) => Some(w),
+    let (applied_tx, mut applied) = mpsc::unbounded_channel::<String>();
+    let poller = git.map(|git| {
+        tokio::spawn(super::git_source::poll_loop(
+            git.tracker,
+            git.requests,
+            applied_tx,
+            git.first_poll,
+        ))
+    });
+    let watched = if poller.is_some() {
+        // converge's own checkout: only the source changes it.
+        Ok(None)
+    } else {
+        triggers::watch_dir(&root, options.debounce, changes_tx).map(Some)
+    };
+    let _watch = match watched {
+        Ok(w) => w,
         Err(e) => {
             match options.reread {
                 Some(every) => {
@@ -208,6 +238,11 @@ pub async fn run<D: Drivers>(
                 reloader.reload(&ctx, &requests, Cause::Periodic).await;
                 lifecycle::prune_build_cache(&ctx).await;
             }
+            Some(commit) = applied.recv() => {
+                tracing::debug!(%commit, "the Git source applied a new tip");
+                reloader.reload(&ctx, &requests, Cause::Source).await;
+                reset(&mut reread);
+            }
             Some(key) = manual.recv() => {
                 tracing::info!(object = %key, "reconcile requested");
                 let _ = requests.send(Request::Now(key));
@@ -243,6 +278,9 @@ pub async fn run<D: Drivers>(
             }
             _ => {}
         }
+    }
+    if let Some(poller) = poller {
+        poller.abort();
     }
     if let Err(e) = ctx.store.flush() {
         tracing::error!(error = %e, "failed to flush the store");

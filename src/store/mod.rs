@@ -549,7 +549,7 @@ impl Store {
     /// newest stored. Keeps the newest [`EVENTS_KEPT`] events. Not flushed.
     pub fn append_event(
         &self,
-        key: &ObjectKey,
+        key: impl Into<EventSubject>,
         severity: Severity,
         reason: Reason,
         message: &str,
@@ -579,7 +579,7 @@ impl Store {
         let event = EventRecord {
             seq,
             time_ms: now_ms(),
-            key: key.clone(),
+            key: key.into(),
             severity,
             reason,
             message: message.to_owned(),
@@ -622,7 +622,21 @@ impl Store {
         key: &ObjectKey,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        self.scan_events(limit, |e| &e.key == key)
+        self.scan_events(limit, |e| e.key == *key)
+    }
+
+    /// The Git source's record (`run --git`), if one was ever written.
+    pub fn source(&self) -> Result<Option<SourceRecord>, StoreError> {
+        self.inner.meta.get(layout::SOURCE, &RawKey(layout::SOURCE))
+    }
+
+    /// Records the Git source's state and flushes before returning: the
+    /// applied commit is the base the next start fast-forwards from.
+    pub fn put_source(&self, record: &SourceRecord) -> Result<(), StoreError> {
+        self.inner
+            .meta
+            .put(layout::SOURCE, &RawKey(layout::SOURCE), record)?;
+        self.flush()
     }
 
     fn scan_events(
