@@ -25,6 +25,7 @@ mod drift;
 mod examples;
 mod frozen_sshd;
 mod fuzz;
+mod git_source;
 mod guest_harness;
 mod health_check_failure;
 mod health_check_failure_rolls_back;
