@@ -322,8 +322,11 @@ impl Tracker {
                         failures = self.record.failures,
                         "the Git source still cannot be fetched; retrying with backoff"
                     );
-                } else {
+                } else if transient {
                     tracing::error!(error = %error, url = %self.clone.url(), "cannot fetch the Git source; the last applied revision stays in force, retrying with backoff");
+                    self.logged_error = Some(error.clone());
+                } else {
+                    tracing::error!(error = %error, url = %self.clone.url(), "cannot fetch the Git source; the last applied revision stays in force (check --git and --branch)");
                     self.logged_error = Some(error.clone());
                 }
                 return Outcome::Failed { error, transient };
