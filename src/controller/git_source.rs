@@ -193,6 +193,8 @@ pub struct Tracker {
     record: SourceRecord,
     /// The refused tip this process already logged at ERROR.
     logged_refusal: Option<String>,
+    /// Why this process refused the tip it refused last.
+    refused_cause: Option<(String, Cause)>,
     /// The fetch error last logged, so a remote that stays down is not
     /// logged at ERROR on every retry.
     logged_error: Option<String>,
@@ -252,6 +254,7 @@ impl Tracker {
             metrics,
             record,
             logged_refusal: None,
+            refused_cause: None,
             logged_error: None,
         };
         tracker.restore_applied_tree().await;
@@ -347,34 +350,76 @@ impl Tracker {
             self.save();
             return Outcome::Unchanged { commit: tip };
         }
-        if let Some(refused) = self.record.refused.clone().filter(|r| r.commit == tip) {
-            if self.logged_refusal.as_deref() == Some(tip.as_str()) {
-                tracing::debug!(
-                    commit = short(&tip),
-                    "the branch's tip is still the refused commit"
-                );
-            } else {
-                self.log_refusal(&tip, &refused.reason);
-            }
-            self.save();
-            return Outcome::Refused {
-                commit: tip,
-                reason: refused.reason,
-            };
+        // A refused tip is checked again at each poll (the allowed-signers
+        // file may have gained its key), but for invalid desired state,
+        // which the same commit cannot mend; the same refusal again is not
+        // news: it is logged once per process and recorded once.
+        let known = self.record.refused.clone().filter(|r| r.commit == tip);
+        let known_invalid = self
+            .refused_cause
+            .as_ref()
+            .is_some_and(|(commit, cause)| *commit == tip && *cause == Cause::Invalid);
+        if let Some(refused) = known.as_ref().filter(|_| known_invalid) {
+            return self.still_refused(tip, refused.reason.clone());
         }
         match self.check(&tip).await {
-            Ok(()) => self.apply(tip).await,
-            Err((cause, reason)) => self.refuse(tip, cause, reason),
+            Ok(Ok(())) => self.apply(tip).await,
+            Ok(Err((cause, reason))) => {
+                self.refused_cause = Some((tip.clone(), cause));
+                match known.filter(|r| r.reason == reason) {
+                    Some(_) => self.still_refused(tip, reason),
+                    None => self.refuse(tip, cause, reason),
+                }
+            }
+            Err(e) => {
+                // Not the commit's fault (a disk, a killed git): try again.
+                let error = crate::telemetry::error_chain(&e);
+                tracing::error!(commit = short(&tip), error = %error, "cannot check the Git source's new tip; trying again later");
+                self.record.error = Some(error.clone());
+                self.record.failures = self.record.failures.saturating_add(1);
+                self.save();
+                Outcome::Failed {
+                    error,
+                    transient: true,
+                }
+            }
+        }
+    }
+
+    /// The tip is the commit refused before, for the same reason.
+    fn still_refused(&mut self, tip: String, reason: String) -> Outcome {
+        if self.logged_refusal.as_deref() == Some(tip.as_str()) {
+            tracing::debug!(
+                commit = short(&tip),
+                "the branch's tip is still the refused commit"
+            );
+        } else {
+            self.log_refusal(&tip, &reason);
+        }
+        self.save();
+        Outcome::Refused {
+            commit: tip,
+            reason,
         }
     }
 
     /// Fast-forward, signature and desired state of `tip`, in that order;
     /// the tree is checked out only for a tip that passed the first two.
-    async fn check(&mut self, tip: &str) -> Result<(), (Cause, String)> {
-        let failed = |e: GitError| (Cause::Invalid, crate::telemetry::error_chain(&e));
+    /// `Err` when git failed for another reason than the commit.
+    async fn check(&mut self, tip: &str) -> Result<Result<(), (Cause, String)>, GitError> {
         if let Some(base) = self.record.applied.clone() {
-            if !self.clone.is_ancestor(&base, tip).await.map_err(failed)? {
-                return Err((
+            if !self.clone.has_commit(&base).await {
+                return Ok(Err((
+                    Cause::NotFastForward,
+                    format!(
+                        "the applied commit {} is not in the fetched history, so the tip \
+                         cannot be a fast-forward of it (was the branch rewritten?)",
+                        short(&base)
+                    ),
+                )));
+            }
+            if !self.clone.is_ancestor(&base, tip).await? {
+                return Ok(Err((
                     Cause::NotFastForward,
                     format!(
                         "not a fast-forward of the applied commit {} (was the branch force-pushed? \
@@ -382,40 +427,40 @@ impl Tracker {
                         short(&base),
                         short(&base)
                     ),
-                ));
+                )));
             }
         }
         if let Some(allowed) = &self.config.allowed_signers {
-            match self.clone.signature(tip).await.map_err(failed)? {
+            match self.clone.signature(tip).await? {
                 Signature::None => {
-                    return Err((
+                    return Ok(Err((
                         Cause::Unsigned,
                         "not signed (--allowed-signers requires an SSH signature on the tip)"
                             .to_owned(),
-                    ));
+                    )));
                 }
                 Signature::Other => {
-                    return Err((
+                    return Ok(Err((
                         Cause::Unsigned,
                         "signed with OpenPGP or X.509, not SSH (--allowed-signers checks only SSH signatures)"
                             .to_owned(),
-                    ));
+                    )));
                 }
                 Signature::Ssh => {}
             }
-            if let Err(said) = self.clone.verify(tip, allowed).await.map_err(failed)? {
-                return Err((
+            if let Err(said) = self.clone.verify(tip, allowed).await? {
+                return Ok(Err((
                     Cause::UnknownSigner,
                     format!(
                         "its SSH signature is not accepted by {}: {said}",
                         allowed.display()
                     ),
-                ));
+                )));
             }
         }
         let tree = trees_dir(&self.state).join(tip);
         let _ = self.clone.remove_checkout(&tree).await;
-        self.clone.check_out(tip, &tree).await.map_err(failed)?;
+        self.clone.check_out(tip, &tree).await?;
         let root = if self.config.dir == Path::new(".") {
             tree.clone()
         } else {
@@ -426,7 +471,7 @@ impl Tracker {
         })
         .await;
         let invalid = match loaded {
-            Ok(Ok((_, _, Some(_)))) => return Ok(()),
+            Ok(Ok((_, _, Some(_)))) => return Ok(Ok(())),
             Ok(Ok((assembled, _, None))) => {
                 let errors: Vec<_> = assembled.errors().collect();
                 for d in &errors {
@@ -451,7 +496,7 @@ impl Tracker {
             Err(e) => format!("loading the commit failed: {e}"),
         };
         let _ = self.clone.remove_checkout(&tree).await;
-        Err((Cause::Invalid, invalid))
+        Ok(Err((Cause::Invalid, invalid)))
     }
 
     async fn apply(&mut self, tip: String) -> Outcome {

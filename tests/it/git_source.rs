@@ -8,7 +8,8 @@
 //! with the commit, recorded as events and counted; the branch restored
 //! with a signed fast-forward of the applied commit is accepted. After a
 //! restart the base is still the applied commit, and `converge fetch`
-//! applies at once.
+//! applies at once; a tip refused for its signer is accepted once the
+//! allowed-signers file names the signer.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -255,10 +256,23 @@ fn signed_fast_forwards_converge_and_everything_else_is_refused_with_nothing_app
     wait_activated(&fleet, &mut daemon, "v8");
     assert_eq!(variants_activated(&fleet), ["v1", "v2", "v6", "v8"]);
 
+    // A tip refused for its signer is accepted once the signer is allowed.
+    web(&fleet, "v9");
+    let c9 = repo.commit("v9 by mallory", Some(&mallory));
+    repo.push();
+    let run = fleet.converge(&fetch);
+    run.assert_code(1);
+    assert!(run.stderr.contains(&c9[..12]), "{}", run.stderr);
+    allowed_signers(&allowed, &[&alice, &mallory]);
+    let run = fleet.converge(&fetch);
+    run.assert_code(0);
+    assert!(run.stdout.contains(&c9[..12]), "{}", run.stdout);
+    wait_activated(&fleet, &mut daemon, "v9");
+
     let text = fleet.converge(&["status", "--state", state.to_str().expect("utf-8")]);
     text.assert_code(0);
     assert!(
-        text.stdout.contains("SOURCE") && text.stdout.contains(&c8[..12]),
+        text.stdout.contains("SOURCE") && text.stdout.contains(&c9[..12]),
         "status shows the source:\n{}",
         text.stdout
     );

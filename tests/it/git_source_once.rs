@@ -1,6 +1,6 @@
 //! `reconcile --once --git` applies a signed tip once, for CI, and exits 1
-//! with the commit and the reason when the tip is refused, applying
-//! nothing. Bad input gets a clear error: a missing allowed-signers file
+//! with the commit and the reason when the tip is refused (unsigned, or
+//! signed with invalid desired state), applying nothing. Bad input gets a clear error: a missing allowed-signers file
 //! and a branch the remote does not have stop `run` and `--once` (exit 1);
 //! an unreachable remote stops `--once` after retries, but not the daemon,
 //! which says so, shows it in `status`, and converges once the remote
@@ -74,7 +74,7 @@ impl World {
 }
 
 #[test]
-fn reconcile_once_with_git_applies_a_signed_tip_and_refuses_an_unsigned_one() {
+fn reconcile_once_with_git_applies_a_signed_tip_and_refuses_an_unsigned_or_invalid_one() {
     let w = world();
     let url = w.repo.url();
     let signers = ["--allowed-signers", w.allowed.as_str()];
@@ -101,6 +101,23 @@ fn reconcile_once_with_git_applies_a_signed_tip_and_refuses_an_unsigned_one() {
         run.stderr
     );
     assert_eq!(w.ends(), ["v1"], "nothing of the refused tip was applied");
+
+    // Signed, but the desired state does not load.
+    w.fleet.write(
+        "fleet/broken.yaml",
+        "apiVersion: converge/v1\nkind: Machine\nmetadata: {name: Bad_Name}\n",
+    );
+    let c_bad = w.repo.commit("broken", Some(&w.alice));
+    w.repo.push();
+    let run = w.once(&url, &signers);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&c_bad) && run.stderr.contains("invalid desired state"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(w.ends(), ["v1"], "nothing of the invalid tip was applied");
+    std::fs::remove_file(w.fleet.dir().join("fleet/broken.yaml")).expect("remove broken.yaml");
 
     w.web("v3");
     let c3 = w.repo.commit("v3", Some(&w.alice));
