@@ -54,7 +54,9 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
-    /// The desired-state directory the daemon watches, canonicalized.
+    /// The desired-state directory the daemon reads: canonicalized, or
+    /// for a Git source `STATE/git/current/DIR` (a link to the commit in
+    /// force).
     pub dir: PathBuf,
     pub known: KnownFn,
     pub manual: mpsc::UnboundedSender<ObjectKey>,
@@ -384,7 +386,10 @@ async fn plan(State(s): State<ApiState>, Query(q): Query<PlanQuery>) -> Response
     if let Some(asked) = q.dir {
         let asked = PathBuf::from(asked);
         let asked = std::fs::canonicalize(&asked).unwrap_or(asked);
-        if asked != s.dir {
+        // Resolved now: a Git source's directory is a link that moves
+        // from commit to commit.
+        let watched = std::fs::canonicalize(&s.dir).unwrap_or_else(|_| s.dir.clone());
+        if asked != watched {
             let message = format!(
                 "a converge daemon holds the store of this state directory for {watched}, and it \
                  plans only that directory, not {asked}: plan {watched} (converge plan --dir \

@@ -36,7 +36,7 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// under the state directory, apply its tip under the daemon's rules
 /// (fast-forward of the last applied commit, SSH signature with
 /// --allowed-signers, valid desired state in --dir inside the repository),
-/// then converge as above. A refused tip applies nothing and exits 1, with
+/// then converge as above; --timeout bounds the fetch too. A refused tip applies nothing and exits 1, with
 /// the commit and the reason on stderr; an unreachable remote is tried
 /// three times with backoff, then exits 1.
 ///
@@ -116,11 +116,28 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             super::args::create_state_dir(state)?;
             let store = super::args::open_store(state)?;
             let root = git_source::desired_root(state, &config.dir);
-            let outcome = runtime.block_on(async {
-                let mut tracker =
-                    git_source::Tracker::open(config, state, store.clone(), None).await?;
-                anyhow::Ok(super::fetch::first_poll(&mut tracker, 3).await)
+            let fetched = runtime.block_on(async {
+                let fetch = async {
+                    let mut tracker =
+                        git_source::Tracker::open(config, state, store.clone(), None).await?;
+                    anyhow::Ok(super::fetch::first_poll(&mut tracker, 3).await)
+                };
+                match deadline {
+                    None => Some(fetch.await),
+                    Some(deadline) => tokio::time::timeout(
+                        deadline.saturating_duration_since(Instant::now()),
+                        fetch,
+                    )
+                    .await
+                    .ok(),
+                }
             });
+            let Some(outcome) = fetched else {
+                eprintln!(
+                    "error: timed out while fetching and checking the Git source; nothing was applied"
+                );
+                return Ok(EXIT_TIMED_OUT);
+            };
             let outcome = outcome.context("start the Git source")?;
             match &outcome {
                 git_source::Outcome::Applied { .. } | git_source::Outcome::Unchanged { .. } => {
