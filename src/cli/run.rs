@@ -31,7 +31,8 @@ use crate::spec::{HumanDuration, Kind};
 /// stops this one from starting.
 ///
 /// Signals: SIGHUP re-reads the directory now (as a file change does: only
-/// objects whose spec, roles or build inputs changed are reconciled). The
+/// objects whose spec, roles or build inputs changed are reconciled; with
+/// --git it also fetches). The
 /// directory is also re-read every --reread-interval whatever the file watch
 /// said, which catches changes it missed (an overflowed inotify queue, a
 /// network file system). The first SIGTERM/SIGINT stops scheduling and lets
@@ -133,14 +134,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 );
             }
             let (tx, requests) = mpsc::unbounded_channel();
-            fetch_tx = Some(tx);
-            git = Some((tracker, requests, first_poll));
+            fetch_tx = Some(tx.clone());
+            git = Some((tracker, requests, tx, first_poll));
             early_store = Some(store);
             root
         }
     };
     let mut source = Source::new(&root);
-    let snapshot = if git.as_ref().is_some_and(|(t, _, _)| !t.has_applied_tree()) {
+    let snapshot = if git.as_ref().is_some_and(|(t, ..)| !t.has_applied_tree()) {
         git_source::empty_snapshot(&root)
     } else {
         let (assembled, _stats, snapshot) =
@@ -249,9 +250,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
         });
         tracing::info!(socket = %socket.display(), "local API listening");
-        let git = git.map(|(tracker, requests, first_poll)| daemon::GitRun {
+        let git = git.map(|(tracker, requests, fetch, first_poll)| daemon::GitRun {
             tracker,
             requests,
+            fetch,
             first_poll,
         });
         let result = daemon::run(ctx, source, options, manual_rx, metrics, signals, git).await;

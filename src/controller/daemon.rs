@@ -15,7 +15,8 @@
 //! last valid desired state stays in force. With a Git source (`--git`),
 //! the directory is converge's checkout and is not watched: the source's
 //! poll loop (`git_source.rs`) says when a new tip is in force, and the
-//! daemon reloads then. The first SIGTERM or SIGINT stops
+//! daemon reloads then; SIGHUP also fetches at once. The first SIGTERM or
+//! SIGINT stops
 //! scheduling and lets running steps finish within the grace period; a
 //! second aborts.
 
@@ -121,6 +122,8 @@ impl Signals {
 pub struct GitRun {
     pub tracker: super::git_source::Tracker,
     pub requests: mpsc::UnboundedReceiver<super::git_source::FetchRequest>,
+    /// The sending side of `requests`: SIGHUP fetches too.
+    pub fetch: mpsc::UnboundedSender<super::git_source::FetchRequest>,
     pub first_poll: Duration,
 }
 
@@ -160,6 +163,7 @@ pub async fn run<D: Drivers>(
     let (changes_tx, mut changes) = mpsc::unbounded_channel::<BTreeSet<PathBuf>>();
     let root = source.root().to_path_buf();
     let (applied_tx, mut applied) = mpsc::unbounded_channel::<String>();
+    let fetch_on_hup = git.as_ref().map(|git| git.fetch.clone());
     let poller = git.map(|git| {
         tokio::spawn(super::git_source::poll_loop(
             git.tracker,
@@ -230,6 +234,10 @@ pub async fn run<D: Drivers>(
             }
             Some(()) = sighup.recv() => {
                 tracing::info!(dir = %root.display(), "SIGHUP: re-reading the desired-state directory");
+                if let Some(fetch) = &fetch_on_hup {
+                    // Nobody waits for the answer.
+                    let _ = fetch.send(tokio::sync::oneshot::channel().0);
+                }
                 reloader.reload(&ctx, &requests, Cause::Signal).await;
                 reset(&mut reread);
             }

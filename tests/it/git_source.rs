@@ -8,7 +8,7 @@
 //! with the commit, recorded as events and counted; the branch restored
 //! with a signed fast-forward of the applied commit is accepted. After a
 //! restart the base is still the applied commit, and `converge fetch`
-//! applies at once; a tip refused for its signer is accepted once the
+//! and SIGHUP apply at once; a tip refused for its signer is accepted once the
 //! allowed-signers file names the signer.
 
 use std::io::{Read, Write};
@@ -269,10 +269,17 @@ fn signed_fast_forwards_converge_and_everything_else_is_refused_with_nothing_app
     assert!(run.stdout.contains(&c9[..12]), "{}", run.stdout);
     wait_activated(&fleet, &mut daemon, "v9");
 
+    // SIGHUP fetches too (`systemctl reload`).
+    web(&fleet, "v10");
+    let c10 = repo.commit("v10", Some(&alice));
+    repo.push();
+    daemon.signal("HUP");
+    wait_activated(&fleet, &mut daemon, "v10");
+
     let text = fleet.converge(&["status", "--state", state.to_str().expect("utf-8")]);
     text.assert_code(0);
     assert!(
-        text.stdout.contains("SOURCE") && text.stdout.contains(&c9[..12]),
+        text.stdout.contains("SOURCE") && text.stdout.contains(&c10[..12]),
         "status shows the source:\n{}",
         text.stdout
     );
