@@ -666,3 +666,62 @@ pub async fn poll_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_desired_state_of_a_git_source_keeps_one_path_under_current() {
+        let state = Path::new("/var/lib/converge/controller");
+        assert_eq!(
+            desired_root(state, Path::new("hosts")),
+            Path::new("/var/lib/converge/controller/git/current/hosts")
+        );
+        assert_eq!(
+            desired_root(state, Path::new(".")),
+            Path::new("/var/lib/converge/controller/git/current")
+        );
+    }
+
+    #[test]
+    fn an_allowed_signers_file_must_exist_and_name_a_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("allowed_signers");
+        assert!(matches!(
+            check_allowed_signers(&path),
+            Err(SetupError::AllowedSigners { .. })
+        ));
+        std::fs::write(&path, "# nobody yet\n\n").unwrap();
+        assert!(matches!(
+            check_allowed_signers(&path),
+            Err(SetupError::NoSigners { .. })
+        ));
+        std::fs::write(
+            &path,
+            "# ops\nalice@example.com namespaces=\"git\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFZa\n",
+        )
+        .unwrap();
+        check_allowed_signers(&path).unwrap();
+        let message = SetupError::NoSigners { path: path.clone() }.to_string();
+        assert!(message.contains("allowed_signers"), "{message}");
+    }
+
+    #[test]
+    fn outcomes_name_the_commit_in_twelve_hex_digits() {
+        let commit = "96e669e874f6941eb3fead96b1fedd063541b49f".to_owned();
+        let refused = Outcome::Refused {
+            commit: commit.clone(),
+            reason: "not signed".into(),
+        };
+        assert_eq!(refused.describe(), "refused 96e669e874f6: not signed");
+        let json = serde_json::to_value(&refused).unwrap();
+        assert_eq!(json["outcome"], "refused");
+        assert_eq!(json["commit"], commit);
+        let applied = Outcome::Applied {
+            commit: commit.clone(),
+            previous: None,
+        };
+        assert_eq!(applied.describe(), "applied 96e669e874f6");
+    }
+}
