@@ -88,6 +88,9 @@ pub struct Args {
     pub retry_delay: HumanDuration,
 }
 
+/// How long the daemon's start waits for the first fetch of a Git source.
+const FIRST_FETCH_WAIT: Duration = Duration::from_secs(20);
+
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let runtime = super::args::runtime()?;
     // Before anything else: a stop signal during start-up stops cleanly.
@@ -115,18 +118,31 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     Some(metrics.clone()),
                 ))
                 .context("start the Git source")?;
-            let first = runtime.block_on(tracker.poll());
-            tracing::info!(result = %first.describe(), "first fetch of the Git source");
+            // A remote that hangs must not keep the daemon (and its API)
+            // from starting on the commit applied before: past the bound,
+            // the poll loop tries again at once.
+            let first = runtime
+                .block_on(async { tokio::time::timeout(FIRST_FETCH_WAIT, tracker.poll()).await });
             let first_poll = match &first {
-                Outcome::Failed {
+                Err(_) => {
+                    tracing::warn!(
+                        wait_secs = FIRST_FETCH_WAIT.as_secs(),
+                        "the first fetch of the Git source did not end in time; starting anyway and trying again"
+                    );
+                    Duration::ZERO
+                }
+                Ok(Outcome::Failed {
                     error,
                     transient: false,
-                } => {
+                }) => {
                     eprintln!("error: {error}");
                     return Ok(EXIT_FATAL);
                 }
-                Outcome::Failed { .. } => poll.min(Duration::from_secs(5)),
-                _ => poll,
+                Ok(Outcome::Failed { .. }) => poll.min(Duration::from_secs(5)),
+                Ok(outcome) => {
+                    tracing::info!(result = %outcome.describe(), "first fetch of the Git source");
+                    poll
+                }
             };
             if !tracker.has_applied_tree() {
                 tracing::warn!(
