@@ -162,6 +162,24 @@ fn bad_git_inputs_get_clear_errors() {
     run.assert_code(1);
     assert!(run.stderr.contains(missing), "{}", run.stderr);
 
+    // --dir outside the repository.
+    let run = w.fleet.converge(&[
+        "reconcile",
+        "--once",
+        "--git",
+        &url,
+        "--dir",
+        "/etc",
+        "--state",
+        state,
+    ]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("must be a path inside the repository"),
+        "{}",
+        run.stderr
+    );
+
     // A branch the remote does not have.
     let run = w.once(&url, &["--branch", "nope"]);
     run.assert_code(1);
