@@ -10,7 +10,9 @@
 //! and resume an object, then queue its reconcile;
 //! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
 //! `POST /v1/vm/{name}/revert/{snap}` and `POST /v1/vm/{name}/power/{verb}`
-//! (stop, start, restart, delete) are the VM operator verbs; `/metrics` is
+//! (stop, start, restart, delete) are the VM operator verbs;
+//! `GET /v1/source` is the Git source's record and `POST /v1/fetch` fetches
+//! it now, answering with what that fetch did; `/metrics` is
 //! Prometheus text (its content type says which format version). Never
 //! listens on a TCP port.
 
@@ -55,13 +57,18 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
-    /// The desired-state directory the daemon watches, canonicalized.
+    /// The desired-state directory the daemon reads: canonicalized, or
+    /// for a Git source `STATE/git/current/DIR` (a link to the commit in
+    /// force).
     pub dir: PathBuf,
     pub known: KnownFn,
     pub manual: mpsc::UnboundedSender<ObjectKey>,
     /// Keys to release a held artifact of at their next reconcile.
     pub retries: crate::controller::context::Retries,
     pub metrics: Arc<Metrics>,
+    /// Where `POST /v1/fetch` asks the Git source to fetch now; `None`
+    /// when the daemon reads a directory.
+    pub fetch: Option<mpsc::UnboundedSender<crate::controller::git_source::FetchRequest>>,
     pub plan: PlanFn,
     pub vm: VmOpFn,
 }
@@ -160,6 +167,8 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
         .route("/v1/facts/{kind}/{name}", get(facts))
         .route("/v1/events", get(events))
         .route("/v1/plan", get(plan))
+        .route("/v1/source", get(source))
+        .route("/v1/fetch", post(fetch))
         .route("/v1/reconcile/{kind}/{name}", post(reconcile))
         .route("/v1/suspend/{kind}/{name}", post(suspend))
         .route("/v1/resume/{kind}/{name}", post(resume))
@@ -339,6 +348,41 @@ async fn events(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
     }
 }
 
+async fn source(State(s): State<ApiState>) -> Response {
+    match s.store.source() {
+        Ok(Some(record)) => json(&record),
+        Ok(None) => (StatusCode::NOT_FOUND, "no Git source\n").into_response(),
+        Err(e) => store_failure(e),
+    }
+}
+
+/// How long `POST /v1/fetch` waits for the fetch it asked for.
+const FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(290);
+
+/// Fetches the Git source now and answers with what that fetch did.
+async fn fetch(State(s): State<ApiState>) -> Response {
+    let Some(fetch) = &s.fetch else {
+        return (
+            StatusCode::CONFLICT,
+            "this daemon reads a directory, not a Git remote: start it with --git URL to fetch\n",
+        )
+            .into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if fetch.send(reply).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response();
+    }
+    match tokio::time::timeout(FETCH_WAIT, answer).await {
+        Ok(Ok(outcome)) => json(&outcome),
+        Ok(Err(_)) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the fetch did not end in time; `converge status` shows the source when it does\n",
+        )
+            .into_response(),
+    }
+}
+
 #[derive(Deserialize)]
 struct PlanQuery {
     /// The directory the client asks a plan of (canonicalized by it).
@@ -349,7 +393,10 @@ async fn plan(State(s): State<ApiState>, Query(q): Query<PlanQuery>) -> Response
     if let Some(asked) = q.dir {
         let asked = PathBuf::from(asked);
         let asked = std::fs::canonicalize(&asked).unwrap_or(asked);
-        if asked != s.dir {
+        // Resolved now: a Git source's directory is a link that moves
+        // from commit to commit.
+        let watched = std::fs::canonicalize(&s.dir).unwrap_or_else(|_| s.dir.clone());
+        if asked != watched {
             let message = format!(
                 "a converge daemon holds the store of this state directory for {watched}, and it \
                  plans only that directory, not {asked}: plan {watched} (converge plan --dir \

@@ -64,7 +64,8 @@ pub struct CacheArg {
 /// The desired-state directory argument shared by commands.
 #[derive(Debug, clap::Args)]
 pub struct DirArg {
-    /// The desired-state directory (YAML files, searched recursively).
+    /// The desired-state directory (YAML files, searched recursively); with
+    /// --git, a directory inside the repository, relative to its root.
     #[arg(long, short = 'd', default_value = ".", env = "CONVERGE_DIR")]
     pub dir: PathBuf,
 }

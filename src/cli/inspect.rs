@@ -16,14 +16,19 @@ use crate::store::Store;
 
 /// Show each object's condition, generation, revision and last contact.
 ///
-/// Without KEY: one row per object. With KEY: that object's full status,
-/// its conditions with reasons and transition times.
+/// Without KEY: one row per object, after the Git source (`run --git`):
+/// the commit applied, the last fetch, a refused tip. With KEY: that
+/// object's full status, its conditions with reasons and transition times.
+/// With --source: only the Git source.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge status\n  converge status machine/web1\n  converge status --output json | jq '.[] | select(.status.failures > 0)'"
+    after_help = "Examples:\n  converge status\n  converge status machine/web1\n  converge status --output json | jq '.[] | select(.status.failures > 0)'\n  converge status --source --output json | jq .applied"
 )]
 pub struct StatusArgs {
     pub key: Option<ObjectKey>,
+    /// Show only the Git source: applied commit, last fetch, refused tip.
+    #[arg(long, conflicts_with = "key")]
+    pub source: bool,
     #[command(flatten)]
     pub state: StateArg,
     #[arg(long, short = 'o', value_enum, default_value = "text")]
@@ -127,7 +132,76 @@ fn text(v: Option<&Value>) -> String {
     }
 }
 
+/// The Git source's section of `status`.
+fn write_source(out: &mut impl Write, source: &Value) -> std::io::Result<()> {
+    let short = |v: &Value| {
+        let c = v.as_str().unwrap_or("-");
+        c.get(..12).unwrap_or(c).to_owned()
+    };
+    writeln!(
+        out,
+        "SOURCE {} branch {} dir {}",
+        text(source.get("url")),
+        text(source.get("branch")),
+        text(source.get("dir"))
+    )?;
+    writeln!(
+        out,
+        "  applied  {} ({})",
+        short(&source["applied"]),
+        ms_ago(source["applied_ms"].as_u64())
+    )?;
+    match source["error"].as_str() {
+        None => writeln!(
+            out,
+            "  fetched  {} ok, tip {}",
+            ms_ago(source["fetched_ms"].as_u64()),
+            short(&source["tip"])
+        )?,
+        Some(error) => writeln!(
+            out,
+            "  fetch    FAILING {} time(s) in a row, last success {}: {error}",
+            source["failures"],
+            ms_ago(source["succeeded_ms"].as_u64())
+        )?,
+    }
+    if let Some(refused) = source.get("refused").filter(|r| !r.is_null()) {
+        writeln!(
+            out,
+            "  refused  {} ({}): {}",
+            short(&refused["commit"]),
+            ms_ago(refused["since_ms"].as_u64()),
+            text(refused.get("reason"))
+        )?;
+    }
+    writeln!(out)
+}
+
 pub fn status(args: StatusArgs) -> anyhow::Result<u8> {
+    if args.source || args.key.is_none() {
+        let source = fetch(&args.state, "/v1/source", |store| {
+            Ok(store.source()?.map(serde_json::to_value).transpose()?)
+        })?;
+        let mut out = std::io::stdout().lock();
+        match (args.source, source) {
+            (true, None) => {
+                eprintln!("error: no Git source: this state directory was never used with --git");
+                return Ok(EXIT_FATAL);
+            }
+            (true, Some(source)) => {
+                if args.output == Output::Json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&source)?)?;
+                } else {
+                    write_source(&mut out, &source)?;
+                }
+                return Ok(EXIT_OK);
+            }
+            (false, Some(source)) if args.output == Output::Text => {
+                write_source(&mut out, &source)?;
+            }
+            (false, _) => {}
+        }
+    }
     let value = match &args.key {
         Some(key) => fetch(&args.state, &path_of("status", key), |store| {
             Ok(crate::api::status_view(store, key)?)

@@ -6,6 +6,7 @@
 
 mod agent;
 mod args;
+mod fetch;
 mod inspect;
 mod plan;
 mod progress;
@@ -57,6 +58,7 @@ pub enum Command {
     Plan(plan::Args),
     Reconcile(reconcile::Args),
     Run(run::Args),
+    Fetch(fetch::FetchArgs),
     Status(inspect::StatusArgs),
     History(inspect::HistoryArgs),
     Facts(inspect::FactsArgs),
@@ -88,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Reconcile(args) => reconcile::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Run(args) => run::run(args),
+        Command::Fetch(args) => fetch::run(args),
         Command::Status(args) => inspect::status(args),
         Command::History(args) => inspect::history(args),
         Command::Facts(args) => inspect::facts(args),

@@ -11,8 +11,8 @@ use anyhow::Context as _;
 use super::args::{DirArg, EXIT_FATAL, EXIT_OK, Output, StateArg};
 use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
-use crate::controller::lifecycle;
 use crate::controller::once::{self, OnceOptions};
+use crate::controller::{git_source, lifecycle};
 use crate::source::Source;
 use crate::spec::{HumanDuration, ObjectKey};
 
@@ -32,15 +32,24 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// ready (an attempt cut halfway is recorded as Interrupted) and the exit
 /// code is 4.
 ///
+/// With --git URL (and --once): fetch the branch into converge's clone
+/// under the state directory, apply its tip under the daemon's rules
+/// (fast-forward of the last applied commit, SSH signature with
+/// --allowed-signers, valid desired state in --dir inside the repository),
+/// then converge as above; --timeout bounds the fetch too. A refused tip applies nothing and exits 1, with
+/// the commit and the reason on stderr; an unreachable remote is tried
+/// three times with backoff, then exits 1.
+///
 /// With a KEY (and no --once): ask the running daemon to reconcile that
 /// object now; a key the daemon's desired state does not have is an error.
 ///
 /// Exit codes: 0 every object Ready; 1 fatal (invalid directory, store
-/// locked by a daemon or damaged, unknown KEY, cannot start); 3 some objects
+/// locked by a daemon or damaged, unknown KEY, cannot start, a refused or
+/// unreachable Git source); 3 some objects
 /// failed or were rolled back; 4 timed out.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile --once --dir . --retry   # try rolled-back artifacts again\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
+    after_help = "Examples:\n  converge reconcile --once --dir examples/quickstart --state /tmp/cv\n  converge reconcile --once --dir . --timeout 10m --output json\n  converge reconcile --once --dir . --retry   # try rolled-back artifacts again\n  converge reconcile --once --git https://example.com/fleet.git --dir hosts --allowed-signers signers\n  converge reconcile machine/web1 --state /var/lib/converge/controller"
 )]
 pub struct Args {
     /// Converge everything once and exit.
@@ -51,6 +60,8 @@ pub struct Args {
     pub key: Option<ObjectKey>,
     #[command(flatten)]
     pub dir: DirArg,
+    #[command(flatten)]
+    pub git: super::fetch::GitArgs,
     #[command(flatten)]
     pub state: StateArg,
     #[command(flatten)]
@@ -96,15 +107,66 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     // --timeout bounds everything from here, loading and hashing included.
     let deadline = args.timeout.map(|t| Instant::now() + t.get());
+    let state = &args.state.state;
+    let runtime = super::args::runtime()?;
+    let mut early_store = None;
+    let root = match args.git.config(&args.dir.dir)? {
+        None => args.dir.dir.clone(),
+        Some(config) => {
+            super::args::create_state_dir(state)?;
+            let store = super::args::open_store(state)?;
+            let root = git_source::desired_root(state, &config.dir);
+            let fetched = runtime.block_on(async {
+                let fetch = async {
+                    let mut tracker =
+                        git_source::Tracker::open(config, state, store.clone(), None).await?;
+                    anyhow::Ok(super::fetch::first_poll(&mut tracker, 3).await)
+                };
+                match deadline {
+                    None => Some(fetch.await),
+                    Some(deadline) => tokio::time::timeout(
+                        deadline.saturating_duration_since(Instant::now()),
+                        fetch,
+                    )
+                    .await
+                    .ok(),
+                }
+            });
+            let Some(outcome) = fetched else {
+                eprintln!(
+                    "error: timed out while fetching and checking the Git source; nothing was applied"
+                );
+                return Ok(EXIT_TIMED_OUT);
+            };
+            let outcome = outcome.context("start the Git source")?;
+            match &outcome {
+                git_source::Outcome::Applied { .. } | git_source::Outcome::Unchanged { .. } => {
+                    tracing::info!(result = %outcome.describe(), "Git source");
+                }
+                git_source::Outcome::Refused { commit, reason } => {
+                    eprintln!(
+                        "error: refused commit {commit} of the Git source: {reason}; nothing was applied"
+                    );
+                    return Ok(EXIT_FATAL);
+                }
+                git_source::Outcome::Failed { error, .. } => {
+                    eprintln!("error: {error}; nothing was applied");
+                    return Ok(EXIT_FATAL);
+                }
+            }
+            early_store = Some(store);
+            root
+        }
+    };
     let loaded = match deadline {
-        None => lifecycle::load(&mut Source::new(&args.dir.dir)),
-        Some(deadline) => match load_before(&args.dir.dir, deadline) {
+        None => lifecycle::load(&mut Source::new(&root)),
+        Some(deadline) => match load_before(&root, deadline) {
             Some(loaded) => loaded,
             None => return loading_timed_out(&args),
         },
     };
     let (assembled, _stats, snapshot) =
-        loaded.with_context(|| format!("load {}", args.dir.dir.display()))?;
+        loaded.with_context(|| format!("load {}", root.display()))?;
     let Some(snapshot) = snapshot else {
         let mut out = std::io::stdout().lock();
         for d in &assembled.diagnostics {
@@ -116,9 +178,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for warning in assembled.warnings() {
         tracing::warn!("{}", warning.to_string().trim_end());
     }
-    let state = &args.state.state;
-    super::args::create_state_dir(state)?;
-    let store = super::args::open_store(state)?;
+    let store = match early_store {
+        Some(store) => store,
+        None => {
+            super::args::create_state_dir(state)?;
+            super::args::open_store(state)?
+        }
+    };
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,
@@ -128,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let driver = args
         .ssh
-        .driver(state, &args.dir.dir, super::args::ONE_SHOT_SSH_PERSIST);
+        .driver(state, &root, super::args::ONE_SHOT_SSH_PERSIST);
     let ctx = Arc::new(Context::new(store, driver, config, state, snapshot));
     if args.retry {
         for key in lifecycle::release_held(&ctx, None) {
@@ -145,7 +211,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
         applier,
     };
-    let runtime = super::args::runtime()?;
     // On a terminal, a line per object while it runs; plain log lines otherwise.
     let progress = match args.output {
         Output::Text => super::progress::Progress::start(

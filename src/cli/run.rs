@@ -12,6 +12,7 @@ use crate::api::{self, ApiState};
 use crate::controller::applier::Config as ApplierConfig;
 use crate::controller::context::{Config, Context};
 use crate::controller::daemon::{self, DaemonOptions, Signals};
+use crate::controller::git_source::{self, Outcome};
 use crate::controller::metrics::Metrics;
 use crate::controller::vmops::{self, VmOp};
 use crate::controller::{lifecycle, preview};
@@ -31,21 +32,33 @@ use crate::spec::{HumanDuration, Kind};
 /// stops this one from starting.
 ///
 /// Signals: SIGHUP re-reads the directory now (as a file change does: only
-/// objects whose spec, roles or build inputs changed are reconciled). The
+/// objects whose spec, roles or build inputs changed are reconciled; with
+/// --git it also fetches). The
 /// directory is also re-read every --reread-interval whatever the file watch
 /// said, which catches changes it missed (an overflowed inotify queue, a
 /// network file system). The first SIGTERM/SIGINT stops scheduling and lets
 /// running steps finish (up to --grace); a second aborts them.
 ///
+/// With --git URL, desired state comes from converge's own clone of that
+/// remote (STATE/git): fetched every --poll and on `converge fetch`, applied
+/// only as a fast-forward of the last applied commit, only when its tip's
+/// SSH signature verifies against --allowed-signers (if given), and only
+/// when valid; --dir is then a directory inside the repository. A refused
+/// tip is logged at ERROR and recorded as an event; the last applied commit
+/// stays in force. An unreachable remote is retried with backoff.
+///
 /// Exit codes: 0 stopped cleanly; 1 cannot start (invalid directory, store
-/// locked by another daemon or damaged).
+/// locked by another daemon or damaged, a missing allowed-signers file, a
+/// branch the remote does not have).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
+    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  converge run --git git@example.com:me/fleet.git --branch main --dir hosts --allowed-signers /etc/converge/allowed_signers\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
 )]
 pub struct Args {
     #[command(flatten)]
     pub dir: DirArg,
+    #[command(flatten)]
+    pub git: super::fetch::GitArgs,
     #[command(flatten)]
     pub state: StateArg,
     #[command(flatten)]
@@ -76,28 +89,99 @@ pub struct Args {
     pub retry_delay: HumanDuration,
 }
 
+/// How long the daemon's start waits for the first fetch of a Git source.
+const FIRST_FETCH_WAIT: Duration = Duration::from_secs(20);
+
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let runtime = super::args::runtime()?;
     // Before anything else: a stop signal during start-up stops cleanly.
     let signals = runtime
         .block_on(async { Signals::install() })
         .context("install signal handlers")?;
-    let mut source = Source::new(&args.dir.dir);
-    let (assembled, _stats, snapshot) =
-        lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
-    let Some(snapshot) = snapshot else {
-        for d in &assembled.diagnostics {
-            eprintln!("{d}");
-        }
-        eprintln!("error: the desired state is invalid; not starting");
-        return Ok(EXIT_FATAL);
-    };
     let state = &args.state.state;
-    super::args::create_state_dir(state)?;
-    let store = super::args::open_store(state)?;
+    let metrics = Arc::new(Metrics::new());
+    let git_config = args.git.config(&args.dir.dir)?;
+    let mut early_store = None;
+    let mut git = None;
+    let mut fetch_tx = None;
+    let root = match git_config {
+        None => args.dir.dir.clone(),
+        Some(config) => {
+            super::args::create_state_dir(state)?;
+            let store = super::args::open_store(state)?;
+            let root = git_source::desired_root(state, &config.dir);
+            let poll = config.poll;
+            let mut tracker = runtime
+                .block_on(git_source::Tracker::open(
+                    config,
+                    state,
+                    store.clone(),
+                    Some(metrics.clone()),
+                ))
+                .context("start the Git source")?;
+            // A remote that hangs must not keep the daemon (and its API)
+            // from starting on the commit applied before: past the bound,
+            // the poll loop tries again at once.
+            let first = runtime
+                .block_on(async { tokio::time::timeout(FIRST_FETCH_WAIT, tracker.poll()).await });
+            let first_poll = match &first {
+                Err(_) => {
+                    tracing::warn!(
+                        wait_secs = FIRST_FETCH_WAIT.as_secs(),
+                        "the first fetch of the Git source did not end in time; starting anyway and trying again"
+                    );
+                    Duration::ZERO
+                }
+                Ok(Outcome::Failed {
+                    error,
+                    transient: false,
+                }) => {
+                    eprintln!("error: {error}");
+                    return Ok(EXIT_FATAL);
+                }
+                Ok(Outcome::Failed { .. }) => poll.min(Duration::from_secs(5)),
+                Ok(outcome) => {
+                    tracing::info!(result = %outcome.describe(), "first fetch of the Git source");
+                    poll
+                }
+            };
+            if !tracker.has_applied_tree() {
+                tracing::warn!(
+                    "no commit of the Git source is applied yet: converging nothing until one is accepted"
+                );
+            }
+            let (tx, requests) = mpsc::unbounded_channel();
+            fetch_tx = Some(tx.clone());
+            git = Some((tracker, requests, tx, first_poll));
+            early_store = Some(store);
+            root
+        }
+    };
+    let mut source = Source::new(&root);
+    let snapshot = if git.as_ref().is_some_and(|(t, ..)| !t.has_applied_tree()) {
+        git_source::empty_snapshot(&root)
+    } else {
+        let (assembled, _stats, snapshot) =
+            lifecycle::load(&mut source).with_context(|| format!("load {}", root.display()))?;
+        let Some(snapshot) = snapshot else {
+            for d in &assembled.diagnostics {
+                eprintln!("{d}");
+            }
+            eprintln!("error: the desired state is invalid; not starting");
+            return Ok(EXIT_FATAL);
+        };
+        snapshot
+    };
+    let store = match early_store {
+        Some(store) => store,
+        None => {
+            super::args::create_state_dir(state)?;
+            super::args::open_store(state)?
+        }
+    };
     let driver = args
         .ssh
-        .driver(state, &args.dir.dir, super::args::DAEMON_SSH_PERSIST);
+        .driver(state, &root, super::args::DAEMON_SSH_PERSIST);
     let config = Config {
         concurrency: args.concurrency,
         builds: args.builds,
@@ -125,11 +209,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let socket = crate::api::client::socket_path(state);
     // Canonical, so that `plan --dir` through another path (relative, a
     // symlink) is recognised as this directory and any other is refused.
-    let watched = std::fs::canonicalize(&args.dir.dir)
-        .with_context(|| format!("resolve {}", args.dir.dir.display()))?;
+    let watched = if git.is_some() {
+        root.clone()
+    } else {
+        std::fs::canonicalize(&root).with_context(|| format!("resolve {}", root.display()))?
+    };
     runtime.block_on(async {
         let listener = api::bind(&socket).context("start the local API")?;
-        let metrics = Arc::new(Metrics::new());
         let plan_ctx = ctx.clone();
         let vm_ctx = ctx.clone();
         let known_ctx = ctx.clone();
@@ -146,6 +232,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             manual: manual_tx,
             retries: ctx.retries.clone(),
             metrics: metrics.clone(),
+            fetch: fetch_tx,
             plan: Arc::new(move || {
                 let ctx = plan_ctx.clone();
                 async move { preview::plan(&ctx).await }.boxed()
@@ -194,7 +281,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
         });
         tracing::info!(socket = %socket.display(), "local API listening");
-        let result = daemon::run(ctx, source, options, manual_rx, metrics, signals).await;
+        let git = git.map(|(tracker, requests, fetch, first_poll)| daemon::GitRun {
+            tracker,
+            requests,
+            fetch,
+            first_poll,
+        });
+        let result = daemon::run(ctx, source, options, manual_rx, metrics, signals, git).await;
         server.abort();
         let _ = std::fs::remove_file(&socket);
         result.context("run the daemon")

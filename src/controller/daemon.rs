@@ -12,7 +12,11 @@
 //! file system, a watch that failed to start); both go through the same
 //! reload as a file change, so an unchanged directory enqueues nothing. An
 //! invalid directory is logged with file:line:col and never applied: the
-//! last valid desired state stays in force. The first SIGTERM or SIGINT stops
+//! last valid desired state stays in force. With a Git source (`--git`),
+//! the directory is converge's checkout and is not watched: the source's
+//! poll loop (`git_source.rs`) says when a new tip is in force, and the
+//! daemon reloads then; SIGHUP also fetches at once. The first SIGTERM or
+//! SIGINT stops
 //! scheduling and lets running steps finish within the grace period; a
 //! second aborts.
 
@@ -54,6 +58,8 @@ enum Cause {
     Signal,
     /// The periodic re-read.
     Periodic,
+    /// The Git source applied a new tip.
+    Source,
 }
 
 impl Cause {
@@ -62,6 +68,7 @@ impl Cause {
             Cause::Files => "files changed",
             Cause::Signal => "SIGHUP",
             Cause::Periodic => "periodic re-read",
+            Cause::Source => "git source",
         }
     }
 }
@@ -110,6 +117,16 @@ impl Signals {
     }
 }
 
+/// A Git source for the daemon: its tracker, `converge fetch` requests, and
+/// how long until its first poll.
+pub struct GitRun {
+    pub tracker: super::git_source::Tracker,
+    pub requests: mpsc::UnboundedReceiver<super::git_source::FetchRequest>,
+    /// The sending side of `requests`: SIGHUP fetches too.
+    pub fetch: mpsc::UnboundedSender<super::git_source::FetchRequest>,
+    pub first_poll: Duration,
+}
+
 /// Runs until shut down by signal.
 pub async fn run<D: Drivers>(
     ctx: Arc<Context<D>>,
@@ -118,6 +135,7 @@ pub async fn run<D: Drivers>(
     manual: mpsc::UnboundedReceiver<ObjectKey>,
     metrics: Arc<super::metrics::Metrics>,
     signals: Signals,
+    git: Option<GitRun>,
 ) -> Result<(), DaemonError> {
     let interrupted = lifecycle::recover_interrupted(&ctx);
     let removed = lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
@@ -144,8 +162,24 @@ pub async fn run<D: Drivers>(
 
     let (changes_tx, mut changes) = mpsc::unbounded_channel::<BTreeSet<PathBuf>>();
     let root = source.root().to_path_buf();
-    let _watch = match triggers::watch_dir(&root, options.debounce, changes_tx) {
-        Ok(w) => Some(w),
+    let (applied_tx, mut applied) = mpsc::unbounded_channel::<String>();
+    let fetch_on_hup = git.as_ref().map(|git| git.fetch.clone());
+    let poller = git.map(|git| {
+        tokio::spawn(super::git_source::poll_loop(
+            git.tracker,
+            git.requests,
+            applied_tx,
+            git.first_poll,
+        ))
+    });
+    let watched = if poller.is_some() {
+        // converge's own checkout: only the source changes it.
+        Ok(None)
+    } else {
+        triggers::watch_dir(&root, options.debounce, changes_tx).map(Some)
+    };
+    let _watch = match watched {
+        Ok(w) => w,
         Err(e) => {
             match options.reread {
                 Some(every) => {
@@ -200,6 +234,10 @@ pub async fn run<D: Drivers>(
             }
             Some(()) = sighup.recv() => {
                 tracing::info!(dir = %root.display(), "SIGHUP: re-reading the desired-state directory");
+                if let Some(fetch) = &fetch_on_hup {
+                    // Nobody waits for the answer.
+                    let _ = fetch.send(tokio::sync::oneshot::channel().0);
+                }
                 reloader.reload(&ctx, &requests, Cause::Signal).await;
                 reset(&mut reread);
             }
@@ -207,6 +245,11 @@ pub async fn run<D: Drivers>(
                 tracing::debug!(dir = %root.display(), "periodic re-read of the desired-state directory");
                 reloader.reload(&ctx, &requests, Cause::Periodic).await;
                 lifecycle::prune_build_cache(&ctx).await;
+            }
+            Some(commit) = applied.recv() => {
+                tracing::debug!(%commit, "the Git source applied a new tip");
+                reloader.reload(&ctx, &requests, Cause::Source).await;
+                reset(&mut reread);
             }
             Some(key) = manual.recv() => {
                 tracing::info!(object = %key, "reconcile requested");
@@ -243,6 +286,9 @@ pub async fn run<D: Drivers>(
             }
             _ => {}
         }
+    }
+    if let Some(poller) = poller {
+        poller.abort();
     }
     if let Err(e) = ctx.store.flush() {
         tracing::error!(error = %e, "failed to flush the store");

@@ -43,6 +43,7 @@ pub struct Metrics {
     objects: Family<ConditionLabel, Gauge>,
     drifted: Gauge,
     queue: Gauge,
+    source_refusals: Family<ReasonLabel, Counter>,
     /// Updated by the applier.
     pub queue_depth: Arc<AtomicUsize>,
 }
@@ -67,6 +68,12 @@ impl Metrics {
         let objects = Family::<ConditionLabel, Gauge>::default();
         let drifted = Gauge::default();
         let queue = Gauge::default();
+        let source_refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "source_refusals",
+            "Tips of the Git source that were not applied, by cause",
+            source_refusals.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Duration of reconciles by object kind",
@@ -99,6 +106,7 @@ impl Metrics {
             objects,
             drifted,
             queue,
+            source_refusals,
             queue_depth: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -117,6 +125,16 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Counts one refused tip of the Git source (`unsigned`,
+    /// `unknown-signer`, `not-fast-forward`, `invalid`).
+    pub fn source_refused(&self, cause: &str) {
+        self.source_refusals
+            .get_or_create(&ReasonLabel {
+                reason: cause.to_owned(),
+            })
+            .inc();
     }
 
     /// Renders the text exposition format, refreshing fleet gauges from the store.

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod context;
 pub mod daemon;
 pub mod error;
+pub mod git_source;
 pub mod lifecycle;
 pub mod metrics;
 pub mod once;

@@ -11,6 +11,7 @@ pub mod capability;
 mod command;
 pub mod console;
 pub mod git;
+pub mod git_source;
 pub mod host;
 pub mod hypervisor;
 mod hypervisor_error;

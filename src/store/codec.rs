@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
 use super::records::{
-    AttemptRecord, EventRecord, FactsRecord, SpecRecord, StatusRecord, Suspension,
+    AttemptRecord, EventRecord, FactsRecord, SourceRecord, SpecRecord, StatusRecord, Suspension,
 };
 
 /// A record type with a format version.
@@ -85,6 +85,9 @@ impl Versioned for AttemptRecord {
 }
 impl Versioned for EventRecord {
     const FORMAT: u32 = EventRecord::FORMAT;
+}
+impl Versioned for SourceRecord {
+    const FORMAT: u32 = SourceRecord::FORMAT;
 }
 
 /// Counters and markers in the `meta` tree.
@@ -270,10 +273,35 @@ mod tests {
         round_trip(EventRecord {
             seq: 1,
             time_ms: 2,
-            key: key(),
+            key: key().into(),
             severity: Severity::Warning,
             reason: Reason::DriftDetected,
             message: "generation 7 -> 6".into(),
+        });
+        round_trip(EventRecord {
+            seq: 2,
+            time_ms: 3,
+            key: EventSubject::Source,
+            severity: Severity::Error,
+            reason: Reason::SourceRefused,
+            message: "commit 1a2b3c4d5e6f: not signed".into(),
+        });
+        round_trip(SourceRecord {
+            url: "ssh://git@example.com/fleet.git".into(),
+            branch: "main".into(),
+            dir: "hosts".into(),
+            applied: Some("1a2b3c4d".repeat(5)),
+            applied_ms: Some(1),
+            tip: Some("5e6f7a8b".repeat(5)),
+            fetched_ms: Some(2),
+            succeeded_ms: Some(2),
+            error: None,
+            failures: 0,
+            refused: Some(Refusal {
+                commit: "5e6f7a8b".repeat(5),
+                reason: "not signed".into(),
+                since_ms: 2,
+            }),
         });
         round_trip(u64::MAX);
     }
@@ -388,10 +416,22 @@ mod tests {
             EventRecord {
                 seq: 1,
                 time_ms: 2,
-                key: "vm/builder".parse().unwrap(),
+                key: EventSubject::Object("vm/builder".parse().unwrap()),
                 severity: Severity::Error,
                 reason: Reason::StartFailed,
                 message: "qemu exited".into(),
+            },
+        );
+        pinned(
+            json!({"v": 1, "data": {"seq": 3, "time_ms": 4, "key": "source", "severity": "Error",
+                                    "reason": "SourceRefused", "message": "not signed"}}),
+            EventRecord {
+                seq: 3,
+                time_ms: 4,
+                key: EventSubject::Source,
+                severity: Severity::Error,
+                reason: Reason::SourceRefused,
+                message: "not signed".into(),
             },
         );
         pinned(json!({"v": 1, "data": 17}), 17u64);

@@ -19,6 +19,8 @@ pub(crate) const SUSPENDED: &str = "suspended";
 
 /// `meta` key: the next attempt id [`super::Store::begin_attempt`] hands out.
 pub(crate) const NEXT_ATTEMPT_ID: &[u8] = b"next_attempt_id";
+/// `meta` key: the Git source's record (`run --git`).
+pub(crate) const SOURCE: &[u8] = b"source";
 /// `meta` key: the version of this key layout, checked on open.
 pub(crate) const LAYOUT: &[u8] = b"layout";
 /// The key layout this build writes and reads.

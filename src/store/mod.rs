@@ -20,6 +20,7 @@ mod codec;
 mod error;
 mod layout;
 pub mod records;
+mod suspended;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -551,7 +552,7 @@ impl Store {
     /// newest stored. Keeps the newest [`EVENTS_KEPT`] events. Not flushed.
     pub fn append_event(
         &self,
-        key: &ObjectKey,
+        key: impl Into<EventSubject>,
         severity: Severity,
         reason: Reason,
         message: &str,
@@ -581,7 +582,7 @@ impl Store {
         let event = EventRecord {
             seq,
             time_ms: now_ms(),
-            key: key.clone(),
+            key: key.into(),
             severity,
             reason,
             message: message.to_owned(),
@@ -624,7 +625,21 @@ impl Store {
         key: &ObjectKey,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        self.scan_events(limit, |e| &e.key == key)
+        self.scan_events(limit, |e| e.key == *key)
+    }
+
+    /// The Git source's record (`run --git`), if one was ever written.
+    pub fn source(&self) -> Result<Option<SourceRecord>, StoreError> {
+        self.inner.meta.get(layout::SOURCE, &RawKey(layout::SOURCE))
+    }
+
+    /// Records the Git source's state and flushes before returning: the
+    /// applied commit is the base the next start fast-forwards from.
+    pub fn put_source(&self, record: &SourceRecord) -> Result<(), StoreError> {
+        self.inner
+            .meta
+            .put(layout::SOURCE, &RawKey(layout::SOURCE), record)?;
+        self.flush()
     }
 
     fn scan_events(
@@ -672,37 +687,6 @@ impl Store {
             history.remove(k, &RawKey(k))?;
         }
         Ok(())
-    }
-
-    /// Suspends `key` (by the verb `by`); `false` when it already was (the
-    /// first suspension is kept). Flushed.
-    pub fn suspend(&self, key: &ObjectKey, by: &str) -> Result<bool, StoreError> {
-        if self.suspension(key)?.is_some() {
-            return Ok(false);
-        }
-        let by = by.to_owned();
-        let record = Suspension {
-            since_ms: records::now_ms(),
-            by,
-        };
-        self.inner
-            .suspended
-            .put(&layout::object(key), key, &record)?;
-        self.flush()?;
-        Ok(true)
-    }
-
-    /// Resumes `key`; `false` when it was not suspended. Flushed.
-    pub fn resume(&self, key: &ObjectKey) -> Result<bool, StoreError> {
-        let was = self.suspension(key)?.is_some();
-        self.inner.suspended.remove(&layout::object(key), key)?;
-        self.flush()?;
-        Ok(was)
-    }
-
-    /// The suspension of `key`, if it is suspended.
-    pub fn suspension(&self, key: &ObjectKey) -> Result<Option<Suspension>, StoreError> {
-        self.inner.suspended.get(&layout::object(key), key)
     }
 
     /// Every key with a status or a spec in the store, sorted. Corrupt keys

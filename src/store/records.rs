@@ -138,6 +138,9 @@ pub enum Reason {
     OperatorVerb,
     /// An operator suspended or resumed an object.
     Suspension,
+    /// The Git source's new tip was not applied (unsigned, unknown signer,
+    /// not a fast-forward, invalid desired state).
+    SourceRefused,
 }
 
 impl Reason {
@@ -180,6 +183,7 @@ impl Reason {
             Reason::Suspended => "Suspended",
             Reason::OperatorVerb => "OperatorVerb",
             Reason::Suspension => "Suspension",
+            Reason::SourceRefused => "SourceRefused",
         }
     }
 }
@@ -455,6 +459,67 @@ pub enum Severity {
     Error,
 }
 
+/// What an event is about: an object, or the daemon's Git source (which is
+/// no object). Stored as the object key's text or `source`, so events
+/// written before sources existed read unchanged; an older converge skips a
+/// `source` event as a record it cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EventSubject {
+    Object(ObjectKey),
+    /// The Git remote `run --git` pulls from.
+    Source,
+}
+
+impl EventSubject {
+    /// The text form of [`EventSubject::Source`].
+    pub const SOURCE: &'static str = "source";
+}
+
+impl std::fmt::Display for EventSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EventSubject::Object(key) => key.fmt(f),
+            EventSubject::Source => f.write_str(EventSubject::SOURCE),
+        }
+    }
+}
+
+impl From<&ObjectKey> for EventSubject {
+    fn from(key: &ObjectKey) -> Self {
+        EventSubject::Object(key.clone())
+    }
+}
+
+impl From<ObjectKey> for EventSubject {
+    fn from(key: ObjectKey) -> Self {
+        EventSubject::Object(key)
+    }
+}
+
+impl PartialEq<ObjectKey> for EventSubject {
+    fn eq(&self, other: &ObjectKey) -> bool {
+        matches!(self, EventSubject::Object(key) if key == other)
+    }
+}
+
+impl Serialize for EventSubject {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventSubject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == EventSubject::SOURCE {
+            return Ok(EventSubject::Source);
+        }
+        text.parse()
+            .map(EventSubject::Object)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One event (tree `events`): something an operator may want to see later.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -462,7 +527,7 @@ pub struct EventRecord {
     /// Increasing across the store's life; the newest event has the highest.
     pub seq: u64,
     pub time_ms: u64,
-    pub key: ObjectKey,
+    pub key: EventSubject,
     pub severity: Severity,
     pub reason: Reason,
     pub message: String,
@@ -484,6 +549,48 @@ pub struct Suspension {
 }
 
 impl Suspension {
+    pub const FORMAT: u32 = 1;
+}
+
+/// The Git source of `run --git` (tree `meta`, key `source`): what was
+/// applied, fetched and refused, for `status` and for the next start (the
+/// applied commit is the base every new tip must fast-forward from).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRecord {
+    /// The remote, any password hidden.
+    pub url: String,
+    pub branch: String,
+    /// The directory inside the repository desired state is read from.
+    pub dir: String,
+    /// The commit in force (full hex), once one was accepted.
+    pub applied: Option<String>,
+    pub applied_ms: Option<u64>,
+    /// The branch's tip at the last successful fetch.
+    pub tip: Option<String>,
+    /// When the last fetch ended, and when the last successful one did.
+    pub fetched_ms: Option<u64>,
+    pub succeeded_ms: Option<u64>,
+    /// Why the last fetch failed; `None` after a success.
+    pub error: Option<String>,
+    /// Fetches failed in a row.
+    pub failures: u32,
+    /// The newest tip that was refused, while it is the branch's tip.
+    pub refused: Option<Refusal>,
+}
+
+/// A tip that was not applied, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub commit: String,
+    /// A sentence naming the cause (unsigned, unknown signer, not a
+    /// fast-forward, invalid desired state).
+    pub reason: String,
+    pub since_ms: u64,
+}
+
+impl SourceRecord {
     pub const FORMAT: u32 = 1;
 }
 

@@ -26,6 +26,8 @@ mod drift;
 mod examples;
 mod frozen_sshd;
 mod fuzz;
+mod git_source;
+mod git_source_once;
 mod guest_harness;
 mod health_check_failure;
 mod health_check_failure_rolls_back;

@@ -53,6 +53,7 @@ pub struct Testbed {
 }
 
 pub mod fleet;
+pub mod git;
 pub mod guest;
 pub mod run;
 

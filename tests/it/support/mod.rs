@@ -326,17 +326,23 @@ impl Fleet {
 
     /// Starts `converge run --dir D --state S EXTRA...` with JSON logs.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        let dir = self.dir();
+        let mut args = vec!["--dir", dir.to_str().expect("utf-8")];
+        args.extend_from_slice(extra);
+        self.start_daemon_without_dir(&args)
+    }
+
+    /// Starts `converge run --state S EXTRA...` with JSON logs (EXTRA says
+    /// where desired state comes from: `--git URL --dir SUBDIR`).
+    pub fn start_daemon_without_dir(&self, extra: &[&str]) -> Daemon {
         let n = self.runs.get() + 1;
         self.runs.set(n);
         let log = self.root().join("logs").join(format!("daemon-{n}.log"));
-        let dir = self.dir();
         let state = self.state();
         let mut args = vec![
             "--log-format",
             "json",
             "run",
-            "--dir",
-            dir.to_str().expect("utf-8"),
             "--state",
             state.to_str().expect("utf-8"),
         ];
