@@ -14,6 +14,7 @@ use std::path::Path;
 
 use super::build::{Artifact, BuildError, BuildRequest, CachePruned};
 use super::hypervisor_error::HypervisorError;
+use super::nix::NixError;
 use super::protocol::{
     ActivationResult, ActivationStarted, ConfirmOutcome, Confirmation, DeployPhase, GenerationId,
     InstallOutcome, MachineError, MachineFacts, Watchdog,
@@ -37,6 +38,13 @@ pub enum DriverError {
     Unsupported { what: String },
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
+    #[error("copy the closure of {path} to {target}")]
+    Copy {
+        path: String,
+        target: String,
+        #[source]
+        source: Box<NixError>,
+    },
 }
 
 impl DriverError {
@@ -49,6 +57,7 @@ impl DriverError {
             DriverError::Vm(e) => e.is_transient(),
             DriverError::Unsupported { .. } => false,
             DriverError::Hypervisor(e) => e.is_transient(),
+            DriverError::Copy { source, .. } => source.is_transient(),
         }
     }
 

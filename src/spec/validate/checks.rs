@@ -12,7 +12,9 @@ use super::cycle::find_cycle;
 use crate::spec::at::{At, Loc};
 use crate::spec::diagnostic::{Diagnostic, Origin};
 use crate::spec::fields::SpecPath;
-use crate::spec::model::{Document, MachineSpec, NetworkMode, Protocol, ServiceSpec, VmSpec};
+use crate::spec::model::{
+    BuildOn, Document, MachineSpec, NetworkMode, Protocol, ServiceSpec, VmSpec,
+};
 use crate::spec::names::Name;
 use crate::spec::quantity::{ByteSize, HumanDuration};
 
@@ -157,6 +159,12 @@ pub(super) fn check_machine(
     if let Some(nix) = &build.nix {
         if nix.value.flake.trim().is_empty() {
             diags.push(origin.error(nix.loc, "nix build has an empty `flake` reference"));
+        }
+        if nix.value.build_on == BuildOn::Target {
+            diags.push(origin.error(
+                nix.loc,
+                "nix builds with `buildOn: target` are not supported by this converge yet: use `buildOn: controller` (the default), which builds here and copies the closure",
+            ));
         }
     }
     let day = HumanDuration::from_secs(86_400);

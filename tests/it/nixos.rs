@@ -1,0 +1,173 @@
+//! NixOS machines with real Nix on fake systems (no nixpkgs offline): a
+//! flake with no inputs whose systems are built by `/bin/sh`. Two SSH hosts
+//! with their own /nix get the closure copied over converge's master; the
+//! system profile and current system are what `nix build` gives; a no-op
+//! run evaluates and copies nothing (counted through a `nix` wrapper on
+//! PATH); a change to one machine switches only it; a failing
+//! `switch-to-configuration` sets the profile back, re-activates the
+//! previous system and exits 3.
+
+use std::path::{Path, PathBuf};
+
+use super::support::ssh::SshFleet;
+use super::support::{BIN, result_kind};
+use crate::support::Converge as _;
+use testbed::REMOTE_STATE_DIR;
+use testbed::nix::{
+    CURRENT_SYSTEM, FakeSystem, LEDGER, OFFLINE_NIX_CONFIG, build_system, calls, counting_wrapper,
+    fake_flake, resolve_in,
+};
+
+/// Host `i`'s /nix as the controller sees it.
+fn host_nix(fleet: &SshFleet, i: usize) -> PathBuf {
+    fleet.testbed.host(i).dir().join("nix")
+}
+
+fn profile(fleet: &SshFleet, i: usize) -> Option<String> {
+    resolve_in(&host_nix(fleet, i), "/nix/var/nix/profiles/system")
+}
+
+fn current_system(fleet: &SshFleet, i: usize) -> Option<String> {
+    resolve_in(&host_nix(fleet, i), CURRENT_SYSTEM)
+}
+
+fn ledger(fleet: &SshFleet, i: usize) -> Vec<String> {
+    testbed::run::read_lines(
+        &host_nix(fleet, i).join(LEDGER.strip_prefix("/nix/").expect("under /nix")),
+    )
+}
+
+/// The Machine document of NixOS host `i` with `flake` as its reference.
+fn machine(fleet: &SshFleet, i: usize, flake: &str) -> String {
+    let host = fleet.testbed.host(i);
+    let identity = fleet.testbed.client(i).identity_file;
+    format!(
+        "apiVersion: converge/v1\nkind: Machine\nmetadata:\n  name: host{i}\nspec:\n  target: {{host: {addr}, port: {port}, user: root, hostKey: {key:?}, identityFile: {identity:?}, stateDir: {REMOTE_STATE_DIR}}}\n  build: {{nix: {{flake: {flake:?}}}, timeout: 2m}}\n",
+        addr = host.address,
+        port = host.port,
+        key = host.host_key,
+        identity = identity.to_str().expect("utf-8"),
+    )
+}
+
+fn write_flake(dir: &Path, systems: &[FakeSystem]) {
+    testbed::run::write_atomically(&dir.join("flake.nix"), &fake_flake(systems));
+}
+
+#[test]
+fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_the_profile() {
+    let fleet = SshFleet::with_private_nix(BIN, 2);
+    let wrapper = fleet.root().join("bin");
+    fleet.set_env("PATH", &counting_wrapper(&wrapper));
+    fleet.set_env("NIX_CONFIG", OFFLINE_NIX_CONFIG);
+    let dir = fleet.dir();
+    let mut systems = vec![
+        FakeSystem::new("host0", "v1"),
+        FakeSystem::new("host1", "v1"),
+    ];
+    write_flake(&dir, &systems);
+    // No fragment: the machine's own name; `#name`: that configuration.
+    fleet.write_machine(0, &machine(&fleet, 0, "."));
+    fleet.write_machine(1, &machine(&fleet, 1, ".#host1"));
+
+    fleet.reconcile_once(&[]).assert_code(0);
+    let v1 = [build_system(&dir, "host0"), build_system(&dir, "host1")];
+    for (i, v1) in v1.iter().enumerate() {
+        assert_eq!(
+            profile(&fleet, i).as_ref(),
+            Some(v1),
+            "host{i}'s system profile"
+        );
+        assert_eq!(
+            current_system(&fleet, i).as_ref(),
+            Some(v1),
+            "host{i}'s current system"
+        );
+        assert_eq!(ledger(&fleet, i), vec![format!("switch host{i} v1")]);
+    }
+    let evaluations = calls(&wrapper).len();
+    assert!(
+        evaluations >= 2,
+        "each system was built: {:?}",
+        calls(&wrapper)
+    );
+
+    // Unchanged: nothing evaluated, copied or switched.
+    fleet.reconcile_once(&[]).assert_code(0);
+    assert_eq!(
+        calls(&wrapper).len(),
+        evaluations,
+        "a no-op run ran nix: {:?}",
+        calls(&wrapper)
+    );
+    let plan = fleet.converge_within(
+        &[
+            "plan",
+            "--dir",
+            dir.to_str().expect("utf-8"),
+            "--state",
+            fleet.state().to_str().expect("utf-8"),
+            "--ssh-config",
+            fleet.ssh_config().to_str().expect("utf-8"),
+        ],
+        testbed::fleet::COMMAND_LIMIT,
+    );
+    assert_eq!(
+        plan.code,
+        Some(0),
+        "plan of an unchanged fleet: {}{}",
+        plan.stdout,
+        plan.stderr
+    );
+    assert_eq!(
+        calls(&wrapper).len(),
+        evaluations,
+        "a plan of an unchanged fleet ran nix"
+    );
+    for i in 0..2 {
+        assert_eq!(ledger(&fleet, i).len(), 1, "host{i} was switched again");
+    }
+
+    // One machine's system changes: the directory's content changed for
+    // both, but only host1's toplevel did.
+    systems[1].variant = "v2".to_owned();
+    write_flake(&dir, &systems);
+    fleet.reconcile_once(&[]).assert_code(0);
+    let v2 = build_system(&dir, "host1");
+    assert_eq!(
+        ledger(&fleet, 0),
+        vec!["switch host0 v1".to_owned()],
+        "host0 was touched"
+    );
+    assert_eq!(
+        ledger(&fleet, 1),
+        vec!["switch host1 v1".to_owned(), "switch host1 v2".to_owned()]
+    );
+    assert_eq!(profile(&fleet, 1).as_ref(), Some(&v2));
+    assert_eq!(current_system(&fleet, 1).as_ref(), Some(&v2));
+
+    // A system whose switch fails: the profile goes back to v2 and v2's
+    // switch-to-configuration runs again; exit 3.
+    systems[1].variant = "fail3".to_owned();
+    write_flake(&dir, &systems);
+    let run = fleet.reconcile_once(&["--attempts", "1"]);
+    run.assert_code(3);
+    assert_eq!(
+        ledger(&fleet, 1)[2..],
+        [
+            "switch host1 fail3".to_owned(),
+            "switch host1 v2".to_owned()
+        ],
+        "the failed switch, then v2's again"
+    );
+    assert_eq!(
+        profile(&fleet, 1).as_ref(),
+        Some(&v2),
+        "the profile is back at v2"
+    );
+    assert_eq!(current_system(&fleet, 1).as_ref(), Some(&v2));
+    let newest = &fleet.history("machine/host1")[0];
+    assert_eq!(result_kind(newest), "RolledBack", "{newest}");
+    assert_eq!(ledger(&fleet, 0).len(), 1, "host0 was touched");
+    fleet.finish();
+}
