@@ -234,6 +234,7 @@ impl MachineDriver for FakeDriver {
             incomplete: Vec::new(),
             confirmed: machine.confirmed,
             activation: None,
+            nixos: None,
             observed_ms: crate::store::records::now_ms(),
         })
     }

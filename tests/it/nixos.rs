@@ -14,8 +14,8 @@ use super::support::{BIN, result_kind};
 use crate::support::Converge as _;
 use testbed::REMOTE_STATE_DIR;
 use testbed::nix::{
-    CURRENT_SYSTEM, FakeSystem, LEDGER, OFFLINE_NIX_CONFIG, build_system, calls, counting_wrapper,
-    fake_flake, resolve_in,
+    BOOTED_SYSTEM, CURRENT_SYSTEM, FakeSystem, LEDGER, OFFLINE_NIX_CONFIG, build_system, calls,
+    counting_wrapper, fake_flake, link_run_systems, resolve_in,
 };
 
 /// Host `i`'s /nix as the controller sees it.
@@ -37,6 +37,18 @@ fn ledger(fleet: &SshFleet, i: usize) -> Vec<String> {
     )
 }
 
+/// `converge facts machine/host{i}` (JSON).
+fn facts_of(fleet: &SshFleet, i: usize) -> serde_json::Value {
+    let state = fleet.state();
+    let key = format!("machine/host{i}");
+    let run = fleet.converge_within(
+        &["facts", &key, "--state", state.to_str().expect("utf-8")],
+        testbed::fleet::COMMAND_LIMIT,
+    );
+    run.assert_code(0);
+    run.json()["facts"].clone()
+}
+
 /// The Machine document of NixOS host `i` with `flake` as its reference.
 fn machine(fleet: &SshFleet, i: usize, flake: &str) -> String {
     let host = fleet.testbed.host(i);
@@ -56,6 +68,7 @@ fn write_flake(dir: &Path, systems: &[FakeSystem]) {
 
 #[test]
 fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_the_profile() {
+    link_run_systems();
     let fleet = SshFleet::with_private_nix(BIN, 2);
     let wrapper = fleet.root().join("bin");
     fleet.set_env("PATH", &counting_wrapper(&wrapper));
@@ -128,6 +141,28 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
         assert_eq!(ledger(&fleet, i).len(), 1, "host{i} was switched again");
     }
 
+    // host0 booted v1; the facts say what runs and that no reboot is due.
+    std::os::unix::fs::symlink(
+        &v1[0],
+        host_nix(&fleet, 0).join(BOOTED_SYSTEM.strip_prefix("/nix/").expect("under /nix")),
+    )
+    .expect("link host0's booted system");
+    fleet.reconcile_once(&[]).assert_code(0);
+    let facts = facts_of(&fleet, 0);
+    let nixos = &facts["nixos"];
+    assert_eq!(
+        nixos["currentSystem"].as_str(),
+        Some(v1[0].as_str()),
+        "{facts}"
+    );
+    assert_eq!(
+        nixos["bootedSystem"].as_str(),
+        Some(v1[0].as_str()),
+        "{facts}"
+    );
+    assert_eq!(nixos["needsReboot"].as_bool(), Some(false), "{facts}");
+    assert!(facts_of(&fleet, 1)["nixos"]["bootedSystem"].is_null());
+
     // One machine's system changes: the directory's content changed for
     // both, but only host1's toplevel did.
     systems[1].variant = "v2".to_owned();
@@ -169,5 +204,53 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
     let newest = &fleet.history("machine/host1")[0];
     assert_eq!(result_kind(newest), "RolledBack", "{newest}");
     assert_eq!(ledger(&fleet, 0).len(), 1, "host0 was touched");
+
+    // A new kernel on host0: switched to, but booted is still v1's kernel.
+    systems[1].variant = "v2".to_owned();
+    systems[0].kernel = "k2".to_owned();
+    write_flake(&dir, &systems);
+    fleet.reconcile_once(&[]).assert_code(0);
+    let k2 = build_system(&dir, "host0");
+    assert_eq!(current_system(&fleet, 0).as_ref(), Some(&k2));
+    fleet.reconcile_once(&[]).assert_code(0);
+    let facts = facts_of(&fleet, 0);
+    assert_eq!(
+        facts["nixos"]["currentSystem"].as_str(),
+        Some(k2.as_str()),
+        "{facts}"
+    );
+    assert_eq!(
+        facts["nixos"]["needsReboot"].as_bool(),
+        Some(true),
+        "{facts}"
+    );
+    let status = fleet.status("machine/host0");
+    assert_eq!(
+        status["nixos"]["needsReboot"].as_bool(),
+        Some(true),
+        "{status}"
+    );
+    let state = fleet.state();
+    let text = fleet.converge_within(
+        &[
+            "status",
+            "machine/host0",
+            "--state",
+            state.to_str().expect("utf-8"),
+        ],
+        testbed::fleet::COMMAND_LIMIT,
+    );
+    text.assert_code(0);
+    assert!(
+        text.stdout.contains(&format!("NixOS system {k2}"))
+            && text.stdout.contains("reboot needed"),
+        "{}",
+        text.stdout
+    );
+    assert_eq!(
+        ledger(&fleet, 1).len(),
+        4,
+        "host1's spec is v2 again, which it runs: not switched again"
+    );
     fleet.finish();
 }

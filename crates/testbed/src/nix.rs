@@ -19,6 +19,37 @@ pub const LEDGER: &str = "/nix/var/nix/converge-test-ledger";
 /// at itself; `/run/current-system` on test hosts points here.
 pub const CURRENT_SYSTEM: &str = "/nix/var/nix/current-system";
 
+/// The link a test makes a host's booted system (`/run/booted-system`
+/// on test hosts points here).
+pub const BOOTED_SYSTEM: &str = "/nix/var/nix/booted-system";
+
+/// Makes `/run/current-system` and `/run/booted-system` on this machine
+/// links to [`CURRENT_SYSTEM`] and [`BOOTED_SYSTEM`], so each namespace
+/// host, seeing its own /nix, has its own current and booted system.
+/// Leaves links that are there already (another run made them).
+pub fn link_run_systems() {
+    for (link, target) in [
+        ("/run/current-system", CURRENT_SYSTEM),
+        ("/run/booted-system", BOOTED_SYSTEM),
+    ] {
+        match fs::read_link(link) {
+            Ok(existing) if existing == Path::new(target) => {}
+            Ok(existing) => panic!(
+                "{link} points at {}, not {target}: this machine is not a test machine",
+                existing.display()
+            ),
+            Err(_) => {
+                if let Err(error) = std::os::unix::fs::symlink(target, link) {
+                    assert!(
+                        error.kind() == std::io::ErrorKind::AlreadyExists,
+                        "link {link} -> {target}: {error}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// One fake system: a machine name, a variant (in its store path; a
 /// variant that starts with `fail` makes its `switch-to-configuration`
 /// exit 1), its kernel's name, and `paths` extra store paths of `kib` KiB
@@ -55,13 +86,17 @@ const FLAKE_HEAD: &str = r#"{
         args = [ "-c" script ];
       };
       blob = i: kib: sh "blob-${toString i}" "head -c ${toString (kib * 1024)} /dev/zero | tr '\\0' ${toString i} > $out";
+      boot = kernel: sh "linux-${kernel}" "mkdir -p $out/lib/modules; echo ${kernel} > $out/bzImage; echo initrd-${kernel} > $out/initrd";
       system = name: variant: kernel: blobs:
-        let deps = builtins.concatStringsSep " " (map toString blobs); in {
+        let
+          deps = builtins.concatStringsSep " " (map toString blobs);
+          k = boot kernel;
+        in {
         config.system.build.toplevel = sh "nixos-system-${name}-${variant}" ''
           mkdir -p $out/bin
-          echo ${kernel} > $out/kernel
-          echo initrd-${kernel} > $out/initrd
-          echo modules-${kernel} > $out/kernel-modules
+          ln -s ${k}/bzImage $out/kernel
+          ln -s ${k}/initrd $out/initrd
+          ln -s ${k}/lib $out/kernel-modules
           echo ${deps} > $out/deps
           cat > $out/bin/switch-to-configuration <<EOF
           #!/bin/sh
