@@ -252,5 +252,30 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
         4,
         "host1's spec is v2 again, which it runs: not switched again"
     );
+
+    // Someone switches host0 to another system by hand: drift, reported
+    // once and corrected (the default policy) by activating k2 again.
+    let by_hand = host_nix(&fleet, 0).join("var/nix/current-system");
+    std::fs::remove_file(&by_hand).expect("remove host0's current system");
+    std::os::unix::fs::symlink(&v1[0], &by_hand).expect("switch host0 by hand");
+    let switches = ledger(&fleet, 0).len();
+    let run = fleet.reconcile_once(&[]);
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("nixos_system") && run.stderr.contains(&v1[0]),
+        "a drift line names the system found: {}",
+        run.stderr
+    );
+    assert_eq!(
+        current_system(&fleet, 0).as_ref(),
+        Some(&k2),
+        "drift corrected"
+    );
+    assert_eq!(
+        ledger(&fleet, 0).len(),
+        switches + 1,
+        "corrected by one switch"
+    );
+    assert_eq!(profile(&fleet, 0).as_ref(), Some(&k2));
     fleet.finish();
 }

@@ -143,6 +143,10 @@ pub struct MachineFacts {
 pub struct NixosFacts {
     /// `readlink -f /run/current-system`: a store path.
     pub current_system: String,
+    /// The system converge's current generation names (its artifact's
+    /// `nixos-toplevel`), when it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_system: Option<String>,
     /// `readlink -f /run/booted-system`, when it names a store path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub booted_system: Option<String>,

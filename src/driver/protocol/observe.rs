@@ -128,6 +128,8 @@ struct RawFacts {
     nixos_current: Option<String>,
     nixos_booted: Option<String>,
     nixos_needs_reboot: bool,
+    /// The first line of `current/artifact/nixos-toplevel`.
+    nixos_generation: Option<String>,
 }
 
 /// Whether `pid` names a live, not zombie, process of the boot `boot`, as
@@ -171,6 +173,7 @@ impl RawFacts {
                 "nixos_current" => raw.nixos_current = Some(value.to_owned()),
                 "nixos_booted" => raw.nixos_booted = Some(value.to_owned()),
                 "nixos_needs_reboot" => raw.nixos_needs_reboot = value == "1",
+                "nixos_generation" => raw.nixos_generation = Some(value.to_owned()),
                 _ => {}
             }
         }
@@ -236,6 +239,10 @@ impl RawFacts {
             }
         }
         raw.read_local_nixos();
+        raw.nixos_generation = std::fs::read_to_string(current.join("artifact/nixos-toplevel"))
+            .ok()
+            .and_then(|t| t.lines().next().map(|l| l.trim().to_owned()))
+            .filter(|t| !t.is_empty());
         let Ok(entries) = fs::read_dir(state_dir.join("generations")) else {
             return raw;
         };
@@ -345,6 +352,7 @@ impl RawFacts {
         let nixos = self.nixos_current.map(|current_system| NixosFacts {
             current_system,
             booted_system: self.nixos_booted,
+            generation_system: self.nixos_generation,
             needs_reboot: self.nixos_needs_reboot,
         });
         Some(MachineFacts {
