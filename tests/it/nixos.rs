@@ -37,6 +37,18 @@ fn ledger(fleet: &SshFleet, i: usize) -> Vec<String> {
     )
 }
 
+/// The names in host `i`'s /nix/store.
+fn store_paths(fleet: &SshFleet, i: usize) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(host_nix(fleet, i).join("store"))
+        .expect("read a host's store")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
 /// `converge facts machine/host{i}` (JSON).
 fn facts_of(fleet: &SshFleet, i: usize) -> serde_json::Value {
     let state = fleet.state();
@@ -74,10 +86,16 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
     fleet.set_env("PATH", &counting_wrapper(&wrapper));
     fleet.set_env("NIX_CONFIG", OFFLINE_NIX_CONFIG);
     let dir = fleet.dir();
+    // Each system's closure holds 12 paths shared by both (10 blobs, the
+    // kernel) plus its toplevel.
     let mut systems = vec![
         FakeSystem::new("host0", "v1"),
         FakeSystem::new("host1", "v1"),
     ];
+    for system in &mut systems {
+        system.paths = 10;
+        system.kib = 64;
+    }
     write_flake(&dir, &systems);
     // No fragment: the machine's own name; `#name`: that configuration.
     fleet.write_machine(0, &machine(&fleet, 0, "."));
@@ -86,6 +104,11 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
     fleet.reconcile_once(&[]).assert_code(0);
     let v1 = [build_system(&dir, "host0"), build_system(&dir, "host1")];
     for (i, v1) in v1.iter().enumerate() {
+        assert_eq!(
+            store_paths(&fleet, i).len(),
+            12,
+            "host{i}'s store: the closure"
+        );
         assert_eq!(
             profile(&fleet, i).as_ref(),
             Some(v1),
@@ -167,8 +190,20 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
     // both, but only host1's toplevel did.
     systems[1].variant = "v2".to_owned();
     write_flake(&dir, &systems);
+    let before = store_paths(&fleet, 1);
     fleet.reconcile_once(&[]).assert_code(0);
     let v2 = build_system(&dir, "host1");
+    let added: Vec<String> = store_paths(&fleet, 1)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(
+        added,
+        [v2.strip_prefix("/nix/store/")
+            .expect("a store path")
+            .to_owned()],
+        "only the missing path was copied"
+    );
     assert_eq!(
         ledger(&fleet, 0),
         vec!["switch host0 v1".to_owned()],
@@ -278,4 +313,48 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
     );
     assert_eq!(profile(&fleet, 0).as_ref(), Some(&k2));
     fleet.finish();
+}
+
+#[test]
+fn a_local_nixos_machine_is_switched_without_a_copy() {
+    link_run_systems();
+    let fleet = super::support::Fleet::new();
+    let wrapper = fleet.root().join("bin");
+    let path = counting_wrapper(&wrapper);
+    let dir = fleet.dir();
+    write_flake(&dir, &[FakeSystem::new("controller", "v1")]);
+    fleet.write(
+        "controller.yaml",
+        &format!(
+            "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: controller}}\nspec:\n  target: {{local: true, stateDir: {state:?}}}\n  build: {{nix: {{flake: \".\"}}}}\n",
+            state = fleet.machine_dir("controller").to_str().expect("utf-8"),
+        ),
+    );
+    let state = fleet.state();
+    let run = fleet.converge_env(
+        &[
+            "reconcile",
+            "--once",
+            "--dir",
+            dir.to_str().expect("utf-8"),
+            "--state",
+            state.to_str().expect("utf-8"),
+        ],
+        &[("PATH", path.as_str()), ("NIX_CONFIG", OFFLINE_NIX_CONFIG)],
+    );
+    run.assert_code(0);
+    let system = build_system(&dir, "controller");
+    assert_eq!(
+        resolve_in(Path::new("/nix"), "/nix/var/nix/profiles/system").as_ref(),
+        Some(&system)
+    );
+    assert_eq!(
+        resolve_in(Path::new("/nix"), CURRENT_SYSTEM).as_ref(),
+        Some(&system)
+    );
+    let calls = calls(&wrapper);
+    assert!(
+        calls.iter().all(|c| !c.contains(" copy ")),
+        "nothing copied to a local target: {calls:?}"
+    );
 }

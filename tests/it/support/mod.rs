@@ -402,6 +402,27 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Runs `converge ARGS...` with `env` added to its environment.
+    pub fn converge_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let logs = self.root().join("logs");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        testbed::run::run_within_env(
+            Path::new(BIN),
+            args,
+            &env,
+            &logs.join(format!("run-{n}.out")),
+            &logs.join(format!("run-{n}.err")),
+            COMMAND_LIMIT,
+        )
+    }
+}
+
 impl Converge for Fleet {
     /// Runs `converge ARGS...` to its end (killed and failing past `limit`).
     fn converge_within(&self, args: &[&str], limit: Duration) -> Run {
