@@ -392,6 +392,28 @@ impl MachineDriver for HostDriver {
             .map_err(DriverError::from)
     }
 
+    async fn nix_preview(
+        &self,
+        request: &nix::NixRequest,
+        current: Option<&str>,
+        timeout: Duration,
+    ) -> Option<super::capability::NixPreview> {
+        let toplevel = match nix::evaluate_toplevel(request, timeout).await {
+            Ok(toplevel) => toplevel,
+            Err(error) => {
+                tracing::info!(error = %crate::telemetry::error_chain(&error), "could not evaluate the NixOS system for the plan");
+                return None;
+            }
+        };
+        let closure = match current {
+            Some(current) if current != toplevel => {
+                nix::diff_closures(current, &toplevel, timeout).await
+            }
+            _ => None,
+        };
+        Some(super::capability::NixPreview { toplevel, closure })
+    }
+
     async fn deploy(
         &self,
         target: &TargetSpec,

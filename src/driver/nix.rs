@@ -60,6 +60,17 @@ pub struct NixRequest {
 }
 
 impl NixRequest {
+    /// The request for machine `machine` whose `build.nix.flake` is
+    /// `reference`, in the desired-state directory `root`.
+    pub fn for_machine(reference: &str, machine: &str, root: &Path) -> NixRequest {
+        let resolved = crate::spec::flake::resolve(reference, machine, root);
+        NixRequest {
+            flake: resolved.flake,
+            attribute: resolved.attribute,
+            in_directory: resolved.in_directory,
+        }
+    }
+
     fn installable(&self) -> String {
         format!("{}#{}", self.flake, self.attribute)
     }
@@ -217,6 +228,41 @@ pub async fn build_toplevel(request: &NixRequest, timeout: Duration) -> Result<S
         });
     }
     Ok(path)
+}
+
+/// The toplevel's store path, evaluated only (nothing is built): what a
+/// plan shows as the new system.
+pub async fn evaluate_toplevel(
+    request: &NixRequest,
+    timeout: Duration,
+) -> Result<String, NixError> {
+    let installable = format!("{}.outPath", request.installable());
+    let argv = nix(&["eval", "--raw", &installable]);
+    let out = run(&argv, &[], timeout).await?;
+    let path = out.trim().to_owned();
+    if !is_store_path(&path) {
+        return Err(NixError::Output {
+            argv,
+            what: format!("no store path in {:?}", out.trim()),
+        });
+    }
+    Ok(path)
+}
+
+/// `nix store diff-closures from to`, one line per package that was
+/// added, removed or changed version or size; `None` unless both closures
+/// are in this host's store.
+pub async fn diff_closures(from: &str, to: &str, timeout: Duration) -> Option<Vec<String>> {
+    let valid = nix(&["path-info", from, to]);
+    run(&valid, &[], timeout).await.ok()?;
+    let argv = nix(&["store", "diff-closures", from, to]);
+    let out = run(&argv, &[], timeout).await.ok()?;
+    Some(
+        out.lines()
+            .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
+            .filter(|l| !l.trim().is_empty())
+            .collect(),
+    )
 }
 
 /// `[{"outputs":{"out":"/nix/store/..."}}]` → the `out` path.

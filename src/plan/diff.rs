@@ -139,6 +139,7 @@ fn removal(key: &ObjectKey, applied: &Applied<'_>) -> Change {
         only_if_artifact_changed: false,
         rollback_to: None,
         note: Some(note.to_owned()),
+        nixos: None,
     }
 }
 
@@ -291,6 +292,7 @@ fn change(
             only_if_artifact_changed,
             rollback_to,
             note,
+            nixos: None,
         }),
         drift,
     )

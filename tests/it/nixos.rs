@@ -136,18 +136,17 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
         "a no-op run ran nix: {:?}",
         calls(&wrapper)
     );
-    let plan = fleet.converge_within(
-        &[
-            "plan",
-            "--dir",
-            dir.to_str().expect("utf-8"),
-            "--state",
-            fleet.state().to_str().expect("utf-8"),
-            "--ssh-config",
-            fleet.ssh_config().to_str().expect("utf-8"),
-        ],
-        testbed::fleet::COMMAND_LIMIT,
-    );
+    let (state, ssh_config) = (fleet.state(), fleet.ssh_config());
+    let plan_args = [
+        "plan",
+        "--dir",
+        dir.to_str().expect("utf-8"),
+        "--state",
+        state.to_str().expect("utf-8"),
+        "--ssh-config",
+        ssh_config.to_str().expect("utf-8"),
+    ];
+    let plan = fleet.converge_within(&plan_args, testbed::fleet::COMMAND_LIMIT);
     assert_eq!(
         plan.code,
         Some(0),
@@ -190,9 +189,32 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
     // both, but only host1's toplevel did.
     systems[1].variant = "v2".to_owned();
     write_flake(&dir, &systems);
+    // The plan shows both systems; with both closures in the controller's
+    // store, how they differ. host0 is rebuilt (the directory changed) but
+    // its system is the same.
+    let v2 = build_system(&dir, "host1");
+    let plan = fleet.converge_within(&plan_args, testbed::fleet::COMMAND_LIMIT);
+    assert_eq!(plan.code, Some(0), "{}{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stdout
+            .contains(&format!("system: {}\n           -> {v2}\n", v1[1])),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .contains("closure: nixos-system-host1-v2: ∅ → ε"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .contains(&format!("-> {} (unchanged: nothing to switch)", v1[0])),
+        "{}",
+        plan.stdout
+    );
     let before = store_paths(&fleet, 1);
     fleet.reconcile_once(&[]).assert_code(0);
-    let v2 = build_system(&dir, "host1");
     let added: Vec<String> = store_paths(&fleet, 1)
         .into_iter()
         .filter(|p| !before.contains(p))

@@ -503,14 +503,11 @@ impl<D: Drivers> Run<'_, D> {
         } = &self.inputs;
         let spec = &object.spec;
         let root = self.snapshot.root.clone();
-        let nix = spec.build.nix.as_ref().map(|nix| {
-            let resolved = crate::spec::flake::resolve(&nix.value.flake, key.name.as_str(), &root);
-            NixRequest {
-                flake: resolved.flake,
-                attribute: resolved.attribute,
-                in_directory: resolved.in_directory,
-            }
-        });
+        let nix = spec
+            .build
+            .nix
+            .as_ref()
+            .map(|nix| NixRequest::for_machine(&nix.value.flake, key.name.as_str(), &root));
         let argv = spec
             .build
             .command
