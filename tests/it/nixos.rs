@@ -334,6 +334,53 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
         "corrected by one switch"
     );
     assert_eq!(profile(&fleet, 0).as_ref(), Some(&k2));
+
+    // --keep-generations: host1's system profile loses the generations of
+    // the systems converge pruned (v1) and keeps only the ones its kept
+    // generations name (v4 current among them).
+    systems[1].variant = "v4".to_owned();
+    write_flake(&dir, &systems);
+    fleet
+        .reconcile_once(&["--keep-generations", "1"])
+        .assert_code(0);
+    let v4 = build_system(&dir, "host1");
+    assert_eq!(profile(&fleet, 1).as_ref(), Some(&v4));
+    let profiles = host_nix(&fleet, 1).join("var/nix/profiles");
+    let kept: Vec<String> = std::fs::read_dir(&profiles)
+        .expect("read host1's profiles")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("system-"))
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    let generations: Vec<String> = fleet
+        .generation_entries(1)
+        .iter()
+        .filter_map(|g| {
+            let file = fleet
+                .host_state(1)
+                .join("generations")
+                .join(g)
+                .join("artifact/nixos-toplevel");
+            std::fs::read_to_string(file)
+                .ok()
+                .map(|t| t.trim().to_owned())
+        })
+        .collect();
+    assert!(
+        !generations.contains(&v1[1]),
+        "converge pruned v1's generation: {generations:?}"
+    );
+    assert!(
+        kept.contains(&v4) && !kept.contains(&v1[1]),
+        "the profile keeps v4, not v1: {kept:?}"
+    );
+    for system in &kept {
+        assert!(
+            generations.contains(system),
+            "the profile keeps {system}, which no kept generation names: {kept:?} vs {generations:?}"
+        );
+    }
     fleet.finish();
 }
 
