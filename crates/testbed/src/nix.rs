@@ -15,6 +15,9 @@ pub const OFFLINE_NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandb
 /// Where a fake system's `switch-to-configuration` appends
 /// `MODE NAME VARIANT` (on the host that runs it, so in its own /nix).
 pub const LEDGER: &str = "/nix/var/nix/converge-test-ledger";
+/// Where a fake system's `switch-to-configuration` appends the same line
+/// when it starts (a variant that starts with `slow` then sleeps 4 s).
+pub const STARTED: &str = "/nix/var/nix/converge-test-started";
 /// The link a fake system's successful `switch-to-configuration` points
 /// at itself; `/run/current-system` on test hosts points here.
 pub const CURRENT_SYSTEM: &str = "/nix/var/nix/current-system";
@@ -52,7 +55,7 @@ pub fn link_run_systems() {
 
 /// One fake system: a machine name, a variant (in its store path; a
 /// variant that starts with `fail` makes its `switch-to-configuration`
-/// exit 1), its kernel's name, and `paths` extra store paths of `kib` KiB
+/// exit 1, one that starts with `slow` makes it take 4 s), its kernel's name, and `paths` extra store paths of `kib` KiB
 /// each in its closure (`extra` names them, so two systems can share them).
 #[derive(Debug, Clone)]
 pub struct FakeSystem {
@@ -100,6 +103,8 @@ const FLAKE_HEAD: &str = r#"{
           echo ${deps} > $out/deps
           cat > $out/bin/switch-to-configuration <<EOF
           #!/bin/sh
+          echo "\$1 ${name} ${variant}" >> STARTED
+          case ${variant} in slow*) sleep 4 ;; esac
           echo "\$1 ${name} ${variant}" >> LEDGER
           case ${variant} in fail*) echo "switch of ${variant} fails on purpose" >&2; exit 1 ;; esac
           if [ "\$1" = switch ] || [ "\$1" = test ]; then ln -sfn $out CURRENT.tmp && mv -T CURRENT.tmp CURRENT; fi
@@ -115,6 +120,7 @@ const FLAKE_HEAD: &str = r#"{
 pub fn fake_flake(systems: &[FakeSystem]) -> String {
     let mut text = FLAKE_HEAD
         .replace("LEDGER", LEDGER)
+        .replace("STARTED", STARTED)
         .replace("CURRENT", CURRENT_SYSTEM);
     for s in systems {
         let blobs: Vec<String> = (0..s.paths)
