@@ -373,24 +373,7 @@ impl CommandBuilder {
         if req.argv.is_empty() && req.nix.is_none() {
             return Err(BuildError::EmptyCommand);
         }
-        // A flake outside the directory is pinned by its lock, which the
-        // caller's key cannot see: the key gets it (no evaluation).
-        let key = match &req.nix {
-            Some(nix) if !nix.in_directory => {
-                let locked = super::nix::locked(nix, req.timeout)
-                    .await
-                    .map_err(|source| BuildError::Nix {
-                        installable: format!("{}#{}", nix.flake, nix.attribute),
-                        source,
-                    })?;
-                cache_key(&[req.cache_key.as_bytes(), locked.as_bytes()])
-            }
-            _ => req.cache_key.clone(),
-        };
-        let req = &BuildRequest {
-            cache_key: key,
-            ..req.clone()
-        };
+
         tokio::fs::create_dir_all(&self.cache_dir)
             .await
             .map_err(io_at("create", &self.cache_dir))?;

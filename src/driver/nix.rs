@@ -55,7 +55,7 @@ pub struct NixRequest {
     pub flake: String,
     pub attribute: String,
     /// The flake lies in the desired-state directory, whose build-input
-    /// hash the caller's cache key holds already.
+    /// hash the caller's cache key holds (validation refuses others).
     pub in_directory: bool,
 }
 
@@ -187,22 +187,6 @@ async fn run(
         });
     }
     Ok(finished.output.stdout)
-}
-
-/// What pins a flake outside the desired-state directory: its locked
-/// reference and hash as `nix flake metadata` reports them (no evaluation).
-/// Part of the build's cache key, so an unchanged flake is not evaluated
-/// again and a changed one is.
-pub async fn locked(request: &NixRequest, timeout: Duration) -> Result<String, NixError> {
-    let argv = nix(&["flake", "metadata", "--json", &request.flake]);
-    let out = run(&argv, &[], timeout).await?;
-    let meta: serde_json::Value = serde_json::from_str(&out).map_err(|e| NixError::Output {
-        argv: argv.clone(),
-        what: e.to_string(),
-    })?;
-    let locked = meta.get("locked").cloned().unwrap_or_default();
-    let path = meta.get("path").cloned().unwrap_or_default();
-    Ok(serde_json::json!([locked, path]).to_string())
 }
 
 /// Evaluates and builds the toplevel; its store path.

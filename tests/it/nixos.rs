@@ -395,32 +395,37 @@ fn a_local_nixos_machine_is_switched_without_a_copy() {
     fleet.write(
         "controller.yaml",
         &format!(
-            "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: controller}}\nspec:\n  target: {{local: true, stateDir: {state:?}}}\n  build: {{nix: {{flake: \".\"}}}}\n",
+            "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: controller}}\nspec:\n  target: {{local: true, stateDir: {state:?}}}\n  build: {{nix: {{flake: \"#controller\"}}}}\n",
             state = fleet.machine_dir("controller").to_str().expect("utf-8"),
         ),
     );
     let state = fleet.state();
-    let run = fleet.converge_env(
-        &[
-            "reconcile",
-            "--once",
-            "--dir",
-            dir.to_str().expect("utf-8"),
-            "--state",
-            state.to_str().expect("utf-8"),
-        ],
-        &[("PATH", path.as_str()), ("NIX_CONFIG", OFFLINE_NIX_CONFIG)],
-    );
-    run.assert_code(0);
-    let system = build_system(&dir, "controller");
+    let reconcile = || {
+        fleet.converge_env(
+            &[
+                "reconcile",
+                "--once",
+                "--dir",
+                dir.to_str().expect("utf-8"),
+                "--state",
+                state.to_str().expect("utf-8"),
+            ],
+            &[("PATH", path.as_str()), ("NIX_CONFIG", OFFLINE_NIX_CONFIG)],
+        )
+    };
+    reconcile().assert_code(0);
+    let on_controller = |link: &str| resolve_in(Path::new("/nix"), link);
+    let v1 = build_system(&dir, "controller");
     assert_eq!(
-        resolve_in(Path::new("/nix"), "/nix/var/nix/profiles/system").as_ref(),
-        Some(&system)
+        on_controller("/nix/var/nix/profiles/system").as_ref(),
+        Some(&v1)
     );
-    assert_eq!(
-        resolve_in(Path::new("/nix"), CURRENT_SYSTEM).as_ref(),
-        Some(&system)
-    );
+    assert_eq!(on_controller(CURRENT_SYSTEM).as_ref(), Some(&v1));
+
+    write_flake(&dir, &[FakeSystem::new("controller", "v2")]);
+    reconcile().assert_code(0);
+    let v2 = build_system(&dir, "controller");
+    assert_eq!(on_controller(CURRENT_SYSTEM).as_ref(), Some(&v2));
     let calls = calls(&wrapper);
     assert!(
         calls.iter().all(|c| !c.contains(" copy ")),

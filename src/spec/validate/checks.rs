@@ -160,6 +160,17 @@ pub(super) fn check_machine(
         if nix.value.flake.trim().is_empty() {
             diags.push(origin.error(nix.loc, "nix build has an empty `flake` reference"));
         }
+        let flake =
+            crate::spec::flake::resolve(&nix.value.flake, doc.metadata.name.value.as_str(), root);
+        if !nix.value.flake.trim().is_empty() && !flake.in_directory {
+            diags.push(origin.error(
+                nix.loc,
+                format!(
+                    "nix flake `{}` is outside the desired-state directory, which is not supported by this converge yet: evaluation is cached by the directory's content, so a change of that flake would never be seen; refer to a flake in the directory (`.#name`) and pin other flakes as its inputs (flake.lock)",
+                    flake.flake
+                ),
+            ));
+        }
         if nix.value.build_on == BuildOn::Target {
             diags.push(origin.error(
                 nix.loc,
