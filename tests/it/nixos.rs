@@ -5,7 +5,11 @@
 //! run evaluates and copies nothing (counted through a `nix` wrapper on
 //! PATH); a change to one machine switches only it; a failing
 //! `switch-to-configuration` sets the profile back, re-activates the
-//! previous system and exits 3.
+//! previous system and exits 3; facts, status, drift, the plan's preview
+//! and pruned profile generations; a switch outlives a link cut and a
+//! killed controller (re-attached, never run twice); a local machine is
+//! switched with nothing copied. The local machine uses this controller's
+//! own /nix (its system profile and a fake current system).
 
 use std::path::{Path, PathBuf};
 
@@ -385,7 +389,7 @@ fn nixos_hosts_get_their_system_switch_only_what_changed_and_roll_back_through_t
 }
 
 #[test]
-fn a_local_nixos_machine_is_switched_without_a_copy() {
+fn a_local_nixos_machine_switches_without_a_copy_and_a_killed_controller_reattaches() {
     link_run_systems();
     let fleet = super::support::Fleet::new();
     let wrapper = fleet.root().join("bin");
@@ -426,6 +430,46 @@ fn a_local_nixos_machine_is_switched_without_a_copy() {
     reconcile().assert_code(0);
     let v2 = build_system(&dir, "controller");
     assert_eq!(on_controller(CURRENT_SYSTEM).as_ref(), Some(&v2));
+
+    // The controller is killed while a slow switch runs: the switch goes
+    // on, and the next controller re-attaches instead of switching again.
+    // (The variant is unique: the controller's ledger outlives this run.)
+    let slow = format!(
+        "slow{}x{}",
+        std::process::id(),
+        fleet.root().display().to_string().len()
+    );
+    write_flake(&dir, &[FakeSystem::new("controller", &slow)]);
+    let env = [("PATH", path.as_str()), ("NIX_CONFIG", OFFLINE_NIX_CONFIG)];
+    let mut daemon = fleet.start_daemon_env(&["--debounce", "100ms"], &env);
+    let lines_of = |file: &str| -> Vec<String> {
+        testbed::run::read_lines(Path::new(file))
+            .into_iter()
+            .filter(|l| l.ends_with(&format!(" {slow}")))
+            .collect()
+    };
+    testbed::run::wait_for(
+        "the slow switch to start",
+        std::time::Duration::from_secs(60),
+        || {
+            daemon.assert_running();
+            (!lines_of(STARTED).is_empty()).then_some(())
+        },
+    );
+    daemon.kill();
+    assert!(
+        lines_of(LEDGER).is_empty(),
+        "the switch ended before the kill"
+    );
+    reconcile().assert_code(0);
+    assert_eq!(lines_of(STARTED).len(), 1, "switched once");
+    assert_eq!(lines_of(LEDGER).len(), 1, "the one switch ended");
+    let slow_system = build_system(&dir, "controller");
+    assert_eq!(on_controller(CURRENT_SYSTEM).as_ref(), Some(&slow_system));
+    assert_eq!(
+        on_controller("/nix/var/nix/profiles/system").as_ref(),
+        Some(&slow_system)
+    );
     let calls = calls(&wrapper);
     assert!(
         calls.iter().all(|c| !c.contains(" copy ")),

@@ -326,6 +326,11 @@ impl Fleet {
 
     /// Starts `converge run --dir D --state S EXTRA...` with JSON logs.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        self.start_daemon_env(extra, &[])
+    }
+
+    /// [`Fleet::start_daemon`] with `env` added to its environment.
+    pub fn start_daemon_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let n = self.runs.get() + 1;
         self.runs.set(n);
         let log = self.root().join("logs").join(format!("daemon-{n}.log"));
@@ -342,6 +347,7 @@ impl Fleet {
         ];
         args.extend_from_slice(extra);
         let child = converge_command(Path::new(BIN), &args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("create the daemon's log"))
