@@ -227,8 +227,14 @@ pub fn status_view(
             .as_ref()
             .map_or(serde_json::Value::Null, |m| m.current_name().into());
         view["confirmed"] = machine
-            .and_then(|m| m.confirmed)
+            .as_ref()
+            .and_then(|m| m.confirmed.as_ref())
             .map_or(serde_json::Value::Null, |g| g.to_string().into());
+        // A NixOS host's running system and whether it needs a reboot.
+        view["nixos"] = machine
+            .and_then(|m| m.nixos)
+            .and_then(|n| serde_json::to_value(n).ok())
+            .unwrap_or(serde_json::Value::Null);
     }
     Ok(Some(view))
 }

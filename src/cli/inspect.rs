@@ -293,6 +293,19 @@ pub fn status(args: StatusArgs) -> anyhow::Result<u8> {
     )?;
     if let (Some(_), Some(row)) = (&args.key, rows.first()) {
         writeln!(out)?;
+        if let Some(nixos) = row.get("nixos").filter(|n| n.is_object()) {
+            writeln!(
+                out,
+                "  NixOS system {}  booted {}{}",
+                text(nixos.get("currentSystem")),
+                text(nixos.get("bootedSystem")),
+                if nixos.get("needsReboot").and_then(Value::as_bool) == Some(true) {
+                    "  (reboot needed: the booted kernel, initrd or modules differ)"
+                } else {
+                    ""
+                }
+            )?;
+        }
         for c in row["status"]["conditions"].as_array().into_iter().flatten() {
             writeln!(
                 out,

@@ -14,6 +14,7 @@ use super::context::Context;
 use super::placement;
 use super::reconcile::{machine, vm};
 use crate::driver::capability::Drivers;
+use crate::driver::nix::NixRequest;
 use crate::plan::{self, DesiredKind, Plan};
 use crate::spec::{Kind, ObjectKey};
 use crate::telemetry::error_chain;
@@ -68,6 +69,11 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
             ctx.config.keep_generations,
         );
         let applied = machine::applied(&status, record.as_ref());
+        let running = facts
+            .as_ref()
+            .ok()
+            .and_then(|f| f.nixos.as_ref())
+            .map(|n| n.current_system.clone());
         let observed = match facts {
             Ok(facts) => Some(machine::observed(&facts)),
             Err(e) => {
@@ -75,7 +81,28 @@ pub async fn plan<D: Drivers>(ctx: &std::sync::Arc<Context<D>>) -> Plan {
                 None
             }
         };
-        let (change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
+        let (mut change, drift) = plan::diff(key, Some(&view), applied.as_ref(), observed.as_ref());
+        // A NixOS machine that will build: its next system, evaluated (an
+        // unchanged machine has no change, so it evaluates nothing).
+        if let (Some(change), Some(nix)) = (change.as_mut(), &object.spec.build.nix) {
+            if change.steps.contains(&plan::Step::Build) {
+                let request =
+                    NixRequest::for_machine(&nix.value.flake, name.as_str(), &snapshot.root);
+                let preview = ctx
+                    .driver
+                    .nix_preview(
+                        &request,
+                        running.as_deref(),
+                        object.spec.build.timeout.value.get(),
+                    )
+                    .await;
+                change.nixos = preview.map(|p| plan::NixosChange {
+                    current: running.clone(),
+                    new: p.toplevel,
+                    closure: p.closure,
+                });
+            }
+        }
         out.changes.extend(change);
         out.drift.extend(drift);
     }

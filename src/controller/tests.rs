@@ -234,6 +234,7 @@ impl MachineDriver for FakeDriver {
             incomplete: Vec::new(),
             confirmed: machine.confirmed,
             activation: None,
+            nixos: None,
             observed_ms: crate::store::records::now_ms(),
         })
     }
@@ -669,7 +670,6 @@ struct M<'a> {
     rollback: &'a str,
     drift: &'a str,
     health_check: bool,
-    nix: bool,
 }
 
 impl<'a> M<'a> {
@@ -680,16 +680,11 @@ impl<'a> M<'a> {
             rollback: "auto",
             drift: "correct",
             health_check: false,
-            nix: false,
         }
     }
 
     fn yaml(&self) -> String {
-        let build = if self.nix {
-            format!("{{nix: {{flake: \".#{}\"}}}}", self.name)
-        } else {
-            format!("{{command: [\"./build.sh\", \"{}\"]}}", self.version)
-        };
+        let build = format!("{{command: [\"./build.sh\", \"{}\"]}}", self.version);
         let checks = if self.health_check {
             "\n    healthChecks: [{exec: [\"check\"], timeout: 10s}]"
         } else {
@@ -1077,12 +1072,13 @@ async fn failed_health_check_rolls_back_to_the_previous_generation() {
 
 #[tokio::test(start_paused = true)]
 async fn a_terminal_error_stalls_the_object_and_is_never_retried() {
-    let h = Harness::new(
-        &M {
-            nix: true,
-            ..M::new("web")
-        }
-        .yaml(),
+    let h = Harness::new(&M::new("web").yaml());
+    h.fake().faults(
+        "web",
+        Faults {
+            builds: VecDeque::from([Failure::Terminal]),
+            ..Faults::default()
+        },
     );
     let lifecycle::Loop {
         requests,
@@ -1103,7 +1099,7 @@ async fn a_terminal_error_stalls_the_object_and_is_never_retried() {
         } => {
             assert!(!transient);
             assert_eq!(retry_in, None);
-            assert_eq!(error.reason(), Reason::Unsupported);
+            assert_eq!(error.reason(), Reason::BuildFailed);
         }
         other => panic!("expected a terminal failure, got {other:?}"),
     }
@@ -1114,14 +1110,18 @@ async fn a_terminal_error_stalls_the_object_and_is_never_retried() {
     assert!(finished.try_recv().is_err(), "reconciled again");
     assert_eq!(h.fake().calls().len(), calls);
     assert_eq!(h.history("machine/web").len(), 1);
-    assert!(h.ops("web", 0).iter().all(|(op, _)| *op == Op::Observe));
+    assert!(
+        h.ops("web", 0)
+            .iter()
+            .all(|(op, _)| matches!(op, Op::Observe | Op::Build))
+    );
 
     let status = h.status("machine/web");
     let stalled = status
         .condition(ConditionKind::Stalled)
         .expect("Stalled set");
     assert!(stalled.status);
-    assert_eq!(stalled.reason, Reason::Unsupported);
+    assert_eq!(stalled.reason, Reason::BuildFailed);
     assert!(!status.is_ready());
     assert!(
         !status

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use super::command::{argv_summary, exit_text, io_is_transient, trim_front, unique_suffix};
 use super::local::run_process;
+use super::nix::{NixError, NixRequest};
 use super::target::{OUTPUT_LIMIT, TargetError};
 
 /// Runs the build command with stderr merged into stdout, in order. The
@@ -51,6 +52,8 @@ pub struct BuildRequest {
     pub cache_key: String,
     /// Kills the command's process group when it runs longer.
     pub timeout: Duration,
+    /// Build this NixOS system with Nix instead of running `argv`.
+    pub nix: Option<NixRequest>,
 }
 
 /// A complete build output.
@@ -103,6 +106,12 @@ pub enum BuildError {
     },
     #[error("find an executable `activate` at {path}")]
     NoActivate { path: PathBuf },
+    #[error("build the NixOS system {installable}")]
+    Nix {
+        installable: String,
+        #[source]
+        source: NixError,
+    },
 }
 
 impl BuildError {
@@ -118,6 +127,7 @@ impl BuildError {
             Self::Io { source, .. } => io_is_transient(source),
             Self::Run { source, .. } => source.is_transient(),
             Self::Failed { .. } | Self::Timeout { .. } => true,
+            Self::Nix { source, .. } => source.is_transient(),
         }
     }
 
@@ -125,6 +135,7 @@ impl BuildError {
     pub fn output(&self) -> Option<&str> {
         match self {
             Self::Failed { output, .. } | Self::Timeout { output, .. } => Some(output),
+            Self::Nix { source, .. } => source.output(),
             _ => None,
         }
     }
@@ -359,9 +370,10 @@ impl CommandBuilder {
                 key: req.cache_key.clone(),
             });
         }
-        if req.argv.is_empty() {
+        if req.argv.is_empty() && req.nix.is_none() {
             return Err(BuildError::EmptyCommand);
         }
+
         tokio::fs::create_dir_all(&self.cache_dir)
             .await
             .map_err(io_at("create", &self.cache_dir))?;
@@ -413,6 +425,22 @@ impl CommandBuilder {
             .await
             .map_err(io_at("create", &out))?;
 
+        if let Some(nix) = &req.nix {
+            let installable = format!("{}#{}", nix.flake, nix.attribute);
+            let nix_error = |source| BuildError::Nix {
+                installable: installable.clone(),
+                source,
+            };
+            let toplevel = super::nix::build_toplevel(nix, req.timeout)
+                .await
+                .map_err(nix_error)?;
+            super::nix::write_artifact(&out, &toplevel)
+                .await
+                .map_err(io_at("write the artifact of", &out))?;
+            return self
+                .finish(cache_dir, &out, final_dir, marker, toplevel)
+                .await;
+        }
         let mut argv = vec![
             "sh".to_owned(),
             "-c".to_owned(),
@@ -471,9 +499,22 @@ impl CommandBuilder {
         if !executable {
             return Err(BuildError::NoActivate { path: activate });
         }
-        let hash = hash_tree(&out).await?;
+        self.finish(cache_dir, &out, final_dir, marker, output)
+            .await
+    }
 
-        match tokio::fs::rename(&out, final_dir).await {
+    /// Names the tree `out` by its hash and renames it into place.
+    async fn finish(
+        &self,
+        cache_dir: &Path,
+        out: &Path,
+        final_dir: &Path,
+        marker: &Path,
+        output: String,
+    ) -> Result<Artifact, BuildError> {
+        let hash = hash_tree(out).await?;
+
+        match tokio::fs::rename(out, final_dir).await {
             Ok(()) => {
                 write_marker(cache_dir, marker, &hash).await?;
                 Ok(Artifact {
@@ -633,6 +674,7 @@ mod tests {
             roles_json: br#"{"wireguard":{"peer":{"port":51820}}}"#.to_vec(),
             cache_key: key.to_owned(),
             timeout: Duration::from_secs(30),
+            nix: None,
         }
     }
 

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use super::build::{Artifact, BuildError, BuildRequest, CachePruned};
 use super::hypervisor_error::HypervisorError;
+use super::nix::{NixError, NixRequest};
 use super::protocol::{
     ActivationResult, ActivationStarted, ConfirmOutcome, Confirmation, DeployPhase, GenerationId,
     InstallOutcome, MachineError, MachineFacts, Watchdog,
@@ -37,6 +38,13 @@ pub enum DriverError {
     Unsupported { what: String },
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
+    #[error("copy the closure of {path} to {target}")]
+    Copy {
+        path: String,
+        target: String,
+        #[source]
+        source: Box<NixError>,
+    },
 }
 
 impl DriverError {
@@ -49,6 +57,7 @@ impl DriverError {
             DriverError::Vm(e) => e.is_transient(),
             DriverError::Unsupported { .. } => false,
             DriverError::Hypervisor(e) => e.is_transient(),
+            DriverError::Copy { source, .. } => source.is_transient(),
         }
     }
 
@@ -87,6 +96,16 @@ pub struct Install<'a> {
     /// What the target had when observed: the driver sends only what it
     /// lacks, and reuses a complete generation with the same contents.
     pub facts: &'a MachineFacts,
+}
+
+/// What a plan shows of a NixOS machine's next system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixPreview {
+    /// The toplevel store path the build would give.
+    pub toplevel: String,
+    /// `nix store diff-closures` from the current system, when both
+    /// closures are known.
+    pub closure: Option<Vec<String>>,
 }
 
 /// How to activate.
@@ -181,6 +200,20 @@ pub trait MachineDriver: Send + Sync + 'static {
         argv: &[String],
         timeout: Duration,
     ) -> impl Future<Output = Result<CommandOutput, DriverError>> + Send;
+
+    /// For a plan of a NixOS machine: the toplevel its build would give
+    /// (evaluated, nothing built) and, when the controller's store holds
+    /// both closures, how it differs from `current`. `None` when Nix could
+    /// not say (the plan goes on without it).
+    fn nix_preview(
+        &self,
+        request: &NixRequest,
+        current: Option<&str>,
+        timeout: Duration,
+    ) -> impl Future<Output = Option<NixPreview>> + Send {
+        let _ = (request, current, timeout);
+        async { None }
+    }
 
     /// Prunes the controller's build cache (see `CommandBuilder::prune`):
     /// artifacts whose tree hash is not in `used` go, then least recently

@@ -19,6 +19,7 @@ use super::build::{Artifact, BuildError, BuildRequest, CachePruned, CommandBuild
 use super::capability::{Deploy, DeployOutcome, DriverError, Install, MachineDriver};
 use super::hypervisor::Agents;
 use super::local::LocalTarget;
+use super::nix;
 use super::protocol::{
     self, ActivateRequest, ActivationAttempt, ActivationResult, ConfirmOutcome, Confirmation,
     DeployPhase, DeployRequest, GenerationId, InstallRequest, InstallSource, MachineError,
@@ -247,6 +248,37 @@ impl HostDriver {
 /// returns; longer activations are waited for in further round trips.
 const FIRST_WAIT: Duration = Duration::from_secs(10);
 
+/// How long copying a NixOS system's closure may take.
+const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// For a NixOS system's artifact on an SSH target: copies the toplevel's
+/// closure over the machine's master first (Nix sends only the paths the
+/// target lacks). A local target shares this host's store: nothing to copy.
+async fn copy_closure(t: &AnyTarget, artifact: &Artifact) -> Result<(), DriverError> {
+    let AnyTarget::Ssh(ssh) = t else {
+        return Ok(());
+    };
+    let Some(toplevel) = nix::artifact_toplevel(&artifact.path) else {
+        return Ok(());
+    };
+    let (destination, options) = ssh.reuse_options().await?;
+    let copy_started = Instant::now();
+    nix::copy_closure(
+        &format!("ssh://{destination}"),
+        &options,
+        &toplevel,
+        COPY_TIMEOUT,
+    )
+    .await
+    .map_err(|source| DriverError::Copy {
+        path: toplevel.clone(),
+        target: ssh.describe(),
+        source: Box::new(source),
+    })?;
+    tracing::debug!(target_host = %ssh.describe(), %toplevel, elapsed_ms = copy_started.elapsed().as_millis() as u64, "copied the closure");
+    Ok(())
+}
+
 /// A complete generation on the target with the install's artifact: the
 /// current one first, else the newest.
 fn same_artifact(install: &Install<'_>) -> Option<GenerationId> {
@@ -360,6 +392,28 @@ impl MachineDriver for HostDriver {
             .map_err(DriverError::from)
     }
 
+    async fn nix_preview(
+        &self,
+        request: &nix::NixRequest,
+        current: Option<&str>,
+        timeout: Duration,
+    ) -> Option<super::capability::NixPreview> {
+        let toplevel = match nix::evaluate_toplevel(request, timeout).await {
+            Ok(toplevel) => toplevel,
+            Err(error) => {
+                tracing::info!(error = %crate::telemetry::error_chain(&error), "could not evaluate the NixOS system for the plan");
+                return None;
+            }
+        };
+        let closure = match current {
+            Some(current) if current != toplevel => {
+                nix::diff_closures(current, &toplevel, timeout).await
+            }
+            _ => None,
+        };
+        Some(super::capability::NixPreview { toplevel, closure })
+    }
+
     async fn deploy(
         &self,
         target: &TargetSpec,
@@ -369,6 +423,18 @@ impl MachineDriver for HostDriver {
         let t = self.target_for(target)?;
         let state_dir = target.state_dir();
         let started_at = Instant::now();
+        if let Some(install) = &deploy.install {
+            if let Err(error) = copy_closure(&t, install.artifact).await {
+                return Ok(DeployOutcome {
+                    install: None,
+                    generation: None,
+                    switched: false,
+                    started: None,
+                    result: None,
+                    failure: Some((DeployPhase::Install, error)),
+                });
+            }
+        }
         // What must travel: nothing when the target has the artifact, only
         // what differs from its current generation when this controller
         // still has that one's files, else everything.

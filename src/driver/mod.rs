@@ -16,6 +16,7 @@ pub mod host;
 pub mod hypervisor;
 mod hypervisor_error;
 pub mod local;
+pub mod nix;
 pub mod protocol;
 pub mod qemu;
 pub mod ssh;

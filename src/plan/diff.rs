@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 
 use super::model::{Change, ChangeKind, Drift, FieldChange, Step};
-use crate::spec::{Activation, Disk, DriftPolicy, Kind, ObjectKey, RollbackPolicy};
+use crate::spec::{Activation, ActivationMode, Disk, DriftPolicy, Kind, ObjectKey, RollbackPolicy};
 
 /// The desired side of one object.
 #[derive(Debug, Clone)]
@@ -83,6 +83,9 @@ pub enum Observed {
         confirmed: Option<String>,
         /// `N-hash` of every complete generation on the target.
         generations: Vec<String>,
+        /// NixOS: the system the current generation's artifact names, and
+        /// the one that runs (`/run/current-system`), when both are known.
+        nixos: Option<(String, String)>,
     },
     Vm(VmObserved),
 }
@@ -139,6 +142,7 @@ fn removal(key: &ObjectKey, applied: &Applied<'_>) -> Change {
         only_if_artifact_changed: false,
         rollback_to: None,
         note: Some(note.to_owned()),
+        nixos: None,
     }
 }
 
@@ -205,6 +209,7 @@ fn change(
                     current,
                     confirmed,
                     generations,
+                    ..
                 }) => (current.clone(), confirmed.clone(), generations.as_slice()),
                 _ => (None, None, &[][..]),
             };
@@ -290,6 +295,7 @@ fn change(
             only_if_artifact_changed,
             rollback_to,
             note,
+            nixos: None,
         }),
         drift,
     )
@@ -465,18 +471,33 @@ fn drift_of(
         action: action.to_owned(),
     };
     match (&desired.kind, observed) {
-        (DesiredKind::Machine(machine), Some(Observed::Machine { current, .. })) => {
+        (DesiredKind::Machine(machine), Some(Observed::Machine { current, nixos, .. })) => {
             let action = match machine.drift {
                 DriftPolicy::Ignore => return Vec::new(),
                 DriftPolicy::Warn => "warn",
                 DriftPolicy::Correct => "correct",
             };
-            match &applied.generation {
-                Some(applied_generation) if current.as_ref() != Some(applied_generation) => {
+            // Only modes that switch the running system say what must run.
+            let switches = matches!(
+                machine.activation.mode,
+                ActivationMode::Switch | ActivationMode::Test
+            );
+            match (&applied.generation, nixos) {
+                (Some(applied_generation), _) if current.as_ref() != Some(applied_generation) => {
                     vec![drift(
                         "current_generation",
                         applied_generation.clone(),
                         current.clone().unwrap_or_else(|| "none".to_owned()),
+                        action,
+                    )]
+                }
+                (Some(_), Some((applied_system, running)))
+                    if switches && applied_system != running =>
+                {
+                    vec![drift(
+                        "nixos_system",
+                        applied_system.clone(),
+                        running.clone(),
                         action,
                     )]
                 }

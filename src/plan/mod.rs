@@ -18,7 +18,7 @@ mod render;
 pub use diff::{
     Applied, Desired, DesiredKind, MachineDesired, Observed, VmDesired, VmObserved, diff,
 };
-pub use model::{Change, ChangeKind, Drift, FieldChange, Plan, ROLLBACK_STEP, Step};
+pub use model::{Change, ChangeKind, Drift, FieldChange, NixosChange, Plan, ROLLBACK_STEP, Step};
 pub use render::render_text;
 
 #[cfg(test)]

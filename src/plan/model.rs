@@ -223,6 +223,22 @@ pub struct Change {
     /// One line of context, like "removed from the YAML; nothing is uninstalled".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// NixOS machines: the running and the next system (filled in by the
+    /// planner from Nix; the diff leaves it empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixos: Option<NixosChange>,
+}
+
+/// A NixOS machine's system before and after a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NixosChange {
+    /// What runs now (`/run/current-system`), when observed.
+    pub current: Option<String>,
+    /// The toplevel the build gives, evaluated for the plan.
+    pub new: String,
+    /// `nix store diff-closures current new`, when both closures are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure: Option<Vec<String>>,
 }
 
 /// A fact that differs from what converge last applied.

@@ -74,6 +74,22 @@ pub fn render_text(plan: &Plan) -> String {
                 value(&f.after)
             );
         }
+        if let Some(nixos) = &change.nixos {
+            let current = nixos.current.as_deref().unwrap_or("(unknown)");
+            let _ = writeln!(out, "      system: {current}");
+            if nixos.current.as_deref() == Some(nixos.new.as_str()) {
+                let _ = writeln!(
+                    out,
+                    "           -> {} (unchanged: nothing to switch)",
+                    nixos.new
+                );
+            } else {
+                let _ = writeln!(out, "           -> {}", nixos.new);
+            }
+            for line in nixos.closure.iter().flatten() {
+                let _ = writeln!(out, "        closure: {line}");
+            }
+        }
         if !change.steps.is_empty() {
             let _ = writeln!(out, "      steps:");
             for step in &change.steps {

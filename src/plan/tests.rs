@@ -68,6 +68,7 @@ fn observed_machine(current: &str, generations: &[&str]) -> Observed {
         current: Some(current.to_owned()),
         confirmed: Some(current.to_owned()),
         generations: generations.iter().map(|g| (*g).to_owned()).collect(),
+        nixos: None,
     }
 }
 
@@ -376,4 +377,43 @@ fn an_operator_restart_restarts_a_running_vm_and_starts_a_stopped_one() {
     assert_eq!(names(&change.unwrap()), ["restart-vm"]);
     let (change, _) = diff(&k, Some(&d), Some(&a), Some(&observed(false)));
     assert_eq!(names(&change.unwrap()), ["start-vm"]);
+}
+
+#[test]
+fn a_nixos_system_that_is_not_the_applied_one_is_drift_only_for_modes_that_switch() {
+    let k = key("machine/web");
+    let doc = machine_doc("switch", "10.0.0.5");
+    let mut act = activation();
+    let nixos = |running: &str| Observed::Machine {
+        current: Some("3-aaaa".to_owned()),
+        confirmed: Some("3-aaaa".to_owned()),
+        generations: vec!["3-aaaa".to_owned()],
+        nixos: Some(("/nix/store/a-sys".to_owned(), running.to_owned())),
+    };
+    let a = applied(&doc, "h1", "r1", "rev1");
+    let d = desired(doc.clone(), "h1", machine(&act, "r1", "rev1"));
+    let (change, drift) = diff(&k, Some(&d), Some(&a), Some(&nixos("/nix/store/a-sys")));
+    assert!(
+        change.is_none() && drift.is_empty(),
+        "the applied system runs"
+    );
+
+    let (change, drift) = diff(&k, Some(&d), Some(&a), Some(&nixos("/nix/store/b-sys")));
+    assert_eq!(drift.len(), 1);
+    assert_eq!(drift[0].field, "nixos_system");
+    assert_eq!(drift[0].observed, "/nix/store/b-sys");
+    let change = change.expect("corrected");
+    assert_eq!(
+        names(&change),
+        ["switch", "activate", "health-check", "confirm"],
+        "re-activates the applied generation"
+    );
+
+    act.mode = crate::spec::ActivationMode::Boot;
+    let d = desired(doc.clone(), "h1", machine(&act, "r1", "rev1"));
+    let (_, drift) = diff(&k, Some(&d), Some(&a), Some(&nixos("/nix/store/b-sys")));
+    assert!(
+        drift.is_empty(),
+        "mode boot never changes the running system"
+    );
 }

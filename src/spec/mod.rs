@@ -14,6 +14,7 @@ pub mod at;
 pub mod desired;
 pub mod diagnostic;
 pub mod fields;
+pub mod flake;
 pub mod key;
 pub mod model;
 pub mod names;

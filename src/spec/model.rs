@@ -131,12 +131,30 @@ fn default_build_timeout() -> At<HumanDuration> {
     At::unplaced(HumanDuration::from_secs(30 * 60))
 }
 
-/// A Nix build.
+/// A Nix build of a NixOS system (see `spec::flake` for how `flake` reads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NixBuild {
-    /// A flake output reference, like `.#web1`.
+    /// A flake reference with an optional fragment, like `.#web1`: a
+    /// relative path is resolved against the desired-state directory;
+    /// `#name` means `nixosConfigurations.name.config.system.build.toplevel`;
+    /// a fragment starting with `nixosConfigurations.` is the full attribute
+    /// path; no fragment means the machine's name.
     pub flake: String,
+    /// Where the system is built (default: the controller).
+    #[serde(default)]
+    pub build_on: BuildOn,
+}
+
+/// Where a Nix system is built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BuildOn {
+    /// Evaluate and build on the controller, then copy the closure.
+    #[default]
+    Controller,
+    /// Copy the derivation and build on the target (not supported yet).
+    Target,
 }
 
 /// Activation, health checks and rollback.

@@ -25,8 +25,8 @@ use super::at::Loc;
 use super::fields::{AbsPath, BridgeName, HostAddr, HostKey, SpecPath, UserName};
 use super::key::Kind;
 use super::model::{
-    Activation, ActivationMode, Boot, Build, Disk, Document, DriftPolicy, Forward, HealthCheck,
-    MachineSpec, Metadata, Network, NetworkMode, NixBuild, OnDelete, Protocol, Role,
+    Activation, ActivationMode, Boot, Build, BuildOn, Disk, Document, DriftPolicy, Forward,
+    HealthCheck, MachineSpec, Metadata, Network, NetworkMode, NixBuild, OnDelete, Protocol, Role,
     RollbackPolicy, ServiceSpec, Target, VmHost, VmPowerState, VmSpec,
 };
 use super::names::Name;
@@ -506,6 +506,7 @@ fn leaf_check(def: Option<&str>, schema: &Map<String, Value>) -> Option<LeafChec
         Some("BridgeName") => reads_as::<BridgeName>,
         Some("VmHost") => reads_as::<VmHost>,
         Some("ActivationMode") => reads_as::<ActivationMode>,
+        Some("BuildOn") => reads_as::<BuildOn>,
         Some("RollbackPolicy") => reads_as::<RollbackPolicy>,
         Some("DriftPolicy") => reads_as::<DriftPolicy>,
         Some("VmPowerState") => reads_as::<VmPowerState>,

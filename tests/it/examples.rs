@@ -91,3 +91,17 @@ spec:
     assert!(stdout.contains("--> vm.yaml:5:11"), "{stdout}");
     assert!(stdout.contains("invalid: 1 errors"), "{stdout}");
 }
+
+#[test]
+fn nixos_example_is_valid_and_builds_with_nix() {
+    let assembled = load(&manifest_dir().join("examples/nixos"));
+    assert!(assembled.diagnostics.is_empty(), "{}", render(&assembled));
+    let desired = assembled.desired.expect("the NixOS example is valid");
+    assert_eq!(desired.machines.len(), 2);
+    for machine in desired.machines.values() {
+        assert!(
+            machine.spec.build.nix.is_some(),
+            "every machine of examples/nixos is a Nix build"
+        );
+    }
+}

@@ -401,6 +401,30 @@ spec:
             &["m.yaml:6:", "both `command` and `nix`"],
         ),
         case(
+            "nix_build_on_target_is_not_supported_yet",
+            Invalid,
+            &[(
+                "m.yaml",
+                &WEB1.replace(
+                    "{command: [\"./build.sh\"]}",
+                    "{nix: {flake: \".#web1\", buildOn: target}}",
+                ),
+            )],
+            &["m.yaml:6:", "`buildOn: target` are not supported"],
+        ),
+        case(
+            "nix_flake_outside_the_directory_is_not_supported_yet",
+            Invalid,
+            &[(
+                "m.yaml",
+                &WEB1.replace(
+                    "{command: [\"./build.sh\"]}",
+                    "{nix: {flake: \"github:me/fleet#web1\"}}",
+                ),
+            )],
+            &["m.yaml:6:", "outside the desired-state directory"],
+        ),
+        case(
             "build_command_empty",
             Invalid,
             &[("m.yaml", &WEB1.replace("[\"./build.sh\"]", "[]"))],

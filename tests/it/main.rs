@@ -41,6 +41,7 @@ mod keep_generations;
 mod link_down;
 mod link_down_during_upload;
 mod metrics_content_type;
+mod nixos;
 mod once_timeout_bounds_loading;
 mod once_timeout_cuts_an_attempt;
 mod plan_is_what_runs;

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::run::{Converge, run_within, write_atomically};
+use crate::run::{Converge, run_within_env, write_atomically};
 pub use crate::run::{Run, read_lines, ready_of, result_kind, wait_for};
 use crate::{REMOTE_STATE_DIR, Testbed, leftovers};
 
@@ -61,6 +61,8 @@ pub struct SshFleet {
     bin: PathBuf,
     root: tempfile::TempDir,
     runs: std::cell::Cell<u32>,
+    /// Added to the environment of every `converge` this fleet runs.
+    env: std::cell::RefCell<Vec<(String, String)>>,
     pub testbed: Testbed,
 }
 
@@ -68,7 +70,22 @@ impl SshFleet {
     /// A fleet of `n` fresh SSH hosts named `host0`..; no machine documents
     /// yet. `bin` is the `converge` binary to run.
     pub fn new(bin: impl Into<PathBuf>, n: usize) -> SshFleet {
-        let testbed = Testbed::new(n);
+        SshFleet::on(bin.into(), Testbed::new(n))
+    }
+
+    /// [`SshFleet::new`] on hosts that each have their own /nix.
+    pub fn with_private_nix(bin: impl Into<PathBuf>, n: usize) -> SshFleet {
+        SshFleet::on(bin.into(), Testbed::with_private_nix(n))
+    }
+
+    /// Sets `key=value` in the environment of every later `converge` run.
+    pub fn set_env(&self, key: &str, value: &str) {
+        let mut env = self.env.borrow_mut();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
+    }
+
+    fn on(bin: PathBuf, testbed: Testbed) -> SshFleet {
         let root = tempfile::Builder::new()
             .prefix("converge-fleet-")
             .tempdir()
@@ -77,9 +94,10 @@ impl SshFleet {
             fs::create_dir_all(root.path().join(dir)).expect("create a fleet directory");
         }
         let fleet = SshFleet {
-            bin: bin.into(),
+            bin,
             root,
             runs: std::cell::Cell::new(0),
+            env: std::cell::RefCell::new(Vec::new()),
             testbed,
         };
         let path = fleet.dir().join("build.sh");
@@ -262,9 +280,10 @@ impl Converge for SshFleet {
         let n = self.runs.get() + 1;
         self.runs.set(n);
         let logs = self.root().join("logs");
-        run_within(
+        run_within_env(
             &self.bin,
             args,
+            &self.env.borrow(),
             &logs.join(format!("run-{n}.out")),
             &logs.join(format!("run-{n}.err")),
             limit,

@@ -26,15 +26,16 @@ pub const REMOTE_STATE_DIR: &str = "/var/lib/converge";
 /// How long an sshd may take to write its pidfile.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Boots one host inside its namespaces: hostname, bind mounts, then sshd in
-/// the foreground. $1 hostname, $2 host dir, $3 state dir as the host sees
-/// it, $4 sshd config.
+/// Boots one host inside its namespaces: hostname, bind mounts (its own
+/// /nix when the host dir has one), then sshd in the foreground. $1
+/// hostname, $2 host dir, $3 state dir as the host sees it, $4 sshd config.
 const BOOT_SCRIPT: &str = r#"# converge testbed: boot.sh
 set -e
 hostname "$1"
 mkdir -p "$3"
 mount --bind "$2/state" "$3"
 mount --bind "$2/home" /root
+if [ -d "$2/nix" ]; then mount --bind "$2/nix" /nix; fi
 exec /usr/sbin/sshd -D -f "$4" -E "$2/sshd.log"
 "#;
 
@@ -50,11 +51,14 @@ pub struct Testbed {
     client_key: PathBuf,
     ssh_config: PathBuf,
     hosts: Vec<Host>,
+    /// Each host gets its own empty /nix (see [`Testbed::with_private_nix`]).
+    private_nix: bool,
 }
 
 pub mod fleet;
 pub mod git;
 pub mod guest;
+pub mod nix;
 pub mod run;
 
 /// How an SSH client reaches one host of a [`Testbed`], as plain data (the
@@ -173,6 +177,18 @@ impl Testbed {
     /// until every sshd listens. Panics with what to install when a tool is
     /// missing, or with the sshd log when a host does not come up.
     pub fn new(n_hosts: usize) -> Testbed {
+        Testbed::make(n_hosts, false)
+    }
+
+    /// [`Testbed::new`] whose hosts each see their own empty /nix (a bind
+    /// mount of `<host dir>/nix` in the host's mount namespace), so Nix
+    /// store paths copied to one host are that host's alone.
+    pub fn with_private_nix(n_hosts: usize) -> Testbed {
+        fs::create_dir_all("/nix").expect("create /nix, the hosts' mount point");
+        Testbed::make(n_hosts, true)
+    }
+
+    fn make(n_hosts: usize, private_nix: bool) -> Testbed {
         assert!((1..=200).contains(&n_hosts), "testbed: 1-200 hosts");
         let uid = run("id", &["-u"]).unwrap_or_default();
         assert_eq!(
@@ -204,6 +220,7 @@ impl Testbed {
             dir,
             octet: 0,
             hosts: Vec::new(),
+            private_nix,
         };
         // From here on, Drop cleans up whatever was made, also on a panic.
         testbed.build(n_hosts);
@@ -247,6 +264,9 @@ impl Testbed {
             let dir = self.dir.join(format!("h{i}"));
             for sub in ["state", "home"] {
                 fs::create_dir_all(dir.join(sub)).expect("create host dir");
+            }
+            if self.private_nix {
+                fs::create_dir_all(dir.join("nix")).expect("create host dir");
             }
             let key = dir.join("ssh_host_ed25519_key");
             keygens.push(keygen(&key.to_string_lossy(), &name));

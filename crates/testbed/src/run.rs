@@ -29,7 +29,20 @@ pub fn converge_command(bin: &Path, args: &[&str]) -> Command {
 /// Runs `bin ARGS...` to its end with stdout and stderr in `out` and `err`;
 /// kills it and fails past `limit`.
 pub fn run_within(bin: &Path, args: &[&str], out: &Path, err: &Path, limit: Duration) -> Run {
+    run_within_env(bin, args, &[], out, err, limit)
+}
+
+/// [`run_within`] with `env` added to the environment.
+pub fn run_within_env(
+    bin: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+    out: &Path,
+    err: &Path,
+    limit: Duration,
+) -> Run {
     let mut child = converge_command(bin, args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(fs::File::create(out).expect("create a log file"))
         .stderr(fs::File::create(err).expect("create a log file"))

@@ -22,6 +22,7 @@ use crate::controller::context::{Context, Snapshot};
 use crate::controller::error::ReconcileError;
 use crate::driver::build::{Artifact, BuildRequest, cache_key};
 use crate::driver::capability::{Activate, Deploy, DeployOutcome, DriverError, Drivers, Install};
+use crate::driver::nix::NixRequest;
 use crate::driver::protocol::{
     ConfirmOutcome, Confirmation, DeployPhase, GenerationId, InstallOutcome, MachineError,
     MachineFacts, Watchdog,
@@ -501,13 +502,19 @@ impl<D: Drivers> Run<'_, D> {
             ..
         } = &self.inputs;
         let spec = &object.spec;
-        let Some(argv) = spec.build.command.as_ref().map(|c| c.value.clone()) else {
-            return Err(ReconcileError::Unsupported {
-                what: "build.nix (use build.command)".to_owned(),
-            });
-        };
-        let build_section = serde_json::to_vec(&spec.build).unwrap_or_default();
         let root = self.snapshot.root.clone();
+        let nix = spec
+            .build
+            .nix
+            .as_ref()
+            .map(|nix| NixRequest::for_machine(&nix.value.flake, key.name.as_str(), &root));
+        let argv = spec
+            .build
+            .command
+            .as_ref()
+            .map(|c| c.value.clone())
+            .unwrap_or_default();
+        let build_section = serde_json::to_vec(&spec.build).unwrap_or_default();
         let request = BuildRequest {
             workdir: root.clone(),
             argv,
@@ -521,6 +528,7 @@ impl<D: Drivers> Run<'_, D> {
                 self.snapshot.revision.build_input.as_bytes(),
             ]),
             timeout: spec.build.timeout.value.get(),
+            nix,
         };
         // A build that writes into the desired-state directory changes its
         // own inputs: it would rebuild itself forever. When the directory

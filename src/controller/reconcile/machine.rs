@@ -79,6 +79,10 @@ pub fn observed(facts: &MachineFacts) -> plan::Observed {
         current: facts.current_generation().map(ToString::to_string),
         confirmed: facts.confirmed.as_ref().map(ToString::to_string),
         generations: facts.generations.iter().map(ToString::to_string).collect(),
+        nixos: facts
+            .nixos
+            .as_ref()
+            .and_then(|n| Some((n.generation_system.clone()?, n.current_system.clone()))),
     }
 }
 

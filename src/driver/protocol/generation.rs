@@ -131,6 +131,29 @@ pub struct MachineFacts {
     pub activation: Option<ActivationInProgress>,
     /// Controller clock, Unix milliseconds, when the answer arrived.
     pub observed_ms: u64,
+    /// The running NixOS system, when `/run/current-system` names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixos: Option<NixosFacts>,
+}
+
+/// What a NixOS host runs, from `/run/current-system` and
+/// `/run/booted-system` (no /etc/NIXOS or systemd needed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NixosFacts {
+    /// `readlink -f /run/current-system`: a store path.
+    pub current_system: String,
+    /// The system converge's current generation names (its artifact's
+    /// `nixos-toplevel`), when it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_system: Option<String>,
+    /// `readlink -f /run/booted-system`, when it names a store path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_system: Option<String>,
+    /// The booted system's kernel, initrd or kernel modules differ from
+    /// the current system's: a reboot is needed to run all of it.
+    #[serde(default)]
+    pub needs_reboot: bool,
 }
 
 /// An activation recorded in the target's state directory

@@ -71,7 +71,7 @@ pub use confirm::{
 };
 pub use generation::{
     ActivationAttempt, ActivationInProgress, ActivationResult, ActivationState, CurrentLink,
-    DEFAULT_STATE_DIR, GenerationId, InstallOutcome, MachineError, MachineFacts,
+    DEFAULT_STATE_DIR, GenerationId, InstallOutcome, MachineError, MachineFacts, NixosFacts,
 };
 pub use observe::{observe, observe_local};
 pub use prune::prune;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::generation::{
     ActivationInProgress, ActivationState, CurrentLink, GenerationId, MachineError, MachineFacts,
+    NixosFacts,
 };
 use super::script::{Script, checked_state_dir, now_ms, parse_error, require_success, run_script};
 use crate::driver::target::{Target, TargetError};
@@ -122,6 +123,13 @@ struct RawFacts {
     /// Directory names under `generations/` with `.complete`, and without.
     generations: Vec<String>,
     incomplete: Vec<String>,
+    /// `readlink -f` of /run/current-system and /run/booted-system, when
+    /// they name existing store paths.
+    nixos_current: Option<String>,
+    nixos_booted: Option<String>,
+    nixos_needs_reboot: bool,
+    /// The first line of `current/artifact/nixos-toplevel`.
+    nixos_generation: Option<String>,
 }
 
 /// Whether `pid` names a live, not zombie, process of the boot `boot`, as
@@ -162,6 +170,10 @@ impl RawFacts {
                 "activation" => raw.activation = Some(value.to_owned()),
                 "generation" => raw.generations.push(value.to_owned()),
                 "incomplete" => raw.incomplete.push(value.to_owned()),
+                "nixos_current" => raw.nixos_current = Some(value.to_owned()),
+                "nixos_booted" => raw.nixos_booted = Some(value.to_owned()),
+                "nixos_needs_reboot" => raw.nixos_needs_reboot = value == "1",
+                "nixos_generation" => raw.nixos_generation = Some(value.to_owned()),
                 _ => {}
             }
         }
@@ -226,6 +238,11 @@ impl RawFacts {
                 raw.activation = Some(format!("{generation} {attempt} {state}"));
             }
         }
+        raw.read_local_nixos();
+        raw.nixos_generation = std::fs::read_to_string(current.join("artifact/nixos-toplevel"))
+            .ok()
+            .and_then(|t| t.lines().next().map(|l| l.trim().to_owned()))
+            .filter(|t| !t.is_empty());
         let Ok(entries) = fs::read_dir(state_dir.join("generations")) else {
             return raw;
         };
@@ -247,6 +264,28 @@ impl RawFacts {
             }
         }
         raw
+    }
+
+    /// The NixOS lines of `observe.sh`, read in-process.
+    fn read_local_nixos(&mut self) {
+        let store_path = |link: &str| {
+            std::fs::canonicalize(link)
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned())
+                .filter(|p| p.starts_with("/nix/store/") && p.len() > "/nix/store/".len())
+        };
+        let Some(current) = store_path("/run/current-system") else {
+            return;
+        };
+        if let Some(booted) = store_path("/run/booted-system") {
+            let part =
+                |system: &str, part: &str| std::fs::canonicalize(format!("{system}/{part}")).ok();
+            self.nixos_needs_reboot = ["kernel", "initrd", "kernel-modules"]
+                .iter()
+                .any(|p| part(&current, p) != part(&booted, p));
+            self.nixos_booted = Some(booted);
+        }
+        self.nixos_current = Some(current);
     }
 
     /// Judges the raw report: generations named `<n>-<hash>` only (other
@@ -310,7 +349,14 @@ impl RawFacts {
                 state,
             })
         });
+        let nixos = self.nixos_current.map(|current_system| NixosFacts {
+            current_system,
+            booted_system: self.nixos_booted,
+            generation_system: self.nixos_generation,
+            needs_reboot: self.nixos_needs_reboot,
+        });
         Some(MachineFacts {
+            nixos,
             confirmed,
             activation,
             hostname: self.hostname?,

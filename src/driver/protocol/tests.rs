@@ -843,6 +843,7 @@ fn generation_ids_and_facts_round_trip_through_json() {
         incomplete: vec![],
         confirmed: Some(generation.clone()),
         activation: None,
+        nixos: None,
         observed_ms: 1,
     };
     let json = serde_json::to_string(&facts).expect("serialize");

@@ -143,6 +143,42 @@ impl SshTarget {
         &self.config_file
     }
 
+    /// `user@host` and the ssh options that make another OpenSSH client
+    /// (Nix's `nix copy`) run over this target's master: connected first,
+    /// the same config, host-key checking and identity, so a client that
+    /// cannot use the master checks the host key as strictly as converge.
+    pub async fn reuse_options(&self) -> Result<(String, Vec<String>), TargetError> {
+        let session = self.master().await?;
+        let o = &self.options;
+        let mut args = vec![
+            "-F".to_owned(),
+            self.config_file.display().to_string(),
+            "-o".to_owned(),
+            format!("ControlPath={}", session.control_socket().display()),
+            "-o".to_owned(),
+            "ControlMaster=no".to_owned(),
+            "-o".to_owned(),
+            if o.accept_new_host_keys && o.host_key.is_none() {
+                "StrictHostKeyChecking=accept-new".to_owned()
+            } else {
+                "StrictHostKeyChecking=yes".to_owned()
+            },
+            "-o".to_owned(),
+            "BatchMode=yes".to_owned(),
+            "-p".to_owned(),
+            o.port.to_string(),
+        ];
+        if let Some(file) = &self.known_hosts_file {
+            args.push("-o".to_owned());
+            args.push(format!("UserKnownHostsFile={}", file.display()));
+        }
+        if let Some(identity) = &o.identity_file {
+            args.push("-i".to_owned());
+            args.push(identity.display().to_string());
+        }
+        Ok((format!("{}@{}", o.user, o.host), args))
+    }
+
     /// Connects now, when no live master exists (otherwise does nothing).
     pub async fn connect(&self) -> Result<(), TargetError> {
         self.master().await.map(drop)

@@ -12,7 +12,9 @@ use super::cycle::find_cycle;
 use crate::spec::at::{At, Loc};
 use crate::spec::diagnostic::{Diagnostic, Origin};
 use crate::spec::fields::SpecPath;
-use crate::spec::model::{Document, MachineSpec, NetworkMode, Protocol, ServiceSpec, VmSpec};
+use crate::spec::model::{
+    BuildOn, Document, MachineSpec, NetworkMode, Protocol, ServiceSpec, VmSpec,
+};
 use crate::spec::names::Name;
 use crate::spec::quantity::{ByteSize, HumanDuration};
 
@@ -157,6 +159,23 @@ pub(super) fn check_machine(
     if let Some(nix) = &build.nix {
         if nix.value.flake.trim().is_empty() {
             diags.push(origin.error(nix.loc, "nix build has an empty `flake` reference"));
+        }
+        let flake =
+            crate::spec::flake::resolve(&nix.value.flake, doc.metadata.name.value.as_str(), root);
+        if !nix.value.flake.trim().is_empty() && !flake.in_directory {
+            diags.push(origin.error(
+                nix.loc,
+                format!(
+                    "nix flake `{}` is outside the desired-state directory, which is not supported by this converge yet: evaluation is cached by the directory's content, so a change of that flake would never be seen; refer to a flake in the directory (`.#name`) and pin other flakes as its inputs (flake.lock)",
+                    flake.flake
+                ),
+            ));
+        }
+        if nix.value.build_on == BuildOn::Target {
+            diags.push(origin.error(
+                nix.loc,
+                "nix builds with `buildOn: target` are not supported by this converge yet: use `buildOn: controller` (the default), which builds here and copies the closure",
+            ));
         }
     }
     let day = HumanDuration::from_secs(86_400);

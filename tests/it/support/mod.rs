@@ -326,15 +326,24 @@ impl Fleet {
 
     /// Starts `converge run --dir D --state S EXTRA...` with JSON logs.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        self.start_daemon_env(extra, &[])
+    }
+
+    /// [`Fleet::start_daemon`] with `env` added to its environment.
+    pub fn start_daemon_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = self.dir();
         let mut args = vec!["--dir", dir.to_str().expect("utf-8")];
         args.extend_from_slice(extra);
-        self.start_daemon_without_dir(&args)
+        self.start_daemon_inner(&args, env)
     }
 
     /// Starts `converge run --state S EXTRA...` with JSON logs (EXTRA says
     /// where desired state comes from: `--git URL --dir SUBDIR`).
     pub fn start_daemon_without_dir(&self, extra: &[&str]) -> Daemon {
+        self.start_daemon_inner(extra, &[])
+    }
+
+    fn start_daemon_inner(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let n = self.runs.get() + 1;
         self.runs.set(n);
         let log = self.root().join("logs").join(format!("daemon-{n}.log"));
@@ -348,6 +357,7 @@ impl Fleet {
         ];
         args.extend_from_slice(extra);
         let child = converge_command(Path::new(BIN), &args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("create the daemon's log"))
@@ -405,6 +415,27 @@ impl Fleet {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+impl Fleet {
+    /// Runs `converge ARGS...` with `env` added to its environment.
+    pub fn converge_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let logs = self.root().join("logs");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        testbed::run::run_within_env(
+            Path::new(BIN),
+            args,
+            &env,
+            &logs.join(format!("run-{n}.out")),
+            &logs.join(format!("run-{n}.err")),
+            COMMAND_LIMIT,
+        )
     }
 }
 
