@@ -8,8 +8,11 @@
 //! reconcile of an object the daemon knows (404 otherwise);
 //! `/v1/vm/{name}/snapshots`, `POST /v1/vm/{name}/snapshot/{snap}` and
 //! `POST /v1/vm/{name}/revert/{snap}` are the VM operator verbs; `/metrics` is
-//! Prometheus text (its content type says which format version). Never
-//! listens on a TCP port.
+//! Prometheus text (its content type says which format version);
+//! `/v1/events?after=SEQ&limit=N` lists events newest first (what a follower
+//! has not seen); `GET /healthz` answers 200 while the loop runs and the
+//! source was read recently, 503 with the reason otherwise. Never listens on
+//! a TCP port.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -61,6 +64,7 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub plan: PlanFn,
     pub vm: VmOpFn,
+    pub health: Arc<crate::controller::health::Health>,
 }
 
 /// Why the API could not start.
@@ -163,6 +167,7 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
         .route("/v1/vm/{name}/snapshot/{snap}", post(vm_snapshot))
         .route("/v1/vm/{name}/revert/{snap}", post(vm_revert))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -325,10 +330,37 @@ async fn facts(
     }
 }
 
-async fn events(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    match s.store.events(q.limit.unwrap_or(50)) {
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+    /// Only events with a higher sequence number.
+    after: Option<u64>,
+    /// Only events about this object.
+    key: Option<String>,
+}
+
+async fn events(State(s): State<ApiState>, Query(q): Query<EventsQuery>) -> Response {
+    let key = match q.key.map(|k| k.parse::<ObjectKey>()).transpose() {
+        Ok(key) => key,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    match s
+        .store
+        .events_after(q.after.unwrap_or(0), q.limit.unwrap_or(50), key.as_ref())
+    {
         Ok(v) => json(&v),
         Err(e) => store_failure(e),
+    }
+}
+
+async fn healthz(State(s): State<ApiState>) -> Response {
+    match s.health.check(crate::store::records::now_ms()) {
+        Ok(sentence) => (StatusCode::OK, format!("ok: {sentence}\n")).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {reason}\n"),
+        )
+            .into_response(),
     }
 }
 

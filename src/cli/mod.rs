@@ -6,7 +6,9 @@
 
 mod agent;
 mod args;
+mod events;
 mod inspect;
+mod notify;
 mod plan;
 mod reconcile;
 mod run;
@@ -58,6 +60,7 @@ pub enum Command {
     Status(inspect::StatusArgs),
     History(inspect::HistoryArgs),
     Facts(inspect::FactsArgs),
+    Events(events::Args),
     Vm(vm::Args),
     Schema(schema::Args),
     /// Run one VM operation for a controller on this hypervisor (internal).
@@ -87,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(args) => inspect::status(args),
         Command::History(args) => inspect::history(args),
         Command::Facts(args) => inspect::facts(args),
+        Command::Events(args) => events::run(args),
         Command::Vm(args) => vm::run(args),
         Command::Schema(args) => schema::run(args),
         Command::VmAgent(args) => agent::run(args),

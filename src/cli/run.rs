@@ -73,6 +73,8 @@ pub struct Args {
     /// First retry delay after a transient failure (doubling up to 15m).
     #[arg(long, default_value = "2s")]
     pub retry_delay: HumanDuration,
+    #[command(flatten)]
+    pub notify: super::notify::NotifyArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -81,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let signals = runtime
         .block_on(async { Signals::install() })
         .context("install signal handlers")?;
+    let notify = super::notify::prepare(&args.notify)?;
     let mut source = Source::new(&args.dir.dir);
     let (assembled, _stats, snapshot) =
         lifecycle::load(&mut source).with_context(|| format!("load {}", args.dir.dir.display()))?;
@@ -105,9 +108,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ..Config::default()
     };
     let (manual_tx, manual_rx) = mpsc::unbounded_channel();
+    let metrics = Arc::new(Metrics::new());
+    let notifier = {
+        let _runtime = runtime.enter();
+        notify.start(metrics.notifications.clone())
+    };
     let ctx = Arc::new(
         Context::new(store.clone(), driver, config, state, snapshot)
-            .with_wakeups(manual_tx.clone()),
+            .with_wakeups(manual_tx.clone())
+            .with_notifier(notifier),
     );
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,
@@ -128,11 +137,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_context(|| format!("resolve {}", args.dir.dir.display()))?;
     runtime.block_on(async {
         let listener = api::bind(&socket).context("start the local API")?;
-        let metrics = Arc::new(Metrics::new());
         let plan_ctx = ctx.clone();
         let vm_ctx = ctx.clone();
         let known_ctx = ctx.clone();
         let api_state = ApiState {
+            health: ctx.health.clone(),
             store,
             dir: watched,
             // In the desired state in force, or a removed VM still to stop.

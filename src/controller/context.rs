@@ -101,6 +101,12 @@ pub struct Context<D> {
     /// the next reconcile of each releases its held artifact, inside the
     /// reconcile, so no concurrent status write can undo the release.
     pub retries: Retries,
+    /// Where condition transitions are told (disabled unless the daemon
+    /// was given `--notify` or `--notify-exec`).
+    pub notifier: super::notify::Notifier,
+    /// What `GET /healthz` answers from: the daemon's loop and source
+    /// reads report here.
+    pub health: Arc<super::health::Health>,
 }
 
 /// Keys whose held artifact their next reconcile releases.
@@ -141,7 +147,15 @@ impl<D> Context<D> {
             watched: Mutex::new(HashMap::new()),
             vm_locks: VmLocks::default(),
             retries: Retries::default(),
+            notifier: super::notify::Notifier::default(),
+            health: Arc::default(),
         }
+    }
+
+    /// Tells condition transitions through `notifier`.
+    pub fn with_notifier(mut self, notifier: super::notify::Notifier) -> Context<D> {
+        self.notifier = notifier;
+        self
     }
 
     /// Reports VM exits to `wakeups` (the daemon); without it, exits are
