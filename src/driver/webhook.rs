@@ -37,7 +37,7 @@ pub struct WebhookUrl {
 pub enum UrlError {
     #[error(
         "{url}: https is not supported by --notify (converge has no TLS client); \
-         use --notify-exec with curl instead, e.g. \
+         send it with --notify-exec and curl instead, e.g. \
          --notify-exec 'curl -fsS -H \"Content-Type: application/json\" --data-binary @- https://…'"
     )]
     Https { url: String },
@@ -49,7 +49,7 @@ pub enum UrlError {
     Port { url: String, port: String },
     #[error(
         "a --notify URL must not carry credentials (user:password@): they would end up in logs; \
-         use --notify-exec with a script that reads them from a file"
+         give --notify-exec a script that reads them from a file instead"
     )]
     Credentials,
     #[error("{url}: spaces and control characters are not allowed in a URL (percent-encode them)")]

@@ -1,7 +1,8 @@
-//! What changed in an object's conditions across one reconcile, and who
-//! hears of it: failures, rollbacks and recoveries become events in the
-//! store (drift has its own, one per field, from `record.rs`), and every
-//! transition becomes a notification when the daemon has sinks.
+//! What changed in an object's Ready condition across one reconcile, and
+//! who hears of it: failures, rollbacks and recoveries become events in the
+//! store, and every transition becomes a notification when the daemon has
+//! sinks. Drift is recorded and told where it is found (`record.rs`): a
+//! corrected drift is gone from the conditions by the end of the reconcile.
 //!
 //! [`transitions`] is pure: the status before and after, and whether this
 //! is the object's first reconcile since the daemon started (whose Ready
@@ -11,7 +12,7 @@
 use crate::controller::context::Context;
 use crate::controller::notify::{Event, Notification};
 use crate::spec::ObjectKey;
-use crate::store::records::{Condition, ConditionKind, Reason, StatusRecord};
+use crate::store::records::{ConditionKind, Reason, StatusRecord};
 use crate::telemetry::error_chain;
 
 /// One transition: what happened, with the condition's reason and message.
@@ -22,7 +23,7 @@ pub struct Transition {
     pub message: String,
 }
 
-/// The transitions from `before` to `after`, Ready's first, then drift.
+/// The transitions of Ready from `before` to `after`.
 pub fn transitions(
     before: Option<&StatusRecord>,
     after: &StatusRecord,
@@ -56,18 +57,6 @@ pub fn transitions(
                 },
                 reason: ready.reason,
                 message: ready.message.clone(),
-            });
-        }
-    }
-    if let Some(drift) = after.condition(ConditionKind::Drifted).filter(|c| c.status) {
-        let was = before
-            .and_then(|s| s.condition(ConditionKind::Drifted))
-            .filter(|c| c.status);
-        if was.is_none_or(|w: &Condition| w.message != drift.message) {
-            out.push(Transition {
-                event: Event::DriftDetected,
-                reason: drift.reason,
-                message: drift.message.clone(),
             });
         }
     }
@@ -188,22 +177,6 @@ mod tests {
             events(&transitions(Some(&ok), &waiting, false)),
             [],
             "waiting is not a failure"
-        );
-    }
-
-    #[test]
-    fn drift_is_told_when_new_or_changed() {
-        let ok = status(Some((true, Reason::Converged)), None);
-        let drifted = status(Some((true, Reason::Converged)), Some("current: a vs b"));
-        let other = status(Some((true, Reason::Converged)), Some("current: a vs c"));
-        assert_eq!(
-            events(&transitions(Some(&ok), &drifted, false)),
-            [Event::DriftDetected]
-        );
-        assert_eq!(events(&transitions(Some(&drifted), &drifted, false)), []);
-        assert_eq!(
-            events(&transitions(Some(&drifted), &other, false)),
-            [Event::DriftDetected]
         );
     }
 }
