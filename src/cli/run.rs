@@ -29,6 +29,12 @@ use crate::spec::{HumanDuration, Kind};
 /// that did not stop cleanly is replaced (and logged), one that answers
 /// stops this one from starting.
 ///
+/// Notifications: with --notify URL or --notify-exec CMD, each condition
+/// transition (Ready, failed, rolled back, drift, recovered) is sent as
+/// signed JSON; `converge events` lists them from the store. GET /healthz on
+/// the socket answers 200 while the loop runs and the directory was read
+/// within three --reread-intervals, 503 with the reason otherwise.
+///
 /// Signals: SIGHUP re-reads the directory now (as a file change does: only
 /// objects whose spec, roles or build inputs changed are reconciled). The
 /// directory is also re-read every --reread-interval whatever the file watch
@@ -40,7 +46,7 @@ use crate::spec::{HumanDuration, Kind};
 /// locked by another daemon or damaged).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
+    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  converge run --dir /srv/fleet --notify http://alerts.lan:8080/converge --notify-secret-file /etc/converge/notify.secret\n  converge run --dir /srv/fleet --notify-exec 'curl -fsS --data-binary @- https://ntfy.sh/my-topic'\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
 )]
 pub struct Args {
     #[command(flatten)]
