@@ -22,6 +22,7 @@ mod daemon_sighup;
 mod daemon_stale_socket;
 mod damaged_store;
 mod drift;
+mod events_follow;
 mod examples;
 mod frozen_sshd;
 mod fuzz;
