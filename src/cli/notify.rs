@@ -5,7 +5,8 @@
 //! [`Notifier`].
 //!
 //! The secret is read once, here, and kept only inside `notify::Secret`;
-//! neither it nor the URLs' query strings are printed.
+//! neither it nor a URL's path or query nor a hook's command line is
+//! printed (logs name a hook `--notify-exec #N`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -83,13 +84,14 @@ pub fn prepare(args: &NotifyArgs) -> anyhow::Result<Prepared> {
             Some(read_secret(path)?)
         }
     };
-    for command in &args.notify_exec {
+    for (n, command) in args.notify_exec.iter().enumerate() {
         if command.trim().is_empty() {
             anyhow::bail!(
                 "--notify-exec needs a command, e.g. --notify-exec '/usr/local/bin/notify-me'"
             );
         }
-        sinks.push(Arc::new(ExecSink::new(command.clone(), EXEC_TIMEOUT)));
+        let name = format!("--notify-exec #{}", n + 1);
+        sinks.push(Arc::new(ExecSink::new(command.clone(), name, EXEC_TIMEOUT)));
     }
     Ok(Prepared { sinks, secret })
 }

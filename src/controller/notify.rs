@@ -7,8 +7,8 @@
 //! A full queue drops the notification and counts it
 //! (`converge_notifications_dropped_total`), so a dead webhook costs memory
 //! bounded by the queue and never slows a reconcile. A delivery that still
-//! fails after its retries is logged at ERROR by the sink's name (a URL
-//! without its query string, or the hook's command) and counted in
+//! fails after its retries is logged at ERROR by the sink's name (a URL's
+//! host and port, or `--notify-exec #N`) and counted in
 //! `converge_notifications_failed_total`. The secret the body is signed with
 //! lives only in [`Secret`], whose `Debug` prints nothing of it; no log line
 //! carries it.
@@ -81,10 +81,12 @@ pub fn sign(secret: &Secret, body: &[u8]) -> String {
     };
     mac.update(body);
     let digest = mac.finalize().into_bytes();
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(7 + 64);
     hex.push_str("sha256=");
     for byte in digest {
-        hex.push_str(&format!("{byte:02x}"));
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
     hex
 }
@@ -318,12 +320,16 @@ impl Notifier {
             inner.pending.fetch_add(1, Ordering::SeqCst);
             if let Err(e) = queue.try_send(delivery.clone()) {
                 inner.pending.fetch_sub(1, Ordering::SeqCst);
-                inner.counters.dropped.inc();
-                let why = match e {
-                    mpsc::error::TrySendError::Full(_) => "its queue is full",
-                    mpsc::error::TrySendError::Closed(_) => "its delivery task stopped",
-                };
-                tracing::warn!(sink = %name, object = %notification.object, event = %event_name(notification.event), "notification dropped: {why}");
+                let before = inner.counters.dropped.inc();
+                // A flood (a fleet failing at once) logs its first drop and
+                // then every hundredth; the metric counts them all.
+                if before % 100 == 0 {
+                    let why = match e {
+                        mpsc::error::TrySendError::Full(_) => "its queue is full",
+                        mpsc::error::TrySendError::Closed(_) => "its delivery task stopped",
+                    };
+                    tracing::warn!(sink = %name, object = %notification.object, event = %event_name(notification.event), dropped_total = before + 1, "notification dropped: {why}");
+                }
             }
         }
     }

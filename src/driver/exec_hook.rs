@@ -22,15 +22,29 @@ use super::sink::{Delivery, Sink, SinkError};
 const STDERR_TAIL: usize = 2048;
 
 /// A command run once per notification.
-#[derive(Debug)]
 pub struct ExecSink {
     command: String,
+    /// How logs and errors name it: the command line may hold a token.
+    name: String,
     timeout: Duration,
 }
 
+impl std::fmt::Debug for ExecSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSink")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
 impl ExecSink {
-    pub fn new(command: String, timeout: Duration) -> ExecSink {
-        ExecSink { command, timeout }
+    /// `name` is how logs call it (`--notify-exec #1`), never the command.
+    pub fn new(command: String, name: String, timeout: Duration) -> ExecSink {
+        ExecSink {
+            command,
+            name,
+            timeout,
+        }
     }
 
     async fn run(&self, delivery: &Delivery) -> Result<(), SinkError> {
@@ -44,7 +58,7 @@ impl ExecSink {
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| SinkError::Spawn {
-                command: self.command.clone(),
+                command: self.name.clone(),
                 source,
             })?;
         let mut stdin = child.stdin.take();
@@ -73,14 +87,14 @@ impl ExecSink {
             Ok(Ok(status)) => status,
             Ok(Err(source)) => {
                 return Err(SinkError::Spawn {
-                    command: self.command.clone(),
+                    command: self.name.clone(),
                     source,
                 });
             }
             Err(_) => {
                 let _ = child.kill().await;
                 return Err(SinkError::Timeout {
-                    url: format!("the notify command `{}`", self.command),
+                    url: self.name.clone(),
                     secs: self.timeout.as_secs(),
                 });
             }
@@ -89,7 +103,7 @@ impl ExecSink {
             return Ok(());
         }
         Err(SinkError::Exit {
-            command: self.command.clone(),
+            command: self.name.clone(),
             code: status
                 .code()
                 .map_or_else(|| "a signal".to_owned(), |c| format!("status {c}")),
@@ -100,7 +114,7 @@ impl ExecSink {
 
 impl Sink for ExecSink {
     fn name(&self) -> &str {
-        &self.command
+        &self.name
     }
 
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), SinkError>> {
@@ -129,7 +143,7 @@ mod tests {
             out.display(),
             out.display()
         );
-        let sink = ExecSink::new(command, Duration::from_secs(10));
+        let sink = ExecSink::new(command, "hook".into(), Duration::from_secs(10));
         sink.deliver(&delivery("{\"a\":1}")).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),
@@ -139,11 +153,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_or_hanging_hook_is_an_error_with_its_stderr() {
-        let sink = ExecSink::new("echo nope >&2; exit 3".into(), Duration::from_secs(10));
+        let sink = ExecSink::new(
+            "echo nope >&2; exit 3".into(),
+            "hook".into(),
+            Duration::from_secs(10),
+        );
         let e = sink.deliver(&delivery("{}")).await.unwrap_err();
         assert!(e.to_string().contains("status 3"), "{e}");
         assert!(e.to_string().contains("nope"), "{e}");
-        let sink = ExecSink::new("sleep 30".into(), Duration::from_millis(200));
+        let sink = ExecSink::new("sleep 30".into(), "hook".into(), Duration::from_millis(200));
         let e = sink.deliver(&delivery("{}")).await.unwrap_err();
         assert!(matches!(e, SinkError::Timeout { .. }), "{e}");
     }

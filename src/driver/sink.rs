@@ -44,13 +44,13 @@ pub enum SinkError {
     NotHttp { url: String, head: String },
     #[error("{url} did not answer within {secs}s")]
     Timeout { url: String, secs: u64 },
-    #[error("start the notify command `{command}`")]
+    #[error("start {command}")]
     Spawn {
         command: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("the notify command `{command}` exited with {code}: {stderr}")]
+    #[error("{command} exited with {code}: {stderr}")]
     Exit {
         command: String,
         code: String,
@@ -74,7 +74,8 @@ impl SinkError {
 /// A place notifications are delivered to. Implementations bound each
 /// delivery by their own timeout; retries are the caller's.
 pub trait Sink: Send + Sync + std::fmt::Debug {
-    /// How logs name this sink: no credentials, no query string.
+    /// How logs name this sink: never a credential, path, query or command
+    /// line (any may hold a token).
     fn name(&self) -> &str;
     /// Delivers one notification once.
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), SinkError>>;

@@ -8,7 +8,8 @@
 //! URL is parsed, saying to use `--notify-exec` with curl instead (TLS
 //! would need a TLS stack, which is not worth it for a notification a
 //! command hook can send). URLs with credentials are refused too, so that
-//! none ends up in a log; the query string is never logged either.
+//! none ends up in a log; logs name a URL by its host and port only, since
+//! a path or query may hold a token.
 
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ pub struct WebhookUrl {
     port: u16,
     /// Path and query, as sent in the request line.
     target: String,
-    /// `http://host:port/path`: no query, for logs.
+    /// `http://host:port`: no path or query (either may hold a token), for logs.
     shown: String,
 }
 
@@ -99,8 +100,7 @@ impl WebhookUrl {
         } else {
             format!("/{tail}")
         };
-        let path = target.split('?').next().unwrap_or("/");
-        let shown = format!("http://{authority}{path}");
+        let shown = format!("http://{authority}");
         Ok(WebhookUrl {
             host,
             port,
@@ -109,7 +109,7 @@ impl WebhookUrl {
         })
     }
 
-    /// The URL as logs show it: no query string.
+    /// The URL as logs show it: scheme, host and port only.
     pub fn shown(&self) -> &str {
         &self.shown
     }
@@ -275,7 +275,7 @@ mod tests {
         assert_eq!(url.host, "127.0.0.1");
         assert_eq!(url.port, 8080);
         assert_eq!(url.target, "/hooks/converge?token=abc");
-        assert_eq!(url.shown(), "http://127.0.0.1:8080/hooks/converge");
+        assert_eq!(url.shown(), "http://127.0.0.1:8080");
         assert_eq!(url.host_header(), "127.0.0.1:8080");
 
         let url = WebhookUrl::parse("HTTP://example.org").unwrap();
