@@ -3,13 +3,13 @@
 //! `--follow` what happens next.
 //!
 //! Asks a running daemon over its socket; without one, reads the store
-//! itself. Following without a daemon opens the store only when its log
-//! file changed since the last look, and for a moment each time, so a
-//! daemon or a `reconcile --once` starting meanwhile is not kept from it
-//! (one that holds the store is simply asked again at the next look).
+//! itself. Following without a daemon opens the store for a moment at each
+//! look: a daemon or a `reconcile --once` starting meanwhile waits for it
+//! (opening the store waits up to a second for a held lock), and one that
+//! holds the store is simply looked at again next time.
 
 use std::io::Write;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value;
@@ -47,15 +47,15 @@ pub struct Args {
 }
 
 /// Events above `after`, newest first, from the daemon or the store.
-/// `Ok(None)`: the store is held by another process that does not answer
-/// (a `reconcile --once`), or it did not change since `seen`.
+/// `Ok(None)` when `held_is_fine` and the store is held by another process
+/// that does not answer (a `reconcile --once`).
 fn fetch(
     args: &Args,
     after: u64,
-    seen: &mut Option<SystemTime>,
-    quiet: bool,
+    limit: usize,
+    held_is_fine: bool,
 ) -> anyhow::Result<Option<Vec<Value>>> {
-    let mut path = format!("/v1/events?after={after}&limit={}", args.limit);
+    let mut path = format!("/v1/events?after={after}&limit={limit}");
     if let Some(key) = &args.key {
         path.push_str("&key=");
         path.push_str(&crate::api::client::query_value(key.to_string().as_bytes()));
@@ -68,15 +68,10 @@ fn fetch(
             serde_json::from_str(&body).context("parse the daemon's answer")?;
         return Ok(Some(events));
     }
-    let log = crate::controller::context::store_dir(&args.state.state).join("db");
-    let modified = std::fs::metadata(&log).and_then(|m| m.modified()).ok();
-    if quiet && modified.is_some() && modified == *seen {
-        return Ok(None);
-    }
     let store = match super::inspect::open_existing_store(&args.state) {
         Ok(store) => store,
         Err(e)
-            if quiet
+            if held_is_fine
                 && matches!(
                     e.downcast_ref::<StoreError>(),
                     Some(StoreError::Locked { .. })
@@ -86,9 +81,8 @@ fn fetch(
         }
         Err(e) => return Err(e),
     };
-    let events = store.events_after(after, args.limit, args.key.as_ref())?;
+    let events = store.events_after(after, limit, args.key.as_ref())?;
     drop(store);
-    *seen = modified;
     Ok(Some(
         events
             .into_iter()
@@ -122,11 +116,13 @@ fn row(event: &Value) -> Vec<String> {
     ]
 }
 
+/// At most this many new events per look of --follow (what the store keeps).
+const FOLLOW_LIMIT: usize = 10_000;
+
 const HEADER: [&str; 5] = ["TIME", "SEVERITY", "OBJECT", "REASON", "MESSAGE"];
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let mut seen = None;
-    let events = fetch(&args, 0, &mut seen, false)?.unwrap_or_default();
+    let events = fetch(&args, 0, args.limit, false)?.unwrap_or_default();
     let mut out = std::io::stdout().lock();
     if !args.follow {
         if args.output == Output::Json {
@@ -158,7 +154,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         out.flush()?;
         std::thread::sleep(args.poll.get().max(Duration::from_millis(100)));
-        batch = fetch(&args, newest, &mut seen, true)?.unwrap_or_default();
+        // Everything new, however much happened between two looks.
+        batch = fetch(&args, newest, FOLLOW_LIMIT, true)?.unwrap_or_default();
     }
 }
 
