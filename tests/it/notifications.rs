@@ -185,6 +185,22 @@ fn assert_fields(v: &Value, event: &str, reason: &str) {
     );
 }
 
+/// The body of `GET /metrics` on the daemon's socket.
+fn get_metrics(socket: &Path) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set a read timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: converge\r\nConnection: close\r\n\r\n")
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the answer");
+    response
+}
+
 /// Points `current` at `generation` by hand.
 fn repoint(state_dir: &Path, generation: &str) {
     let tmp = state_dir.join("current.by-hand");
@@ -310,6 +326,17 @@ fn transitions_are_posted_signed_run_through_the_hook_and_listed_as_events() {
     table.assert_code(0);
     assert!(table.stdout.starts_with("TIME"), "{}", table.stdout);
     assert!(table.stdout.contains("RolledBack"), "{}", table.stdout);
+
+    // Nothing was dropped or given up on, and the metrics say so.
+    let metrics = get_metrics(&state.join("converge.sock"));
+    assert!(
+        metrics.contains("converge_notifications_dropped_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("converge_notifications_failed_total 0"),
+        "{metrics}"
+    );
 
     // No log line carries the secret.
     daemon.assert_running();
