@@ -12,9 +12,12 @@
 //! `POST /v1/vm/{name}/revert/{snap}` and `POST /v1/vm/{name}/power/{verb}`
 //! (stop, start, restart, delete) are the VM operator verbs;
 //! `GET /v1/source` is the Git source's record and `POST /v1/fetch` fetches
-//! it now, answering with what that fetch did; `/metrics` is
-//! Prometheus text (its content type says which format version). Never
-//! listens on a TCP port.
+//! it now, answering with what that fetch did; `/metrics` is Prometheus text
+//! (its content type says which format version);
+//! `/v1/events?after=SEQ&limit=N` lists events newest first (what a follower
+//! has not seen); `GET /healthz` answers 200 while the loop runs and the
+//! source was read recently, 503 with the reason otherwise. Never listens on
+//! a TCP port.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -71,6 +74,7 @@ pub struct ApiState {
     pub fetch: Option<mpsc::UnboundedSender<crate::controller::git_source::FetchRequest>>,
     pub plan: PlanFn,
     pub vm: VmOpFn,
+    pub health: Arc<crate::controller::health::Health>,
 }
 
 /// Why the API could not start.
@@ -178,6 +182,7 @@ pub async fn serve(listener: UnixListener, state: ApiState) -> std::io::Result<(
         .route("/v1/vm/{name}/revert/{snap}", post(vm_revert))
         .route("/v1/vm/{name}/power/{verb}", post(vm_power))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -347,8 +352,24 @@ async fn facts(
     }
 }
 
-async fn events(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    match s.store.events(q.limit.unwrap_or(50)) {
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+    /// Only events with a higher sequence number.
+    after: Option<u64>,
+    /// Only events about this object.
+    key: Option<String>,
+}
+
+async fn events(State(s): State<ApiState>, Query(q): Query<EventsQuery>) -> Response {
+    let key = match q.key.map(|k| k.parse::<ObjectKey>()).transpose() {
+        Ok(key) => key,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    match s
+        .store
+        .events_after(q.after.unwrap_or(0), q.limit.unwrap_or(50), key.as_ref())
+    {
         Ok(v) => json(&v),
         Err(e) => store_failure(e),
     }
@@ -384,6 +405,17 @@ async fn fetch(State(s): State<ApiState>) -> Response {
         Err(_) => (
             StatusCode::GATEWAY_TIMEOUT,
             "the fetch did not end in time; `converge status` shows the source when it does\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz(State(s): State<ApiState>) -> Response {
+    match s.health.check(crate::store::records::now_ms()) {
+        Ok(sentence) => (StatusCode::OK, format!("ok: {sentence}\n")).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {reason}\n"),
         )
             .into_response(),
     }

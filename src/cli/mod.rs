@@ -6,8 +6,10 @@
 
 mod agent;
 mod args;
+mod events;
 mod fetch;
 mod inspect;
+mod notify;
 mod plan;
 mod progress;
 mod reconcile;
@@ -64,6 +66,7 @@ pub enum Command {
     Facts(inspect::FactsArgs),
     Suspend(suspend::SuspendArgs),
     Resume(suspend::ResumeArgs),
+    Events(events::Args),
     Vm(vm::Args),
     Schema(schema::Args),
     /// Run one VM operation for a controller on this hypervisor (internal).
@@ -96,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Facts(args) => inspect::facts(args),
         Command::Suspend(args) => suspend::suspend(args),
         Command::Resume(args) => suspend::resume(args),
+        Command::Events(args) => events::run(args),
         Command::Vm(args) => vm::run(args),
         Command::Schema(args) => schema::run(args),
         Command::VmAgent(args) => agent::run(args),

@@ -31,6 +31,12 @@ use crate::spec::{HumanDuration, Kind};
 /// that did not stop cleanly is replaced (and logged), one that answers
 /// stops this one from starting.
 ///
+/// Notifications: with --notify URL or --notify-exec CMD, each condition
+/// transition (Ready, failed, rolled back, drift, recovered) is sent as
+/// signed JSON; `converge events` lists them from the store. GET /healthz on
+/// the socket answers 200 while the loop runs and the directory was read
+/// within three --reread-intervals, 503 with the reason otherwise.
+///
 /// Signals: SIGHUP re-reads the directory now (as a file change does: only
 /// objects whose spec, roles or build inputs changed are reconciled; with
 /// --git it also fetches). The
@@ -52,7 +58,7 @@ use crate::spec::{HumanDuration, Kind};
 /// branch the remote does not have).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  converge run --git git@example.com:me/fleet.git --branch main --dir hosts --allowed-signers /etc/converge/allowed_signers\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
+    after_help = "Examples:\n  converge run --dir /srv/fleet --state /var/lib/converge/controller\n  converge run --dir . --log-format json\n  converge run --dir /mnt/nfs/fleet --reread-interval 15s   # a watch that misses changes\n  converge run --git git@example.com:me/fleet.git --branch main --dir hosts --allowed-signers /etc/converge/allowed_signers\n  converge run --dir /srv/fleet --notify http://alerts.lan:8080/converge --notify-secret-file /etc/converge/notify.secret\n  converge run --dir /srv/fleet --notify-exec 'curl -fsS --data-binary @- https://ntfy.sh/my-topic'\n  kill -HUP \"$(systemctl show -p MainPID --value converge)\"   # re-read the directory now\n\nA systemd unit:\n  [Service]\n  ExecStart=/usr/local/bin/converge run --dir /srv/fleet --state /var/lib/converge/controller\n  ExecReload=/bin/kill -HUP $MAINPID\n  KillSignal=SIGTERM\n  TimeoutStopSec=60"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -87,6 +93,8 @@ pub struct Args {
     /// First retry delay after a transient failure (doubling up to 15m).
     #[arg(long, default_value = "2s")]
     pub retry_delay: HumanDuration,
+    #[command(flatten)]
+    pub notify: super::notify::NotifyArgs,
 }
 
 /// How long the daemon's start waits for the first fetch of a Git source.
@@ -98,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let signals = runtime
         .block_on(async { Signals::install() })
         .context("install signal handlers")?;
+    let notify = super::notify::prepare(&args.notify)?;
     let state = &args.state.state;
     let metrics = Arc::new(Metrics::new());
     let git_config = args.git.config(&args.dir.dir)?;
@@ -190,9 +199,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ..Config::default()
     };
     let (manual_tx, manual_rx) = mpsc::unbounded_channel();
+    let metrics = Arc::new(Metrics::new());
+    let notifier = {
+        let _runtime = runtime.enter();
+        notify.start(metrics.notifications.clone())
+    };
     let ctx = Arc::new(
         Context::new(store.clone(), driver, config, state, snapshot)
-            .with_wakeups(manual_tx.clone()),
+            .with_wakeups(manual_tx.clone())
+            .with_notifier(notifier),
     );
     let mut applier = ApplierConfig {
         concurrency: args.concurrency,
@@ -221,6 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let known_ctx = ctx.clone();
         let verb_queue = manual_tx.clone();
         let api_state = ApiState {
+            health: ctx.health.clone(),
             store,
             dir: watched,
             // In the desired state in force, or a removed VM still to stop.

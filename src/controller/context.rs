@@ -104,6 +104,12 @@ pub struct Context<D> {
     /// VMs an operator asked to restart (`converge vm restart`): their next
     /// reconcile plans a restart.
     pub restarts: Retries,
+    /// Where condition transitions are told (disabled unless the daemon
+    /// was given `--notify` or `--notify-exec`).
+    pub notifier: super::notify::Notifier,
+    /// What `GET /healthz` answers from: the daemon's loop and source
+    /// reads report here.
+    pub health: Arc<super::health::Health>,
 }
 
 /// Keys whose held artifact their next reconcile releases.
@@ -154,7 +160,15 @@ impl<D> Context<D> {
             vm_locks: VmLocks::default(),
             retries: Retries::default(),
             restarts: Retries::default(),
+            notifier: super::notify::Notifier::default(),
+            health: Arc::default(),
         }
+    }
+
+    /// Tells condition transitions through `notifier`.
+    pub fn with_notifier(mut self, notifier: super::notify::Notifier) -> Context<D> {
+        self.notifier = notifier;
+        self
     }
 
     /// Reports VM exits to `wakeups` (the daemon); without it, exits are

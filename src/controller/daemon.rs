@@ -37,6 +37,9 @@ use crate::source::Source;
 use crate::spec::diagnostic::escape_path;
 use crate::spec::{Kind, ObjectKey};
 
+/// How long a stopping daemon waits for queued notifications.
+const NOTIFY_FLUSH: Duration = Duration::from_secs(5);
+
 /// Options of the daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
@@ -81,12 +84,26 @@ fn changed_keys(old: &Snapshot, new: &Snapshot) -> (Vec<ObjectKey>, Vec<ObjectKe
     let mut changed = Vec::new();
     for (key, hash) in &new_hashes {
         let spec_changed = old_hashes.get(key) != Some(hash);
-        let machine_inputs_changed = key.kind == Kind::Machine
-            && (build_input_changed
-                || old.desired.roles.get(&key.name).map(|r| &r.hash)
-                    != new.desired.roles.get(&key.name).map(|r| &r.hash));
+        let roles_changed = key.kind == Kind::Machine
+            && old.desired.roles.get(&key.name).map(|r| &r.hash)
+                != new.desired.roles.get(&key.name).map(|r| &r.hash);
+        let machine_inputs_changed =
+            key.kind == Kind::Machine && (build_input_changed || roles_changed);
         if spec_changed || machine_inputs_changed {
             changed.push(key.clone());
+        }
+        if roles_changed {
+            // Its services are Ready only with every member on its current
+            // roles document: they look again (and wait for it).
+            for roles in [
+                old.desired.roles.get(&key.name),
+                new.desired.roles.get(&key.name),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                changed.extend(roles.services.iter().map(|s| ObjectKey::service(s.clone())));
+            }
         }
     }
     let removed = old_hashes
@@ -137,6 +154,9 @@ pub async fn run<D: Drivers>(
     signals: Signals,
     git: Option<GitRun>,
 ) -> Result<(), DaemonError> {
+    // The directory was read once already, to start.
+    ctx.health.source_read();
+    ctx.health.set_source_interval(options.reread);
     let interrupted = lifecycle::recover_interrupted(&ctx);
     let removed = lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
 
@@ -214,9 +234,14 @@ pub async fn run<D: Drivers>(
     let mut indexed_for = ctx.snapshot();
     let mut dependents = lifecycle::dependents_index(&indexed_for.desired);
     tracing::info!(objects = ctx.snapshot().desired.len(), revision = %ctx.snapshot().revision.short(), "converge is running");
+    ctx.health.set_running(true);
+    let mut beat = tokio::time::interval(super::health::BEAT_EVERY);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        ctx.health.beat();
         tokio::select! {
+            _ = beat.tick() => {}
             summary = &mut handle => {
                 if let Ok(summary) = summary {
                     for key in &summary.aborted {
@@ -256,7 +281,8 @@ pub async fn run<D: Drivers>(
                 let _ = requests.send(Request::Now(key));
             }
             Some(done) = finished.recv() => {
-                if matches!(done.outcome, Outcome::Succeeded(_)) && !lifecycle::is_waiting(&ctx, &done.key) {
+                let succeeded = matches!(done.outcome, Outcome::Succeeded(_));
+                if !succeeded || !lifecycle::is_waiting(&ctx, &done.key) {
                     let snapshot = ctx.snapshot();
                     if !Arc::ptr_eq(&snapshot, &indexed_for) {
                         dependents = lifecycle::dependents_index(&snapshot.desired);
@@ -264,7 +290,10 @@ pub async fn run<D: Drivers>(
                     }
                     for dependent in dependents.get(&done.key).into_iter().flatten() {
                         let ready = ctx.store.status(dependent).ok().flatten().is_some_and(|s| s.is_ready());
-                        if !ready {
+                        // A success wakes what waits for it; a failure
+                        // makes a Ready service count its members again.
+                        let wake = if succeeded { !ready } else { ready && dependent.kind == Kind::Service };
+                        if wake {
                             let _ = requests.send(Request::Now(dependent.clone()));
                         }
                     }
@@ -273,6 +302,7 @@ pub async fn run<D: Drivers>(
         }
         match stop_signals {
             1 => {
+                ctx.health.set_running(false);
                 tracing::info!(
                     grace_secs = grace.as_secs(),
                     "stopping: no new reconciles; running steps may finish (send the signal again to abort)"
@@ -290,9 +320,12 @@ pub async fn run<D: Drivers>(
     if let Some(poller) = poller {
         poller.abort();
     }
+    ctx.health.set_running(false);
     if let Err(e) = ctx.store.flush() {
         tracing::error!(error = %e, "failed to flush the store");
     }
+    // What the last reconciles told is sent before the process goes.
+    ctx.notifier.flush(NOTIFY_FLUSH).await;
     tracing::info!("converge stopped");
     Ok(())
 }
@@ -337,10 +370,13 @@ impl Reloader {
         let (assembled, stats, snapshot) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
-                tracing::error!(error = %crate::telemetry::error_chain(&e), cause = cause.as_str(), "cannot read the desired-state directory; keeping the last valid desired state");
+                let error = crate::telemetry::error_chain(&e);
+                ctx.health.source_failed(&error);
+                tracing::error!(%error, cause = cause.as_str(), "cannot read the desired-state directory; keeping the last valid desired state");
                 return;
             }
         };
+        ctx.health.source_read();
         let Some(snapshot) = snapshot else {
             let diagnostics: Vec<String> = assembled.errors().map(ToString::to_string).collect();
             let repeated = self.rejected.as_ref() == Some(&diagnostics);

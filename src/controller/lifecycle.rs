@@ -179,8 +179,9 @@ pub fn forget_removed<D>(ctx: &Context<D>, desired: &DesiredState) -> Vec<Object
     removed
 }
 
-/// For every machine, the machines that wait for it (role `after`), and for
-/// every VM with a `machine:`, that machine: the reverse of what each waits
+/// For every machine, the machines that wait for it (role `after`) and the
+/// services it is a member of, and for every VM with a `machine:`, that
+/// machine: the reverse of what each waits
 /// for, built once per desired state so waking dependents is not a scan of
 /// the fleet per finished reconcile.
 pub fn dependents_index(desired: &DesiredState) -> HashMap<ObjectKey, Vec<ObjectKey>> {
@@ -200,6 +201,13 @@ pub fn dependents_index(desired: &DesiredState) -> HashMap<ObjectKey, Vec<Object
                 .entry(ObjectKey::machine(earlier.clone()))
                 .or_default()
                 .push(ObjectKey::machine(name.clone()));
+        }
+        // A service is Ready only when all its members are.
+        if !roles.services.is_empty() {
+            index
+                .entry(ObjectKey::machine(name.clone()))
+                .or_default()
+                .extend(roles.services.iter().map(|s| ObjectKey::service(s.clone())));
         }
     }
     index

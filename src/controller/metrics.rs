@@ -46,6 +46,8 @@ pub struct Metrics {
     source_refusals: Family<ReasonLabel, Counter>,
     /// Updated by the applier.
     pub queue_depth: Arc<AtomicUsize>,
+    /// Updated by the notifier.
+    pub notifications: super::notify::Counters,
 }
 
 fn duration_histogram() -> Histogram {
@@ -99,8 +101,20 @@ impl Metrics {
             "Objects pending or being reconciled",
             queue.clone(),
         );
+        let notifications = super::notify::Counters::default();
+        registry.register(
+            "notifications_dropped",
+            "Notifications dropped because a sink's queue was full",
+            notifications.dropped.clone(),
+        );
+        registry.register(
+            "notifications_failed",
+            "Notifications given up on after their retries",
+            notifications.failed.clone(),
+        );
         Metrics {
             registry,
+            notifications,
             durations,
             failures,
             objects,

@@ -1442,3 +1442,85 @@ async fn a_machine_in_a_stopped_vm_is_stalled_with_that_reason_and_never_contact
         "the VM itself is stopped as asked"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_service_is_ready_only_when_every_member_is_ready_on_its_current_roles_document() {
+    let machines = ["gw1", "gw2", "p1", "p2"].map(M::new);
+    let h = Harness::new(&fleet(&machines, VPN));
+    assert!(h.once(3).await.all_ready());
+    let ready = h.status("service/vpn");
+    let c = ready.condition(ConditionKind::Ready).expect("Ready");
+    assert!(c.status, "{c:?}");
+    assert_eq!(c.message, "2 roles, 4 members: 4 Ready");
+
+    // Instance-wide settings change every member's roles document: until
+    // the members are deployed with it, the service is not Ready.
+    let changed = VPN.replace(
+        "module: wireguard\n",
+        "module: wireguard\n  settings: {port: 51821}\n",
+    );
+    h.change(&fleet(&machines, &changed));
+    let action = super::reconcile::reconcile(h.ctx.clone(), object("service/vpn"))
+        .await
+        .expect("a service reconcile");
+    assert!(
+        matches!(action, super::applier::Action::Requeue(_)),
+        "it waits for its members: {action:?}"
+    );
+    let waiting = h.status("service/vpn");
+    let c = waiting.condition(ConditionKind::Ready).expect("Ready");
+    assert!(!c.status);
+    assert_eq!(c.reason, Reason::DependencyNotReady);
+    assert_eq!(
+        c.message,
+        "2 roles, 4 members: 0 Ready, 4 OlderRolesDocument (gw1, gw2, p1, …)"
+    );
+
+    assert!(h.once(3).await.all_ready());
+    let c = h.status("service/vpn");
+    let c = c.condition(ConditionKind::Ready).expect("Ready");
+    assert!(c.status, "{c:?}");
+    assert_eq!(c.message, "2 roles, 4 members: 4 Ready");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_and_the_recovery_after_it_are_events() {
+    let h = Harness::new(&M::new("web").yaml());
+    let v2 = M {
+        version: "v2",
+        ..M::new("web")
+    };
+    let faults = Faults {
+        activation_exit: Some((2, 1)),
+        ..Faults::default()
+    };
+    let (report, _) = second_generation(&h, v2, faults).await;
+    assert!(!row(&report, "machine/web").ready);
+    let v3 = M {
+        version: "v3",
+        ..M::new("web")
+    };
+    h.fake().faults("web", Faults::default());
+    h.change(&v3.yaml());
+    let report = h.once(1).await;
+    assert!(report.all_ready(), "{report:?}");
+    let events = h
+        .ctx
+        .store
+        .events_for(&object("machine/web"), 10)
+        .expect("events");
+    let reasons: Vec<(Reason, crate::store::records::Severity)> =
+        events.iter().map(|e| (e.reason, e.severity)).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (Reason::Converged, crate::store::records::Severity::Info),
+            (Reason::RolledBack, crate::store::records::Severity::Error),
+        ],
+        "newest first: {events:?}"
+    );
+    assert!(
+        events[0].message.starts_with("recovered from RolledBack"),
+        "{events:?}"
+    );
+}

@@ -10,6 +10,7 @@ pub mod build;
 pub mod capability;
 mod command;
 pub mod console;
+pub mod exec_hook;
 pub mod git;
 pub mod git_source;
 pub mod host;
@@ -19,8 +20,10 @@ pub mod local;
 pub mod nix;
 pub mod protocol;
 pub mod qemu;
+pub mod sink;
 pub mod ssh;
 pub mod stream;
 mod target;
+pub mod webhook;
 
 pub use target::{CommandOutput, Input, InputError, NO_INPUT, OUTPUT_LIMIT, Target, TargetError};

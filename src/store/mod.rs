@@ -619,6 +619,18 @@ impl Store {
         self.scan_events(limit, |_| true)
     }
 
+    /// The newest `limit` events whose sequence number is above `after`
+    /// (about `key`, when given), newest first: what a follower that saw
+    /// `after` has not seen yet.
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        key: Option<&ObjectKey>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.scan_events_until(limit, after, |e| key.is_none_or(|k| &e.key == k))
+    }
+
     /// The newest `limit` events about `key`, newest first.
     pub fn events_for(
         &self,
@@ -647,6 +659,17 @@ impl Store {
         limit: usize,
         keep: impl Fn(&EventRecord) -> bool,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        self.scan_events_until(limit, 0, keep)
+    }
+
+    /// Newest first, stopping at the first valid sequence number at or
+    /// below `until`.
+    fn scan_events_until(
+        &self,
+        limit: usize,
+        until: u64,
+        keep: impl Fn(&EventRecord) -> bool,
+    ) -> Result<Vec<EventRecord>, StoreError> {
         let tree = &self.inner.events;
         let mut out = Vec::new();
         for entry in tree.tree.iter().rev() {
@@ -658,6 +681,9 @@ impl Store {
                 warn_corrupt_key(tree.name, &k);
                 continue;
             };
+            if seq <= until {
+                break;
+            }
             if let Some(event) = skip_corrupt(decode(tree.name, &seq, &v))? {
                 if keep(&event) {
                     out.push(event);

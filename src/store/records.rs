@@ -188,6 +188,39 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// True for the reasons a Ready=False condition gives when something
+    /// went wrong (a failed step, an unreachable target, a rollback, a
+    /// refusal), as opposed to waiting or progressing: what is recorded as
+    /// an event and notified as a failure.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Reason::BuildFailed
+                | Reason::InstallFailed
+                | Reason::SwitchFailed
+                | Reason::ActivationFailed
+                | Reason::HealthCheckFailed
+                | Reason::NotConfirmed
+                | Reason::RolledBack
+                | Reason::Unreachable
+                | Reason::StoreFailed
+                | Reason::RolesMissing
+                | Reason::HostVmStopped
+                | Reason::DependencyFailed
+                | Reason::BuildChangedDirectory
+                | Reason::ActivationBusy
+                | Reason::Unsupported
+                | Reason::HostChanged
+                | Reason::HypervisorUnknown
+                | Reason::DiskFailed
+                | Reason::StopFailed
+                | Reason::StartFailed
+                | Reason::DeleteFailed
+        )
+    }
+}
+
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

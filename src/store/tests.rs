@@ -333,6 +333,24 @@ fn events_keep_the_newest_ten_thousand_in_sequence_order() {
         store.events(2).unwrap()[1].message,
         format!("event {}", total - 1)
     );
+    let after = store.events_after(total - 3, 100, None).unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![total, total - 1, total - 2],
+        "only what a follower that saw {} has not seen, newest first",
+        total - 3
+    );
+    assert_eq!(store.events_after(total, 100, None).unwrap(), vec![]);
+    assert_eq!(store.events_after(0, 2, None).unwrap().len(), 2);
+    assert_eq!(
+        store
+            .events_after(total - 3, 100, Some(&b))
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        vec![total, total - 2]
+    );
     drop(store);
 
     // Sequence numbers go on after a restart.

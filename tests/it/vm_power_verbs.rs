@@ -2,7 +2,8 @@
 //! running daemon: `stop` keeps the VM stopped (its object is suspended, so
 //! the daemon's resyncs do not start it again), `start` resumes and starts
 //! it, `restart` is planned and recorded as a `restart-vm` step, `delete`
-//! removes it as removing its YAML would and keeps it gone. Without a daemon, `restart` is refused with what to do instead.
+//! removes it as removing its YAML would and keeps it gone; each verb is an
+//! event. Without a daemon, `restart` is refused with what to do instead.
 
 use std::time::{Duration, Instant};
 
@@ -131,6 +132,24 @@ fn stop_start_restart_and_delete_hold_against_the_loop() {
         None,
         "not created again while its YAML remains"
     );
+
+    // Each verb is an event, newest first.
+    let events = fleet.converge(&["events", "--state", state, "--output", "json"]);
+    events.assert_code(0);
+    let messages: Vec<String> = events
+        .json()
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["reason"] == "OperatorVerb")
+        .map(|e| e["message"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let order = ["deleted", "restart asked", "resumed", "stopped"];
+    let found: Vec<&str> = messages
+        .iter()
+        .filter_map(|m| order.iter().copied().find(|w| m.contains(w)))
+        .collect();
+    assert_eq!(found, order, "{messages:?}");
 
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).is_some());

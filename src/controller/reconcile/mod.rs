@@ -6,6 +6,8 @@
 //! `plan::diff`, executes exactly the plan's steps (`deploy` for machines),
 //! records the attempt (`attempt`), and returns an [`Action`] (when to look
 //! again) or a [`ReconcileError`] that says whether retrying can help.
+//! What changed in the object's conditions is then recorded as events and
+//! told to the notifier (`transition`).
 
 mod attempt;
 mod deploy;
@@ -14,6 +16,7 @@ pub mod machine;
 mod record;
 mod rollback;
 mod service;
+pub mod transition;
 pub mod vm;
 
 pub use service::document as service_document;
@@ -33,6 +36,8 @@ pub async fn reconcile<D: Drivers>(
     ctx: Arc<Context<D>>,
     key: ObjectKey,
 ) -> Result<Action, ReconcileError> {
+    let before = ctx.store.status(&key).ok().flatten();
+    let revision = ctx.snapshot().revision.short();
     let result = match key.kind {
         Kind::Machine => machine::reconcile(&ctx, &key).await,
         Kind::Service => service::reconcile(&ctx, &key),
@@ -45,6 +50,7 @@ pub async fn reconcile<D: Drivers>(
         }
         record_failure(&ctx, &key, e);
     }
+    transition::after_reconcile(&ctx, &key, before.as_ref(), &revision);
     result
 }
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::controller::context::Context;
+use crate::controller::notify::{Event, Notification};
 use crate::plan;
 use crate::spec::{DriftPolicy, ObjectKey};
 use crate::store::records::{ConditionKind, Reason, Severity, StatusRecord, now_ms};
@@ -77,7 +78,7 @@ pub fn set_ready(
 }
 
 /// One WARN line (target `converge::drift`) and one event per drifted
-/// field, when it is first seen or changes; the Drifted condition remembers
+/// field, and one notification, when it is first seen or changes; the Drifted condition remembers
 /// what was reported, and is cleared when nothing drifts.
 pub fn report_drift<D>(
     ctx: &Context<D>,
@@ -110,6 +111,13 @@ pub fn report_drift<D>(
         .condition(ConditionKind::Drifted)
         .is_some_and(|c| c.status && c.message == message);
     if !already {
+        ctx.notifier.notify(&Notification::new(
+            key.to_string(),
+            Event::DriftDetected,
+            Reason::DriftDetected,
+            &message,
+            Some(ctx.snapshot().revision.short()),
+        ));
         for d in drift {
             tracing::warn!(
                 target: DRIFT_TARGET,
