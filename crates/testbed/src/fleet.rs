@@ -68,7 +68,11 @@ impl SshFleet {
     /// A fleet of `n` fresh SSH hosts named `host0`..; no machine documents
     /// yet. `bin` is the `converge` binary to run.
     pub fn new(bin: impl Into<PathBuf>, n: usize) -> SshFleet {
-        let testbed = Testbed::new(n);
+        SshFleet::on(bin, Testbed::new(n))
+    }
+
+    /// A fleet on hosts made already (with other sshd options, or users).
+    pub fn on(bin: impl Into<PathBuf>, testbed: Testbed) -> SshFleet {
         let root = tempfile::Builder::new()
             .prefix("converge-fleet-")
             .tempdir()

@@ -587,7 +587,7 @@ fn sample_tree(root: &Path) {
 }
 
 #[tokio::test]
-async fn upload_dir_copies_contents_modes_and_symlinks_then_renames() {
+async fn upload_dir_copies_contents_private_modes_and_symlinks_then_renames() {
     let testbed = Testbed::new(1);
     let t = target(&testbed, 0);
     let local = tempfile::tempdir().expect("tempdir");
@@ -604,9 +604,10 @@ async fn upload_dir_copies_contents_modes_and_symlinks_then_renames() {
             .mode()
             & 0o777
     };
-    assert_eq!(mode("bin/tool"), 0o755);
-    assert_eq!(mode("data.txt"), 0o640);
-    assert_eq!(mode("ro"), 0o555);
+    // Private to the login, as everything converge writes on a target.
+    assert_eq!(mode("bin/tool"), 0o700);
+    assert_eq!(mode("data.txt"), 0o600);
+    assert_eq!(mode("ro"), 0o700);
     assert_eq!(
         fs::read_to_string(dest.join("data.txt")).expect("read"),
         "plain"
