@@ -50,8 +50,9 @@ pub struct Options {
     /// Offer the SFTP subsystem (`Subsystem sftp internal-sftp`); without
     /// it, sshd has none, as its compiled-in default and hardened configs.
     pub sftp: bool,
-    /// Offer only `curve25519-sha256` key exchange, so every client pays
-    /// the same handshake (benchmarks compare tools this way).
+    /// Offer only curve25519 key exchange (`curve25519-sha256` and its
+    /// older name `curve25519-sha256@libssh.org`), so every client pays the
+    /// same handshake (benchmarks compare tools this way).
     pub curve25519_only: bool,
     /// Refuse root logins (`DenyUsers root`): whatever runs as root came
     /// from sudo.
@@ -363,7 +364,8 @@ impl Testbed {
                 config.push_str("DenyUsers root\n");
             }
             if self.options.curve25519_only {
-                config.push_str("KexAlgorithms curve25519-sha256\n");
+                // Both names of one algorithm: paramiko knows only the older one.
+                config.push_str("KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org\n");
             }
             fs::write(host.dir.join("sshd_config"), config).expect("write sshd_config");
             host.spawn_sshd();
