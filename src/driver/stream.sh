@@ -59,9 +59,11 @@ private() {
 	printf '%o' $((0$1 & 0700))
 }
 
-# read_bytes N FILE: the next N bytes of stdin into FILE, exactly.
+# read_bytes N FILE: the next N bytes of stdin into FILE, exactly, on disk when it returns
+# (`conv=fsync`: one file's data, where a `sync` of the file system would wait for every other
+# writer's too).
 read_bytes() {
-	dd bs=65536 count="$1" iflag=count_bytes,fullblock status=none > "$2" || return 1
+	dd bs=65536 count="$1" iflag=count_bytes,fullblock conv=fsync status=none > "$2" || return 1
 	got=$(wc -c < "$2") || return 1
 	if [ "$got" -ne "$1" ]; then
 		echo "the stream ended early ($got of $1 bytes for ${2##*/})" >&2

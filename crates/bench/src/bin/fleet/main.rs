@@ -12,7 +12,9 @@
 //! trips per host (commands and new connections, from its debug log), its
 //! peak RSS (`/usr/bin/time`), and, with `BENCH_RESYNC=1`, the daemon's
 //! resync of warm hosts. Prints one table; asserts only that every tool did
-//! the work. Runs the converge binary `CONVERGE_BIN` names.
+//! the work. `BENCH_LOGS=DIR` keeps converge's logs there (`BENCH_RUST_LOG`
+//! adds to what they hold: keep the SSH driver's debug lines, which are
+//! counted). Runs the converge binary `CONVERGE_BIN` names.
 
 mod peers;
 
@@ -69,7 +71,10 @@ fn converge_once(fleet: &Fleet, n: usize, name: &str) -> ConvergeRun {
         .env_remove("CONVERGE_STATE")
         .env(
             "RUST_LOG",
-            "info,converge::driver::ssh::exec=debug,converge::driver::ssh::master=debug",
+            env_tool("BENCH_RUST_LOG").unwrap_or_else(|| {
+                "info,converge::driver::ssh::exec=debug,converge::driver::ssh::master=debug"
+                    .to_owned()
+            }),
         )
         .stdin(Stdio::null())
         .stdout(fs::File::create(&out).expect("create a log"))
@@ -205,6 +210,17 @@ fn pass(n: usize, label: &str, options: Options) {
             resync[resync.len() / 2].as_secs_f64(),
             resync[resync.len() - 1].as_secs_f64(),
         );
+    }
+    if let Some(keep) = env_tool("BENCH_LOGS") {
+        // Converge's logs of this pass, for a look at where the time went.
+        let to = Path::new(&keep).join(label.replace(' ', "-"));
+        fs::create_dir_all(&to).expect("create BENCH_LOGS");
+        for entry in fs::read_dir(fleet.root().join("logs"))
+            .expect("list logs")
+            .flatten()
+        {
+            fs::copy(entry.path(), to.join(entry.file_name())).expect("copy a log");
+        }
     }
     fleet.finish();
 }
