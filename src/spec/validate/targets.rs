@@ -254,6 +254,36 @@ mod tests {
     }
 
     #[test]
+    fn a_hypervisor_machine_without_root_needs_an_absolute_state_dir() {
+        let vm = "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {name: v}\nspec: {host: h, memory: 64MiB, cpus: 1}\n";
+        let messages = |target: &str| -> Vec<String> {
+            let docs = [machine("h", target), vm.to_owned()].join("---\n");
+            let parsed = parse_file(Path::new("m.yaml"), docs.as_bytes());
+            assemble(Path::new("/d"), &[parsed])
+                .diagnostics
+                .into_iter()
+                .map(|d| d.message)
+                .collect()
+        };
+        let found = messages("{host: x, user: deploy}");
+        assert!(
+            found.iter().any(|m| m.contains("absolute `stateDir`")),
+            "{found:?}"
+        );
+        for fine in [
+            "{host: x, user: deploy, stateDir: /srv/converge}",
+            "{host: x, user: deploy, sudo: true}",
+            "{host: x}",
+        ] {
+            let found = messages(fine);
+            assert!(
+                !found.iter().any(|m| m.contains("stateDir")),
+                "{fine}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_later_machine_in_reading_order_is_the_one_reported_pointing_at_the_first() {
         // `zz` comes first in the files, `aa` later; the name order is the reverse.
         let found = clashes(&[

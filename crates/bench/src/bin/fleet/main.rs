@@ -14,7 +14,7 @@
 //! resync of warm hosts. Prints one table; asserts only that every tool did
 //! the work. `BENCH_LOGS=DIR` keeps converge's logs there (`BENCH_RUST_LOG`
 //! adds to what they hold: keep the SSH driver's debug lines, which are
-//! counted). Runs the converge binary `CONVERGE_BIN` names.
+//! counted). `BENCH_NOOPS=K` runs K more no-op runs and prints each. Runs the converge binary `CONVERGE_BIN` names.
 
 mod peers;
 
@@ -146,6 +146,14 @@ fn pass(n: usize, label: &str, options: Options) {
     fleet.write_all(n, &["v1"], "");
     let first = converge_once(&fleet, n, "first");
     let noop = converge_once(&fleet, n, "noop");
+    // More no-op runs on request, to see their spread (`BENCH_NOOPS=5`).
+    let more: usize = env_tool("BENCH_NOOPS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for k in 0..more {
+        let again = converge_once(&fleet, n, &format!("noop{k}"));
+        println!("no-op run {k}: {}", secs(again.elapsed));
+    }
     for i in 0..n {
         assert_eq!(fleet.ledger(i).len(), 1, "host{i}");
     }
