@@ -227,8 +227,9 @@ impl SshTarget {
                 source,
             });
         }
-        if self.options.sudo && !wrapper_started && code != Some(0) {
-            // sudo stopped before the wrapper ran: nothing of argv ran.
+        if self.options.sudo && !wrapper_started && matches!(code, Some(1 | 127)) {
+            // sudo stopped (1), or is missing (127), before the wrapper ran:
+            // nothing of argv ran.
             let stderr = lossy(err_buf);
             return Err(self.ssh_error(SshError::SudoRefused {
                 destination: self.destination(),
