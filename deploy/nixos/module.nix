@@ -105,6 +105,7 @@ in
         Restart = "on-failure";
         RestartSec = "5s";
         KillMode = "mixed";
+        LimitNOFILE = 8192;
         DynamicUser = true;
         User = "converge";
         Group = "converge";

@@ -73,11 +73,13 @@ pub struct Args {
     pub keep: super::args::KeepArg,
     #[command(flatten)]
     pub cache: super::args::CacheArg,
-    /// Objects reconciled at once.
-    #[arg(long, default_value_t = 16)]
+    /// Objects reconciled at once (default: the whole fleet up to 256; a
+    /// slow or dead host holds one slot).
+    #[arg(long, default_value_t = crate::controller::context::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
-    /// Builds run at once.
-    #[arg(long, default_value_t = 2)]
+    /// Builds run at once, apart from the reconciles that wait for them
+    /// (default: one per CPU).
+    #[arg(long, default_value_t = crate::controller::context::default_builds())]
     pub builds: usize,
     /// Quiet window after a file change before reloading.
     #[arg(long, default_value = "500ms")]

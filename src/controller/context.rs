@@ -25,6 +25,17 @@ pub struct Snapshot {
     pub root: PathBuf,
 }
 
+/// Reconciles at once by default: the whole fleet, up to this bound. A
+/// reconcile of a machine mostly waits on its SSH round trips, which cost
+/// the controller little, so a slow or dead host holds one slot of many.
+pub const DEFAULT_CONCURRENCY: usize = 256;
+
+/// Builds at once by default: one per CPU (builds are the heavy work,
+/// limited apart from reconciles).
+pub fn default_builds() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+}
+
 /// Timeouts and limits of the loop.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -58,8 +69,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            concurrency: 16,
-            builds: 2,
+            concurrency: DEFAULT_CONCURRENCY,
+            builds: default_builds(),
             observe_timeout: Duration::from_secs(30),
             install_timeout: Duration::from_secs(600),
             switch_timeout: Duration::from_secs(30),

@@ -19,8 +19,8 @@ use crate::plan::{self, DesiredKind, Plan};
 use crate::spec::{Kind, ObjectKey};
 use crate::telemetry::error_chain;
 
-/// Objects observed at once while planning.
-const PARALLEL_OBSERVES: usize = 16;
+/// Objects observed at once while planning: as many as reconcile at once.
+const PARALLEL_OBSERVES: usize = super::context::DEFAULT_CONCURRENCY;
 
 /// Plans every object of the snapshot in force, and every object the store
 /// knows that the snapshot no longer has.

@@ -192,6 +192,7 @@ impl HostDriver {
             .user
             .as_ref()
             .map_or_else(|| "root".to_owned(), |u| u.value.to_string());
+        options.sudo = spec.sudo();
         options.host_key = spec.host_key.as_ref().map(|k| k.value.to_string());
         options.known_hosts = spec
             .known_hosts

@@ -198,14 +198,26 @@ pub fn push_tree(
                 } else {
                     sent.files += 1;
                     sent.bytes += len;
-                    let mode = if *executable { "700" } else { "600" };
-                    input.push_bytes(format!("F {mode} {len} {}\n", entry.path));
-                    input.push_file(root.join(&entry.path), *len);
+                    push_file(
+                        input,
+                        &entry.path,
+                        &root.join(&entry.path),
+                        *len,
+                        *executable,
+                    );
                 }
             }
         }
     }
     sent
+}
+
+/// Appends one file frame: `len` bytes of the local file `local`, to be
+/// written at `path` in the stream's tree (0700 when `executable`, else 0600).
+pub fn push_file(input: &mut Input, path: &str, local: &Path, len: u64, executable: bool) {
+    let mode = if executable { "700" } else { "600" };
+    input.push_bytes(format!("F {mode} {len} {path}\n"));
+    input.push_file(local, len);
 }
 
 /// Appends the end line: `count` frames came before it.

@@ -4,8 +4,10 @@
 # follow), `S PATH<TAB>TARGET` (a symlink), `K PATH` (the file PATH of the base tree, hard
 # linked, else copied), `E COUNT` (the end: COUNT entries came). Modes are octal, kept to their
 # owner's bits; names hold no newline or tab; a path is refused unless it is new, below
-# directories the stream made (never through a symlink). File contents are read with `dd iflag=count_bytes,fullblock` (GNU and busybox):
-# it reads exactly what it is asked, where busybox `head -c` reads ahead into the next line.
+# directories the stream made (never through a symlink). It relies on umask 077 (lib.sh, which
+# every script that reads a stream starts with). File contents are read with `dd
+# iflag=count_bytes,fullblock` (GNU and busybox): it reads exactly what it is asked, where
+# busybox `head -c` reads ahead into the next line.
 
 # checked_path PATH: refuses absolute paths, `..` and empty names.
 checked_path() {
@@ -47,8 +49,9 @@ checked_new() {
 	fi
 }
 
-# private MODE: the octal MODE without group, other and special bits (everything converge writes
-# on a target is private to its user, whatever the stream says).
+# private MODE: sets $mode to the octal MODE without group, other and special bits (everything
+# converge writes on a target is private to its user, whatever the stream says): its owner digit
+# followed by 00. A variable, not output: `$(...)` would fork once per entry.
 private() {
 	case $1 in
 	'' | *[!0-7]*)
@@ -56,17 +59,23 @@ private() {
 		return 1
 		;;
 	esac
-	printf '%o' $((0$1 & 0700))
+	mode=00$1
+	mode=${mode#"${mode%???}"}
+	mode=${mode%??}00
 }
 
-# read_bytes N FILE: the next N bytes of stdin into FILE, exactly.
+# read_bytes N FILE: the next N bytes of stdin into FILE, on disk when it returns (`conv=fsync`:
+# one file's data, where a `sync` of the file system would wait for every other writer's too).
+# With `fullblock`, dd stops short only at the end of stdin, and then the end line that must
+# follow is missing: a short stream is refused by read_entries without counting bytes here.
 read_bytes() {
-	dd bs=65536 count="$1" iflag=count_bytes,fullblock status=none > "$2" || return 1
-	got=$(wc -c < "$2") || return 1
-	if [ "$got" -ne "$1" ]; then
-		echo "the stream ended early ($got of $1 bytes for ${2##*/})" >&2
+	case $1 in
+	'' | *[!0-9]*)
+		echo "refused length in the stream: $1" >&2
 		return 1
-	fi
+		;;
+	esac
+	dd bs=65536 count="$1" iflag=count_bytes,fullblock conv=fsync status=none > "$2"
 }
 
 # read_entries DIR BASE: reads the stream into DIR until its end line. Lines: `R LEN` (the roles
@@ -92,8 +101,10 @@ read_entries() {
 			r=${line#D }
 			m=${r%% *}
 			f=${r#* }
-			checked_new "$1" "$f" && m=$(private "$m") || return 1
-			mkdir "$1/$f" && chmod "$m" "$1/$f" || return 1
+			checked_new "$1" "$f" && private "$m" || return 1
+			# Made 0700 under umask 077 (lib.sh): chmod only for less.
+			mkdir "$1/$f" || return 1
+			[ "$mode" = 700 ] || chmod "$mode" "$1/$f" || return 1
 			;;
 		'F '*)
 			r=${line#F }
@@ -101,9 +112,10 @@ read_entries() {
 			r=${r#* }
 			l=${r%% *}
 			f=${r#* }
-			checked_new "$1" "$f" && m=$(private "$m") || return 1
+			checked_new "$1" "$f" && private "$m" || return 1
+			# Made 0600 under umask 077 (lib.sh): chmod only for another mode.
 			read_bytes "$l" "$1/$f" || return 1
-			chmod "$m" "$1/$f" || return 1
+			[ "$mode" = 600 ] || chmod "$mode" "$1/$f" || return 1
 			;;
 		'S '*)
 			r=${line#S }

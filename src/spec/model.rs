@@ -66,8 +66,12 @@ fn default_interval() -> At<HumanDuration> {
     At::unplaced(HumanDuration::from_secs(300))
 }
 
-/// The default state directory on a target.
+/// The default state directory on a target reached as root (or through sudo).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/converge";
+
+/// The default state directory of a non-root SSH login without sudo:
+/// relative to its home directory, resolved on the target.
+pub const DEFAULT_USER_STATE_DIR: &str = "~/.local/state/converge";
 
 /// Where a machine is reached. Either `host` (SSH) or `local: true`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -82,6 +86,11 @@ pub struct Target {
     /// SSH user (default root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<At<UserName>>,
+    /// Log in as `user` and run converge's commands on the target as root
+    /// through `sudo -n` (never a prompt: the login needs a NOPASSWD rule).
+    /// Default false: commands run as `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sudo: Option<At<bool>>,
     /// SSH port (default 22).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<At<Port>>,
@@ -94,7 +103,9 @@ pub struct Target {
     /// A private key file to log in with (otherwise ssh_config and the agent decide).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_file: Option<At<SpecPath>>,
-    /// Where generations live on the target (default /var/lib/converge).
+    /// Where generations live on the target (default /var/lib/converge; for
+    /// a non-root `user` without `sudo`, ~/.local/state/converge). It must
+    /// be writable by whoever runs the commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<At<AbsPath>>,
 }
@@ -104,10 +115,31 @@ impl Target {
         self.local.as_ref().is_some_and(|l| l.value)
     }
 
+    /// Whether commands run as root through `sudo -n`.
+    pub fn sudo(&self) -> bool {
+        self.sudo.as_ref().is_some_and(|s| s.value)
+    }
+
+    /// Whether commands on the target run as root: an SSH login as root (the
+    /// default user), through sudo, or the controller's own host.
+    pub fn runs_as_root(&self) -> bool {
+        self.is_local()
+            || self.sudo()
+            || self
+                .user
+                .as_ref()
+                .is_none_or(|u| u.value.as_str() == "root")
+    }
+
+    /// The state directory: as written, else [`DEFAULT_STATE_DIR`] when
+    /// commands run as root, else [`DEFAULT_USER_STATE_DIR`] (`~/` is
+    /// resolved on the target, in the login's home).
     pub fn state_dir(&self) -> &str {
-        self.state_dir
-            .as_ref()
-            .map_or(DEFAULT_STATE_DIR, |d| d.value.as_str())
+        match &self.state_dir {
+            Some(dir) => dir.value.as_str(),
+            None if self.runs_as_root() => DEFAULT_STATE_DIR,
+            None => DEFAULT_USER_STATE_DIR,
+        }
     }
 }
 

@@ -70,7 +70,7 @@ fn a_tiny_guest_boots_and_answers_ssh_through_the_forward() {
 
         t.upload_dir(&src, "/var/lib/uploaded", T)
             .await
-            .expect("upload over sftp");
+            .expect("upload on a command's stdin");
         let check = t
             .run(
                 &argv(&[
@@ -85,7 +85,7 @@ fn a_tiny_guest_boots_and_answers_ssh_through_the_forward() {
             .expect("check upload");
         assert_eq!(
             check.stdout,
-            "hello guest\n755\nbin/tool\ntool ran\n.\n..\nuploaded\n",
+            "hello guest\n700\nbin/tool\ntool ran\n.\n..\nuploaded\n",
             "{check:?}"
         );
         t.disconnect().await;

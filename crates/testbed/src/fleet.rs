@@ -70,12 +70,12 @@ impl SshFleet {
     /// A fleet of `n` fresh SSH hosts named `host0`..; no machine documents
     /// yet. `bin` is the `converge` binary to run.
     pub fn new(bin: impl Into<PathBuf>, n: usize) -> SshFleet {
-        SshFleet::on(bin.into(), Testbed::new(n))
+        SshFleet::on(bin, Testbed::new(n))
     }
 
     /// [`SshFleet::new`] on hosts that each have their own /nix.
     pub fn with_private_nix(bin: impl Into<PathBuf>, n: usize) -> SshFleet {
-        SshFleet::on(bin.into(), Testbed::with_private_nix(n))
+        SshFleet::on(bin, Testbed::with_private_nix(n))
     }
 
     /// Sets `key=value` in the environment of every later `converge` run.
@@ -85,7 +85,8 @@ impl SshFleet {
         env.push((key.to_owned(), value.to_owned()));
     }
 
-    fn on(bin: PathBuf, testbed: Testbed) -> SshFleet {
+    /// A fleet on hosts made already (with other sshd options, or users).
+    pub fn on(bin: impl Into<PathBuf>, testbed: Testbed) -> SshFleet {
         let root = tempfile::Builder::new()
             .prefix("converge-fleet-")
             .tempdir()
@@ -94,7 +95,7 @@ impl SshFleet {
             fs::create_dir_all(root.path().join(dir)).expect("create a fleet directory");
         }
         let fleet = SshFleet {
-            bin,
+            bin: bin.into(),
             root,
             runs: std::cell::Cell::new(0),
             env: std::cell::RefCell::new(Vec::new()),

@@ -29,6 +29,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Boots one host inside its namespaces: hostname, bind mounts (its own
 /// /nix when the host dir has one), then sshd in the foreground. $1
 /// hostname, $2 host dir, $3 state dir as the host sees it, $4 sshd config.
+/// Each host gets an /etc/hosts naming it (sudo resolves the host's name and
+/// complains on every call otherwise).
 const BOOT_SCRIPT: &str = r#"# converge testbed: boot.sh
 set -e
 hostname "$1"
@@ -36,15 +38,66 @@ mkdir -p "$3"
 mount --bind "$2/state" "$3"
 mount --bind "$2/home" /root
 if [ -d "$2/nix" ]; then mount --bind "$2/nix" /nix; fi
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$1" > "$2/hosts"
+mount --bind "$2/hosts" /etc/hosts
 exec /usr/sbin/sshd -D -f "$4" -E "$2/sshd.log"
 "#;
 
 /// Serializes subnet choice within this process (tests run in parallel).
 static SUBNET_LOCK: Mutex<()> = Mutex::new(());
 
+/// How a testbed's sshd hosts are configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Offer the SFTP subsystem (`Subsystem sftp internal-sftp`); without
+    /// it, sshd has none, as its compiled-in default and hardened configs.
+    pub sftp: bool,
+    /// Offer only curve25519 key exchange (`curve25519-sha256` and its
+    /// older name `curve25519-sha256@libssh.org`), so every client pays the
+    /// same handshake (benchmarks compare tools this way).
+    pub curve25519_only: bool,
+    /// Refuse root logins (`DenyUsers root`): whatever runs as root came
+    /// from sudo.
+    pub deny_root: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sftp: true,
+            curve25519_only: false,
+            deny_root: false,
+        }
+    }
+}
+
+/// What a testbed user may do with sudo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sudo {
+    /// No sudoers rule at all.
+    None,
+    /// `NOPASSWD: ALL`.
+    NoPassword,
+    /// `ALL`, with a password (which the user does not have): `sudo -n`
+    /// fails at once with "a password is required".
+    Password,
+}
+
+/// A login made by [`Testbed::add_user`]; it logs in to every host with
+/// the testbed's client key (hosts share /etc/passwd and /home).
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub home: PathBuf,
+}
+
 /// A bridge, a subnet and `n` SSH hosts; all of it goes away on drop.
 pub struct Testbed {
     id: String,
+    options: Options,
+    /// Users and sudoers files made by [`Testbed::add_user`].
+    users: Mutex<Vec<(String, Option<PathBuf>)>>,
     dir: PathBuf,
     bridge: String,
     octet: u8,
@@ -177,7 +230,7 @@ impl Testbed {
     /// until every sshd listens. Panics with what to install when a tool is
     /// missing, or with the sshd log when a host does not come up.
     pub fn new(n_hosts: usize) -> Testbed {
-        Testbed::make(n_hosts, false)
+        Testbed::make(n_hosts, Options::default(), false)
     }
 
     /// [`Testbed::new`] whose hosts each see their own empty /nix (a bind
@@ -185,10 +238,15 @@ impl Testbed {
     /// store paths copied to one host are that host's alone.
     pub fn with_private_nix(n_hosts: usize) -> Testbed {
         fs::create_dir_all("/nix").expect("create /nix, the hosts' mount point");
-        Testbed::make(n_hosts, true)
+        Testbed::make(n_hosts, Options::default(), true)
     }
 
-    fn make(n_hosts: usize, private_nix: bool) -> Testbed {
+    /// [`Testbed::new`] with sshd configured by `options`.
+    pub fn with_options(n_hosts: usize, options: Options) -> Testbed {
+        Testbed::make(n_hosts, options, false)
+    }
+
+    fn make(n_hosts: usize, options: Options, private_nix: bool) -> Testbed {
         assert!((1..=200).contains(&n_hosts), "testbed: 1-200 hosts");
         let uid = run("id", &["-u"]).unwrap_or_default();
         assert_eq!(
@@ -217,6 +275,8 @@ impl Testbed {
             client_key: dir.join("client_key"),
             ssh_config: dir.join("ssh_config"),
             id,
+            options,
+            users: Mutex::new(Vec::new()),
             dir,
             octet: 0,
             hosts: Vec::new(),
@@ -311,14 +371,24 @@ impl Testbed {
             fs::write(host.dir.join("authorized_keys"), &client_pub)
                 .expect("write authorized_keys");
             let d = host.dir.display();
-            let config = format!(
+            let mut config = format!(
                 "# converge testbed sshd for {name}\nListenAddress {addr}:{port}\nHostKey {d}/ssh_host_ed25519_key\nPidFile {d}/sshd.pid\n\
                  PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-                 AuthorizedKeysFile {d}/authorized_keys\nSubsystem sftp internal-sftp\nPrintMotd no\nPrintLastLog no\nUseDNS no\nMaxStartups 100:30:200\n",
+                 AuthorizedKeysFile {d}/authorized_keys\nPrintMotd no\nPrintLastLog no\nUseDNS no\nMaxStartups 100:30:200\n",
                 name = host.name,
                 addr = host.address,
                 port = host.port,
             );
+            if self.options.sftp {
+                config.push_str("Subsystem sftp internal-sftp\n");
+            }
+            if self.options.deny_root {
+                config.push_str("DenyUsers root\n");
+            }
+            if self.options.curve25519_only {
+                // Both names of one algorithm: paramiko knows only the older one.
+                config.push_str("KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org\n");
+            }
             fs::write(host.dir.join("sshd_config"), config).expect("write sshd_config");
             host.spawn_sshd();
         }
@@ -367,6 +437,45 @@ impl Testbed {
         }
     }
 
+    /// Makes a login `<prefix><id>u<n>` with a home under /home and the
+    /// testbed's client key authorized (sshd reads the testbed's
+    /// authorized_keys for every user), and the sudo rule `sudo` asks for in
+    /// /etc/sudoers.d. Both go at teardown. Needs `useradd` and, for a rule,
+    /// sudo (`apt-get install -y sudo`).
+    pub fn add_user(&self, sudo: Sudo) -> User {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let name = format!("{PREFIX}{}u{}", self.id, users.len());
+        // useradd fails when another test holds /etc/passwd's lock: retry.
+        let mut tries = 0;
+        while let Err(e) = run("useradd", &["-m", "-p", "*", "-s", "/bin/sh", &name]) {
+            tries += 1;
+            assert!(tries < 50, "testbed: useradd {name}: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let rule = match sudo {
+            Sudo::None => None,
+            Sudo::NoPassword => Some(format!("{name} ALL=(ALL) NOPASSWD: ALL\n")),
+            Sudo::Password => Some(format!("{name} ALL=(ALL) ALL\n")),
+        };
+        let sudoers = rule.map(|rule| {
+            assert!(
+                Path::new("/usr/bin/sudo").exists(),
+                "testbed: sudo is missing; apt-get install -y sudo (scripts/setup does)"
+            );
+            let path = PathBuf::from(format!("/etc/sudoers.d/{name}"));
+            fs::write(&path, rule).expect("write a sudoers rule");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o440)).expect("chmod 0440");
+            path
+        });
+        users.push((name.clone(), sudoers));
+        let uid = must("id", &["-u", &name]).trim().parse().expect("a uid");
+        User {
+            home: PathBuf::from(format!("/home/{name}")),
+            name,
+            uid,
+        }
+    }
+
     fn teardown(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         // Client-side processes that use this testbed's files (its client
@@ -393,6 +502,24 @@ impl Testbed {
         if link_exists(&self.bridge) {
             if let Err(e) = run("ip", &["link", "del", &self.bridge]) {
                 problems.push(e);
+            }
+        }
+        let users = std::mem::take(&mut *self.users.lock().unwrap_or_else(|p| p.into_inner()));
+        for (name, sudoers) in users {
+            if let Some(path) = sudoers {
+                if let Err(e) = fs::remove_file(&path) {
+                    problems.push(format!("remove {}: {e}", path.display()));
+                }
+            }
+            // Its processes all ran on the hosts, killed with their namespaces above.
+            let mut tries = 0;
+            while let Err(e) = run("userdel", &["-r", &name]) {
+                tries += 1;
+                if tries >= 50 {
+                    problems.push(e);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
@@ -759,6 +886,14 @@ pub fn leftovers(id: &str) -> Vec<String> {
     }
     if Path::new(&format!("/tmp/{run_prefix}")).exists() {
         found.push(format!("directory /tmp/{run_prefix}"));
+    }
+    for line in fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+    {
+        if line.starts_with(&run_prefix) {
+            found.push(format!("user {line}"));
+        }
     }
     found
 }

@@ -183,6 +183,16 @@ impl<D: Drivers> Run<'_, D> {
                 }
             }
             Step::Prune { keep } => {
+                // What was observed before this attempt, plus the one it may
+                // have installed, fits in `keep`: nothing to remove, and no
+                // round trip to learn it (a first deploy's case).
+                let facts = self.inputs.facts;
+                if facts.incomplete.is_empty() && facts.generations.len() < *keep {
+                    return Ok(Done::Next(format!(
+                        "nothing to remove: at most {} generations, {keep} kept",
+                        facts.generations.len() + 1
+                    )));
+                }
                 let protect: Vec<GenerationId> = self
                     .generation
                     .iter()

@@ -47,8 +47,9 @@
 //! vocabulary and [`MachineError`]) <- `script.rs` (running one embedded
 //! script, shared by every step) <- the steps: `observe.rs`, `confirm.rs`
 //! (claiming, reading and recording confirmations; the watchdog's script),
-//! `apply.rs` (the deploy), `activation.rs` (waiting, ending, health checks)
-//! and `prune.rs` (which observes first). The scripts stay in `scripts/`;
+//! `apply.rs` (the deploy), `activation.rs` (waiting, ending, health checks),
+//! `prune.rs` (which observes first) and `upload.rs` (a tree or a file sent
+//! on stdin, for uploads that are not generations: no SFTP needed). The scripts stay in `scripts/`;
 //! the stream reader they share with other uploads is `driver/stream.sh`.
 
 mod activation;
@@ -58,6 +59,7 @@ mod generation;
 mod observe;
 mod prune;
 mod script;
+mod upload;
 
 pub use activation::{activate, health_check, kill_activation, wait_activation};
 pub use apply::{
@@ -75,6 +77,7 @@ pub use generation::{
 };
 pub use observe::{observe, observe_local};
 pub use prune::prune;
+pub use upload::upload;
 
 #[cfg(test)]
 mod tests;

@@ -46,10 +46,16 @@ impl Deadline {
     }
 }
 
-/// The state directory without trailing slashes, when it is usable.
+/// The state directory without trailing slashes, when it is usable: an
+/// absolute path, or one in the login's home (`~/…`, which the script's
+/// bootstrap resolves on the target).
 pub(super) fn checked_state_dir(state_dir: &str) -> Result<&str, MachineError> {
     let trimmed = state_dir.trim_end_matches('/');
-    let valid = trimmed.starts_with('/') && !trimmed.contains(['\n', '\0']);
+    let rooted = trimmed.starts_with('/')
+        || trimmed
+            .strip_prefix("~/")
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+    let valid = rooted && !trimmed.contains(['\n', '\0']);
     if valid {
         Ok(trimmed)
     } else {
@@ -72,13 +78,21 @@ pub(super) struct Script {
 /// The whole command line of every protocol script: reads the script's
 /// `$1` bytes from stdin (exactly: `dd` with `count_bytes,fullblock`, in
 /// GNU coreutils and busybox; `head -c` of busybox reads ahead) and runs
-/// them with the remaining arguments. The script finds its own text in
-/// `$converge_script`, to start itself detached.
+/// them with the remaining arguments. A first argument `~/PATH` (a state
+/// directory in the login's home) becomes `$HOME/PATH`. The script finds
+/// its own text in `$converge_script`, to start itself detached.
 const BOOTSTRAP: &str = r#"converge_script=$(dd bs=65536 count="$1" iflag=count_bytes,fullblock status=none) || {
 	echo "converge: cannot read the protocol script from stdin (it needs dd with iflag=count_bytes,fullblock: GNU coreutils 8.16+ or busybox)" >&2
 	exit 125
 }
 shift
+case ${1-} in
+"~/"*)
+	converge_home=$HOME/${1#??}
+	shift
+	set -- "$converge_home" "$@"
+	;;
+esac
 eval "$converge_script""#;
 
 /// Runs a constant script on the target with `args` as `$1...`; any exit
@@ -104,12 +118,7 @@ pub(super) async fn run_script_input<T: Target>(
     input: &Input,
     timeout: Duration,
 ) -> Result<CommandOutput, MachineError> {
-    let mut argv = Vec::with_capacity(args.len() + 5);
-    argv.extend(["sh", "-c", BOOTSTRAP, script.name].map(str::to_owned));
-    argv.push(script.text.len().to_string());
-    argv.extend(args.iter().map(|arg| (*arg).to_owned()));
-    let mut stdin = Input::bytes(script.text);
-    stdin.append(input);
+    let (argv, stdin) = script_command(script, args, input);
     t.run_input(&argv, &[], &stdin, timeout)
         .await
         .map_err(|source| MachineError::Target {
@@ -117,6 +126,18 @@ pub(super) async fn run_script_input<T: Target>(
             target: t.describe(),
             source,
         })
+}
+
+/// The argv and stdin that run `script` with `args` as `$1...` and `input`
+/// on its stdin after the script's text.
+pub(super) fn script_command(script: Script, args: &[&str], input: &Input) -> (Vec<String>, Input) {
+    let mut argv = Vec::with_capacity(args.len() + 5);
+    argv.extend(["sh", "-c", BOOTSTRAP, script.name].map(str::to_owned));
+    argv.push(script.text.len().to_string());
+    argv.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let mut stdin = Input::bytes(script.text);
+    stdin.append(input);
+    (argv, stdin)
 }
 
 /// Turns a non-zero exit into [`MachineError::Script`] (or `NotInstalled`).

@@ -108,11 +108,15 @@ pub enum SshError {
         #[source]
         source: openssh::Error,
     },
-    #[error("start sftp on {destination}")]
-    Sftp {
+    /// `sudo -n` refused to run the command as root (it wants a password,
+    /// or the login may not use sudo): a person must change the sudoers
+    /// rules or the spec, so it is not retried.
+    #[error(
+        "run commands as root with `sudo -n` on {destination}: sudo refused ({message}); give the login a NOPASSWD sudo rule, or set `sudo: false`"
+    )]
+    SudoRefused {
         destination: String,
-        #[source]
-        source: openssh_sftp_client::Error,
+        message: String,
     },
 }
 
@@ -127,7 +131,8 @@ impl SshError {
             | Self::UnsafeControlDir { .. }
             | Self::HostKeyMismatch { .. }
             | Self::HostKeyUnknown { .. }
-            | Self::Auth { .. } => false,
+            | Self::Auth { .. }
+            | Self::SudoRefused { .. } => false,
             Self::Prepare { source, .. } | Self::ControlDir { source, .. } => {
                 io_is_transient(source)
             }
@@ -136,10 +141,9 @@ impl SshError {
                 openssh::Error::Connect(e) | openssh::Error::Master(e)
                     if e.kind() == io::ErrorKind::NotFound
             ),
-            Self::ConnectTimedOut { .. }
-            | Self::ConnectionLost { .. }
-            | Self::Session { .. }
-            | Self::Sftp { .. } => true,
+            Self::ConnectTimedOut { .. } | Self::ConnectionLost { .. } | Self::Session { .. } => {
+                true
+            }
         }
     }
 

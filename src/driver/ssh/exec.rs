@@ -1,5 +1,6 @@
 //! Running one command over the master: argv wrapped for a constant script
-//! (`run.sh`) that reports the remote process group, exports the
+//! (`run.sh`, under `sudo -n --` when the target asks for root) that
+//! reports the remote process group, exports the
 //! environment and execs argv; stdout and stderr read to their last 64 KiB,
 //! the wrapper's marker lines taken out of stderr; the remote process group
 //! killed at the timeout; a dead master told apart from a failed command.
@@ -37,8 +38,9 @@ impl SshTarget {
     /// Ends a timed-out command's process group on the target, best effort:
     /// SIGTERM, then SIGKILL when any of the group is left after a grace.
     async fn kill_group(&self, session: &Arc<Session>, pgid: u32) {
-        let mut command = Session::to_command(Arc::clone(session), "sh");
+        let mut command = Session::to_command(Arc::clone(session), self.program());
         command
+            .args(self.sudo_args())
             .arg("-c")
             .arg(KILL_GROUP_SCRIPT)
             .arg("converge-kill")
@@ -51,6 +53,21 @@ impl SshTarget {
             other => {
                 tracing::debug!(target_host = %self.describe(), pgid, ?other, "ending a timed-out remote command did not succeed")
             }
+        }
+    }
+
+    /// The remote program every command starts with: `sh`, or `sudo` when
+    /// commands run as root (then [`Self::sudo_args`] come first).
+    fn program(&self) -> &'static str {
+        if self.options.sudo { "sudo" } else { "sh" }
+    }
+
+    /// `-n -- sh` when commands run as root through sudo: never a prompt.
+    fn sudo_args(&self) -> &'static [&'static str] {
+        if self.options.sudo {
+            &["-n", "--", "sh"]
+        } else {
+            &[]
         }
     }
 
@@ -88,8 +105,9 @@ impl SshTarget {
             .map_err(|_| timed_out())??;
         tracing::debug!(target_host = %target, argv = %argv_summary(argv), "running command over ssh");
         let spawn = open_again_if_refused(&target, || {
-            let mut command = Session::to_command(Arc::clone(&session), "sh");
+            let mut command = Session::to_command(Arc::clone(&session), self.program());
             command
+                .args(self.sudo_args())
                 .args(&wrapped)
                 .stdin(if input.is_empty() {
                     Stdio::null()
@@ -118,6 +136,7 @@ impl SshTarget {
         let mut err_buf = Vec::new();
         let mut pgid = None;
         let mut not_found = false;
+        let mut wrapper_started = false;
         let mut fed = None;
         let waited = timeout_at(deadline, async {
             let feed = async {
@@ -129,7 +148,13 @@ impl SshTarget {
             let ((), out, err) = tokio::join!(
                 feed,
                 read_optional(stdout.as_mut(), &mut out_buf),
-                read_marked_stderr(stderr.as_mut(), &mut err_buf, &mut pgid, &mut not_found),
+                read_marked_stderr(
+                    stderr.as_mut(),
+                    &mut err_buf,
+                    &mut pgid,
+                    &mut not_found,
+                    &mut wrapper_started,
+                ),
             );
             // Wait only after both streams ended: `wait` returns at the
             // master's exit message and then drops the mux connection, and
@@ -202,6 +227,20 @@ impl SshTarget {
                 source,
             });
         }
+        if self.options.sudo && !wrapper_started && matches!(code, Some(1 | 127)) {
+            // sudo stopped (1), or is missing (127), before the wrapper ran:
+            // nothing of argv ran.
+            let stderr = lossy(err_buf);
+            return Err(self.ssh_error(SshError::SudoRefused {
+                destination: self.destination(),
+                message: stderr
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("no message")
+                    .to_owned(),
+            }));
+        }
         Ok(CommandOutput {
             code,
             stdout: lossy(out_buf),
@@ -269,6 +308,7 @@ async fn read_marked_stderr<R: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     pgid: &mut Option<u32>,
     not_found: &mut bool,
+    wrapper_started: &mut bool,
 ) -> io::Result<()> {
     const HEAD: usize = 4096;
     let Some(reader) = reader else {
@@ -296,6 +336,7 @@ async fn read_marked_stderr<R: AsyncRead + Unpin>(
             buf.extend_from_slice(&line);
         }
     }
+    *wrapper_started = marker_seen;
     buf.append(&mut head);
     read_tail(reader, buf, OUTPUT_LIMIT).await?;
     // The not-found marker is the last line the wrapper writes before exit 127.

@@ -1,7 +1,7 @@
 //! A machine reached over SSH as a [`Target`](crate::driver::Target): the
 //! system OpenSSH client through the `openssh` crate's native multiplexing,
 //! with ONE master connection per target, built lazily, shared by commands
-//! and SFTP uploads, and rebuilt when it died. It owns the client-side
+//! and uploads (streams on a command's stdin: no SFTP), and rebuilt when it died. It owns the client-side
 //! safety settings (strict host key checking against the spec's key or
 //! known_hosts file, BatchMode, ConnectTimeout, ServerAlive) and turns ssh's
 //! failures into errors that say whether a retry can help. It must not run a
@@ -16,7 +16,7 @@
 //! sockets and client files live, checked private: `STATE/ssh` or a
 //! temporary directory removed at the end), `config.rs` (the generated
 //! client files) <- `master.rs` (SshTarget and its master connection) <-
-//! `exec.rs` (running a command), `upload.rs` (SFTP upload) <- `target.rs`
+//! `exec.rs` (running a command, as root through `sudo -n` when asked) <- `target.rs`
 //! (SshTarget as a Target). `error` is visible to the rest of `driver`
 //! because `TargetError` carries an [`SshError`].
 
@@ -27,7 +27,6 @@ mod exec;
 mod master;
 mod options;
 mod target;
-mod upload;
 
 pub use control_dir::ControlDir;
 pub use error::SshError;

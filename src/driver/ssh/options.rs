@@ -71,6 +71,9 @@ pub struct SshOptions {
     ///
     /// [`SshTarget::fresh`]: super::master::SshTarget::fresh
     pub keep_master: bool,
+    /// Run every command as root through `sudo -n --` (never a prompt): a
+    /// sudo that refuses is [`SshError::SudoRefused`], not retried.
+    pub sudo: bool,
 }
 
 impl SshOptions {
@@ -93,6 +96,7 @@ impl SshOptions {
             control_dir: control_dir.into(),
             master_idle_exit: Duration::from_secs(600),
             keep_master: false,
+            sudo: false,
         }
     }
 

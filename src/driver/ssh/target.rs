@@ -1,8 +1,9 @@
 //! [`SshTarget`] as a driver [`Target`]: its description, `run` and
 //! `upload_dir` with their deadlines, `upload_file` for one file, and the
 //! removal of a failed upload's partial copy while the connection still
-//! works. It only composes `master.rs`, `exec.rs` and `upload.rs`; it must
-//! not talk to ssh itself.
+//! works. It only composes `master.rs`, `exec.rs` and the protocol's
+//! `upload` (a stream on an exec channel: no SFTP); it must not talk to ssh
+//! itself.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tokio::time::Instant;
 
 use super::master::SshTarget;
 use crate::driver::command::unique_suffix;
+use crate::driver::protocol;
 use crate::driver::target::{CommandOutput, Input, Target, TargetError};
 
 /// How long removing a failed upload's partial copy may take.
@@ -69,10 +71,11 @@ impl Target for SshTarget {
         self.run_inner(argv, env, input, deadline, timeout).await
     }
 
-    /// Uploads over SFTP on the master into `<dest>.partial-<unique>`, then
-    /// renames it to `dest`. Keeps permission bits (the executable bit
-    /// included) and symlinks as they are. On failure the partial copy is
-    /// removed when the connection still works; a partial copy left by a
+    /// Streams the tree on the stdin of a constant script over the master
+    /// (no SFTP subsystem needed) into `<dest>.partial-<unique>`, then
+    /// renames it to `dest`. Keeps the executable bit and symlinks; modes
+    /// are private to the login (0700 or 0600). On failure the partial copy
+    /// is removed when the connection still works; a partial copy left by a
     /// dead connection never has `dest`'s name.
     async fn upload_dir(
         &self,
@@ -80,11 +83,8 @@ impl Target for SshTarget {
         dest: &str,
         timeout: Duration,
     ) -> Result<(), TargetError> {
-        let deadline = Instant::now() + timeout;
         let partial = format!("{dest}.partial-{}", unique_suffix());
-        let result = self
-            .upload_inner(src, dest, &partial, deadline, timeout)
-            .await;
+        let result = protocol::upload(self, src, dest, &partial, timeout).await;
         match &result {
             // Without a connection there is nothing to clean up with; an
             // install starts its generation directory over anyway.

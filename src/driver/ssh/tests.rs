@@ -190,6 +190,74 @@ async fn run_timeout_kills_the_remote_process_group() {
 }
 
 #[tokio::test]
+async fn sudo_runs_commands_as_root_a_timeout_still_ends_them_and_a_refusal_is_terminal() {
+    let testbed = Testbed::new(1);
+    let allowed = testbed.add_user(testbed::Sudo::NoPassword);
+    let mut options = testbed_options(&testbed.client(0));
+    options.user = allowed.name.clone();
+    let plain = SshTarget::new(options.clone()).expect("target");
+    let whoami = plain.run(&argv(&["id", "-u"]), &[], T).await.expect("run");
+    assert_eq!(whoami.stdout.trim(), allowed.uid.to_string(), "{whoami:?}");
+    options.sudo = true;
+    let root = SshTarget::new(options).expect("target");
+    let id = root
+        .run(
+            &argv(&["sh", "-c", "id -u; echo \"$GREETING\""]),
+            &[("GREETING".to_owned(), "hi".to_owned())],
+            T,
+        )
+        .await
+        .expect("run");
+    assert_eq!(id.stdout, "0\nhi\n", "{id:?}");
+    // A command that exits non-zero is its own failure, not sudo's.
+    let failed = root.run(&argv(&["false"]), &[], T).await.expect("run");
+    assert_eq!(failed.code, Some(1));
+
+    let error = root
+        .run(
+            &argv(&[
+                "sh",
+                "-c",
+                "sleep 300 & echo $! > \"$1\"; wait",
+                "converge-test",
+                &remote("sleep.pid"),
+            ]),
+            &[],
+            Duration::from_secs(2),
+        )
+        .await
+        .expect_err("must time out");
+    assert!(error.is_timeout(), "{error:?}");
+    let pid = fs::read_to_string(testbed.host(0).state_dir.join("sleep.pid")).expect("pid written");
+    let pid = pid.trim();
+    let deadline = StdInstant::now() + Duration::from_secs(5);
+    while is_alive(pid) && StdInstant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !is_alive(pid),
+        "remote sleep {pid} (as root) survived the timeout"
+    );
+
+    let refused = testbed.add_user(testbed::Sudo::Password);
+    let mut options = testbed_options(&testbed.client(0));
+    options.user = refused.name.clone();
+    options.sudo = true;
+    let t = SshTarget::new(options).expect("target");
+    let error = t
+        .run(&argv(&["touch", &remote("ran")]), &[], T)
+        .await
+        .expect_err("sudo wants a password");
+    let message = error_chain(&error);
+    assert!(!error.is_transient(), "{message}");
+    assert!(
+        message.contains("password is required") && message.contains(&refused.name),
+        "{message}"
+    );
+    assert!(!testbed.host(0).state_dir.join("ran").exists());
+}
+
+#[tokio::test]
 async fn commands_share_one_master_and_a_dead_master_is_rebuilt() {
     let testbed = Testbed::new(1);
     let t = target(&testbed, 0);
@@ -587,7 +655,7 @@ fn sample_tree(root: &Path) {
 }
 
 #[tokio::test]
-async fn upload_dir_copies_contents_modes_and_symlinks_then_renames() {
+async fn upload_dir_copies_contents_private_modes_and_symlinks_then_renames() {
     let testbed = Testbed::new(1);
     let t = target(&testbed, 0);
     let local = tempfile::tempdir().expect("tempdir");
@@ -604,9 +672,10 @@ async fn upload_dir_copies_contents_modes_and_symlinks_then_renames() {
             .mode()
             & 0o777
     };
-    assert_eq!(mode("bin/tool"), 0o755);
-    assert_eq!(mode("data.txt"), 0o640);
-    assert_eq!(mode("ro"), 0o555);
+    // Private to the login, as everything converge writes on a target.
+    assert_eq!(mode("bin/tool"), 0o700);
+    assert_eq!(mode("data.txt"), 0o600);
+    assert_eq!(mode("ro"), 0o700);
     assert_eq!(
         fs::read_to_string(dest.join("data.txt")).expect("read"),
         "plain"

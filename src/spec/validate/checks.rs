@@ -108,11 +108,20 @@ pub(super) fn check_machine(
             t.host_key.as_ref().map(|v| v.loc),
             t.known_hosts.as_ref().map(|v| v.loc),
             t.identity_file.as_ref().map(|v| v.loc),
+            t.sudo.as_ref().map(|v| v.loc),
         ];
         for loc in ssh_only.into_iter().flatten() {
             diags.push(origin.error(
                 loc,
-                "SSH settings (user, port, hostKey, knownHosts, identityFile) do not apply to a `local: true` target: remove them",
+                "SSH settings (user, port, hostKey, knownHosts, identityFile, sudo) do not apply to a `local: true` target: remove them",
+            ));
+        }
+    }
+    if let Some(sudo) = t.sudo.as_ref().filter(|s| s.value) {
+        if !t.is_local() && t.user.as_ref().is_none_or(|u| u.value.as_str() == "root") {
+            diags.push(origin.error(
+                sudo.loc,
+                "`sudo: true` with the root login does nothing: set `user` to the login that uses sudo, or remove `sudo`",
             ));
         }
     }

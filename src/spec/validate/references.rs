@@ -25,8 +25,14 @@ pub(super) fn check_vm_references(
     for vm in vms.values().map(Arc::as_ref) {
         let spec = &vm.spec;
         if let VmHost::Machine(host) = &spec.host.value {
-            if !machines.contains_key(host) {
-                diags.push(vm.origin.error(spec.host.loc, format!("VM host `{host}` is not a Machine in this directory: name a Machine, or use `local`")));
+            match machines.get(host) {
+                None => diags.push(vm.origin.error(spec.host.loc, format!("VM host `{host}` is not a Machine in this directory: name a Machine, or use `local`"))),
+                // The agent and a VM's files live under the state
+                // directory, named by absolute paths on the hypervisor.
+                Some(machine) if machine.spec.target.state_dir().starts_with("~/") => {
+                    diags.push(vm.origin.error(spec.host.loc, format!("VM host `{host}` logs in without root and keeps its state in its home by default: give Machine `{host}` an absolute `stateDir` it can write, or `sudo: true`")));
+                }
+                Some(_) => {}
             }
         }
         if let Some(inner) = &spec.machine {

@@ -35,10 +35,15 @@ impl Place {
             let port = target.port.as_ref().map_or(22, |p| p.value.get());
             Some((normalize_host(host.value.as_str()), port))
         };
-        Some(Place {
-            host,
-            state_dir: normalize_path(target.state_dir()),
-        })
+        // A directory in a login's home is that login's: two users' defaults differ.
+        let state_dir = match target.state_dir().strip_prefix("~/") {
+            Some(rest) => {
+                let user = target.user.as_ref().map_or("root", |u| u.value.as_str());
+                normalize_path(&format!("~{user}/{rest}"))
+            }
+            None => normalize_path(target.state_dir()),
+        };
+        Some(Place { host, state_dir })
     }
 
     fn describe(&self) -> String {
@@ -190,6 +195,91 @@ mod tests {
         for (a, b) in apart {
             let found = clashes(&[("m.yaml", vec![machine("a", a), machine("b", b)])]);
             assert_eq!(found, [], "{a} and {b}");
+        }
+    }
+
+    #[test]
+    fn logins_without_sudo_default_to_their_own_home_and_sudo_to_the_system_directory() {
+        // Two non-root logins on one host: two homes.
+        let found = clashes(&[(
+            "m.yaml",
+            vec![
+                machine("a", "{host: h, user: alice}"),
+                machine("b", "{host: h, user: bob}"),
+            ],
+        )]);
+        assert_eq!(found, []);
+        // One login twice, or sudo and root: one directory.
+        for (a, b) in [
+            ("{host: h, user: alice}", "{host: h, user: alice, port: 22}"),
+            ("{host: h, user: alice, sudo: true}", "{host: h}"),
+        ] {
+            let found = clashes(&[("m.yaml", vec![machine("a", a), machine("b", b)])]);
+            assert_eq!(found.len(), 1, "{a} and {b}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn sudo_is_refused_on_a_local_target_and_with_the_root_login() {
+        for (target, expected) in [
+            (
+                "{local: true, sudo: true}",
+                "do not apply to a `local: true` target",
+            ),
+            (
+                "{host: h, sudo: true}",
+                "`sudo: true` with the root login does nothing",
+            ),
+            (
+                "{host: h, user: root, sudo: true}",
+                "`sudo: true` with the root login",
+            ),
+        ] {
+            let parsed = parse_file(Path::new("m.yaml"), machine("a", target).as_bytes());
+            let messages: Vec<String> = assemble(Path::new("/d"), &[parsed])
+                .diagnostics
+                .into_iter()
+                .map(|d| d.message)
+                .collect();
+            assert!(
+                messages.iter().any(|m| m.contains(expected)),
+                "{target}: {messages:?}"
+            );
+        }
+        let parsed = parse_file(
+            Path::new("m.yaml"),
+            machine("a", "{host: h, user: deploy, sudo: true}").as_bytes(),
+        );
+        assert_eq!(assemble(Path::new("/d"), &[parsed]).diagnostics.len(), 0);
+    }
+
+    #[test]
+    fn a_hypervisor_machine_without_root_needs_an_absolute_state_dir() {
+        let vm = "apiVersion: converge/v1\nkind: VirtualMachine\nmetadata: {name: v}\nspec: {host: h, memory: 64MiB, cpus: 1}\n";
+        let messages = |target: &str| -> Vec<String> {
+            let docs = [machine("h", target), vm.to_owned()].join("---\n");
+            let parsed = parse_file(Path::new("m.yaml"), docs.as_bytes());
+            assemble(Path::new("/d"), &[parsed])
+                .diagnostics
+                .into_iter()
+                .map(|d| d.message)
+                .collect()
+        };
+        let found = messages("{host: x, user: deploy}");
+        assert!(
+            found.iter().any(|m| m.contains("absolute `stateDir`")),
+            "{found:?}"
+        );
+        for fine in [
+            "{host: x, user: deploy, stateDir: /srv/converge}",
+            "{host: x, user: deploy, sudo: true}",
+            "{host: x}",
+        ] {
+            let found = messages(fine);
+            assert!(
+                !found.iter().any(|m| m.contains("stateDir")),
+                "{fine}: {found:?}"
+            );
         }
     }
 

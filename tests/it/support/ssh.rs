@@ -19,3 +19,8 @@ pub fn options(testbed: &testbed::Testbed, i: usize) -> converge::driver::ssh::S
     options.ssh_config = Some(client.ssh_config.clone());
     options
 }
+
+/// A fleet of `n` fresh SSH hosts whose sshd is configured by `options`.
+pub fn fleet_with(n: usize, options: testbed::Options) -> SshFleet {
+    SshFleet::on(super::BIN, testbed::Testbed::with_options(n, options))
+}

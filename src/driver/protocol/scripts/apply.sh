@@ -61,6 +61,8 @@ phase_install() {
 			return 0
 		done
 		rmdir "$p/artifact" && cp -a "$o/artifact" "$p/artifact" || return 1
+		# Copies are not written by read_bytes: put them on disk before the marker.
+		sync -f "$p/artifact" 2>/dev/null || sync
 		outcome=copied
 		;;
 	base:*)
@@ -82,8 +84,8 @@ phase_install() {
 		echo "generation $1 has no executable artifact/activate" >&2
 		return 1
 	fi
-	# The marker vouches for the files: they must be on disk before it is.
-	sync -f "$p/roles.json" 2>/dev/null || sync
+	# The marker vouches for the files: they are on disk before it is (read_bytes syncs each file
+	# it writes; hard links of `K` entries are files already on disk).
 	printf '%s\n' "$2" > "$p/.complete" && mv "$p" "$g" || return 1
 	generation=$1
 	echo "converge-step install $outcome $1"
