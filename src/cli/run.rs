@@ -201,7 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ..Config::default()
     };
     let (manual_tx, manual_rx) = mpsc::unbounded_channel();
-    let metrics = Arc::new(Metrics::new());
+    // The same metrics the Git source counts its refusals in.
     let notifier = {
         let _runtime = runtime.enter();
         notify.start(metrics.notifications.clone())

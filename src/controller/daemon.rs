@@ -190,6 +190,10 @@ pub async fn run<D: Drivers>(
             git.requests,
             applied_tx,
             git.first_poll,
+            super::git_source::Listeners {
+                health: ctx.health.clone(),
+                notifier: ctx.notifier.clone(),
+            },
         ))
     });
     let watched = if poller.is_some() {
@@ -220,6 +224,7 @@ pub async fn run<D: Drivers>(
     let mut reloader = Reloader {
         source,
         rejected: None,
+        is_source: poller.is_none(),
     };
 
     let Signals {
@@ -356,6 +361,10 @@ struct Reloader {
     /// The diagnostics of the last load that was not applied, if the last
     /// load was not applied.
     rejected: Option<Vec<String>>,
+    /// Whether reading the directory is reading the source, for
+    /// `/healthz`: not with a Git source, whose fetches are (the checkout
+    /// is converge's own and always readable).
+    is_source: bool,
 }
 
 impl Reloader {
@@ -371,12 +380,16 @@ impl Reloader {
             Ok(loaded) => loaded,
             Err(e) => {
                 let error = crate::telemetry::error_chain(&e);
-                ctx.health.source_failed(&error);
+                if self.is_source {
+                    ctx.health.source_failed(&error);
+                }
                 tracing::error!(%error, cause = cause.as_str(), "cannot read the desired-state directory; keeping the last valid desired state");
                 return;
             }
         };
-        ctx.health.source_read();
+        if self.is_source {
+            ctx.health.source_read();
+        }
         let Some(snapshot) = snapshot else {
             let diagnostics: Vec<String> = assembled.errors().map(ToString::to_string).collect();
             let repeated = self.rejected.as_ref() == Some(&diagnostics);

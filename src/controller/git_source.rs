@@ -622,13 +622,25 @@ pub type FetchRequest = oneshot::Sender<Outcome>;
 /// Polls the remote every interval (after a failure, with backoff) and
 /// when asked; tells `applied` each time a new tip is in force. Runs until
 /// both channels close or the task is aborted.
+/// Who else hears of each fetch: `/healthz` (a fetch that reached the
+/// remote is a source read; one that did not is a failed read) and the
+/// notifier (a tip refused, once per tip).
+pub struct Listeners {
+    pub health: std::sync::Arc<super::health::Health>,
+    pub notifier: super::notify::Notifier,
+}
+
 pub async fn poll_loop(
     mut tracker: Tracker,
     mut requests: mpsc::UnboundedReceiver<FetchRequest>,
     applied: mpsc::UnboundedSender<String>,
     first_delay: Duration,
+    listeners: Listeners,
 ) {
     let poll = tracker.config.poll;
+    // A source read may be three polls old before /healthz says so.
+    listeners.health.set_source_interval(Some(poll));
+    let mut told_refused: Option<String> = None;
     let mut backoff = ErrorBackoff::new(BackoffConfig {
         min_delay: poll.min(Duration::from_secs(5)),
         max_delay: poll.max(Duration::from_secs(300)),
@@ -656,6 +668,24 @@ pub async fn poll_loop(
                 poll
             }
         };
+        match &outcome {
+            Outcome::Failed { error, .. } => listeners.health.source_failed(error),
+            Outcome::Refused { commit, reason } => {
+                listeners.health.source_read();
+                if told_refused.as_deref() != Some(commit.as_str()) {
+                    listeners.notifier.source_refused(
+                        short(commit),
+                        Reason::SourceRefused,
+                        &format!("commit {} refused: {reason}", short(commit)),
+                    );
+                    told_refused = Some(commit.clone());
+                }
+            }
+            Outcome::Unchanged { .. } | Outcome::Applied { .. } => {
+                listeners.health.source_read();
+                told_refused = None;
+            }
+        }
         if let Outcome::Applied { commit, .. } = &outcome {
             if applied.send(commit.clone()).is_err() {
                 return;

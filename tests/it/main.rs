@@ -29,6 +29,7 @@ mod frozen_sshd;
 mod fuzz;
 mod git_source;
 mod git_source_once;
+mod git_source_tells;
 mod guest_harness;
 mod health_check_failure;
 mod health_check_failure_rolls_back;
