@@ -216,6 +216,7 @@ pub async fn operate<D: VmDriver>(
                 }
             );
             record_event(store, &key, &message);
+            record_stopped(store, &key, &message);
             message
         }
         VmOp::Delete => {
@@ -235,6 +236,7 @@ pub async fn operate<D: VmDriver>(
                 if deletes { "deleted" } else { "kept" }
             );
             record_event(store, &key, &message);
+            record_stopped(store, &key, &message);
             message
         }
         VmOp::Snapshots => "snapshots".to_owned(),
@@ -344,6 +346,33 @@ fn resume_or_restart(
         message,
         snapshots: Vec::new(),
     })
+}
+
+/// What the verb just did is what `status` and `vm list` say at once
+/// (without a daemon no reconcile follows to observe it): the VM is not
+/// running, and not Ready, suspended.
+fn record_stopped(store: &Store, key: &ObjectKey, message: &str) {
+    use crate::store::records::{ConditionKind, Reason, now_ms};
+    let now = now_ms();
+    let written = (|| {
+        if let Some(mut facts) = store.facts(key)? {
+            if let Some(map) = facts.facts.as_object_mut() {
+                map.insert("running".to_owned(), serde_json::Value::Bool(false));
+                map.insert("pid".to_owned(), serde_json::Value::Null);
+                map.remove("qmpStatus");
+            }
+            facts.observed_ms = now;
+            store.put_facts(key, &facts)?;
+        }
+        if let Some(mut status) = store.status(key)? {
+            status.set_condition(ConditionKind::Ready, false, Reason::Suspended, message, now);
+            store.put_status(key, &status)?;
+        }
+        store.flush()
+    })();
+    if let Err(error) = written {
+        tracing::warn!(object = %key, %error, "recording the stopped VM failed");
+    }
 }
 
 /// The VM's `stopTimeout` from its recorded spec, else 30 s.

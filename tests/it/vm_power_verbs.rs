@@ -153,4 +153,16 @@ fn stop_start_restart_and_delete_hold_against_the_loop() {
 
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).is_some());
+
+    // Without a daemon: start resumes and the next --once creates and starts
+    // it again; stop says at once, in `vm list` and `status`, that it is
+    // stopped (no reconcile follows to observe it).
+    vm(&["start", "box"]).assert_code(0);
+    fleet.reconcile_once(&["--timeout", "60s"]).assert_code(0);
+    assert!(guard.pid().is_some(), "created and started again");
+    vm(&["stop", "box"]).assert_code(0);
+    assert_eq!(guard.pid(), None);
+    let rows = vm(&["list", "--output", "json"]).json();
+    assert_eq!(rows[0]["running"], false, "{rows}");
+    assert_eq!(rows[0]["reason"], "Suspended", "{rows}");
 }
