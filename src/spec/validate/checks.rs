@@ -21,34 +21,19 @@ use crate::spec::quantity::{ByteSize, HumanDuration};
 /// Name no Machine may take: `host: local` of a VM means the controller's host.
 const RESERVED_MACHINE_NAME: &str = "local";
 
-fn check_duration(
+/// An error at the value's location unless `min <= value <= max`.
+fn check_range<T: PartialOrd + std::fmt::Display>(
     origin: &Origin,
-    d: &At<HumanDuration>,
+    v: &At<T>,
     field: &str,
-    min: HumanDuration,
-    max: HumanDuration,
+    min: T,
+    max: T,
     diags: &mut Vec<Diagnostic>,
 ) {
-    if d.value < min || d.value > max {
+    if v.value < min || v.value > max {
         diags.push(origin.error(
-            d.loc,
-            format!("{field} {} is out of range: use {min} to {max}", d.value),
-        ));
-    }
-}
-
-fn check_size(
-    origin: &Origin,
-    s: &At<ByteSize>,
-    field: &str,
-    min: ByteSize,
-    max: ByteSize,
-    diags: &mut Vec<Diagnostic>,
-) {
-    if s.value < min || s.value > max {
-        diags.push(origin.error(
-            s.loc,
-            format!("{field} {} is out of range: use {min} to {max}", s.value),
+            v.loc,
+            format!("{field} {} is out of range: use {min} to {max}", v.value),
         ));
     }
 }
@@ -188,7 +173,7 @@ pub(super) fn check_machine(
         }
     }
     let day = HumanDuration::from_secs(86_400);
-    check_duration(
+    check_range(
         origin,
         &build.timeout,
         "build timeout",
@@ -197,7 +182,7 @@ pub(super) fn check_machine(
         diags,
     );
     let act = &spec.activation;
-    check_duration(
+    check_range(
         origin,
         &act.timeout,
         "activation timeout",
@@ -205,7 +190,7 @@ pub(super) fn check_machine(
         day,
         diags,
     );
-    check_duration(
+    check_range(
         origin,
         &act.confirm_timeout,
         "confirm timeout",
@@ -217,7 +202,7 @@ pub(super) fn check_machine(
         if check.exec.value.first().is_none_or(String::is_empty) {
             diags.push(origin.error(check.exec.loc, "health check `exec` is empty: give an argv like [\"systemctl\", \"is-system-running\"]"));
         }
-        check_duration(
+        check_range(
             origin,
             &check.timeout,
             "health check timeout",
@@ -226,7 +211,7 @@ pub(super) fn check_machine(
             diags,
         );
     }
-    check_duration(
+    check_range(
         origin,
         &spec.interval,
         "interval",
@@ -249,7 +234,7 @@ pub(super) fn check_vm(
             format!("cpus {} is out of range: use 1 to 256", spec.cpus.value),
         ));
     }
-    check_size(
+    check_range(
         origin,
         &spec.memory,
         "memory",
@@ -269,7 +254,7 @@ pub(super) fn check_vm(
                     .with_related(origin.related(first, "first defined")),
             );
         }
-        check_size(
+        check_range(
             origin,
             &disk.size,
             "disk size",
