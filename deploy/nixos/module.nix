@@ -96,7 +96,8 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      path = [ pkgs.openssh pkgs.git pkgs.qemu pkgs.coreutils ];
+      # nix: machines with `build: {nix: …}` build their systems with it.
+      path = [ pkgs.openssh pkgs.git pkgs.qemu pkgs.coreutils config.nix.package ];
       environment.HOME = stateDir;
       serviceConfig = {
         Type = "exec";

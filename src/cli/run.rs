@@ -34,8 +34,9 @@ use crate::spec::{HumanDuration, Kind};
 /// Notifications: with --notify URL or --notify-exec CMD, each condition
 /// transition (Ready, failed, rolled back, drift, recovered) is sent as
 /// signed JSON; `converge events` lists them from the store. GET /healthz on
-/// the socket answers 200 while the loop runs and the directory was read
-/// within three --reread-intervals, 503 with the reason otherwise.
+/// the socket answers 200 while the loop runs and the source was read
+/// within three intervals (--reread-interval; with --git, --poll), 503 with
+/// the reason otherwise.
 ///
 /// Signals: SIGHUP re-reads the directory now (as a file change does: only
 /// objects whose spec, roles or build inputs changed are reconciled; with
@@ -163,7 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
             let (tx, requests) = mpsc::unbounded_channel();
             fetch_tx = Some(tx.clone());
-            git = Some((tracker, requests, tx, first_poll));
+            git = Some((tracker, requests, tx, first_poll, first.ok()));
             early_store = Some(store);
             root
         }
@@ -299,12 +300,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
         });
         tracing::info!(socket = %socket.display(), "local API listening");
-        let git = git.map(|(tracker, requests, fetch, first_poll)| daemon::GitRun {
-            tracker,
-            requests,
-            fetch,
-            first_poll,
-        });
+        let git = git.map(
+            |(tracker, requests, fetch, first_poll, first)| daemon::GitRun {
+                tracker,
+                requests,
+                fetch,
+                first_poll,
+                first,
+            },
+        );
         let result = daemon::run(ctx, source, options, manual_rx, metrics, signals, git).await;
         server.abort();
         let _ = std::fs::remove_file(&socket);

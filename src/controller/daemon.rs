@@ -142,6 +142,8 @@ pub struct GitRun {
     /// The sending side of `requests`: SIGHUP fetches too.
     pub fetch: mpsc::UnboundedSender<super::git_source::FetchRequest>,
     pub first_poll: Duration,
+    /// What the start's first poll found (`None`: it did not end in time).
+    pub first: Option<super::git_source::Outcome>,
 }
 
 /// Runs until shut down by signal.
@@ -154,8 +156,11 @@ pub async fn run<D: Drivers>(
     signals: Signals,
     git: Option<GitRun>,
 ) -> Result<(), DaemonError> {
-    // The directory was read once already, to start.
-    ctx.health.source_read();
+    // The directory was read once already, to start; a Git source's first
+    // fetch tells health itself.
+    if git.is_none() {
+        ctx.health.source_read();
+    }
     ctx.health.set_source_interval(options.reread);
     let interrupted = lifecycle::recover_interrupted(&ctx);
     let removed = lifecycle::forget_removed(&ctx, &ctx.snapshot().desired);
@@ -184,12 +189,14 @@ pub async fn run<D: Drivers>(
     let root = source.root().to_path_buf();
     let (applied_tx, mut applied) = mpsc::unbounded_channel::<String>();
     let fetch_on_hup = git.as_ref().map(|git| git.fetch.clone());
+    let tree_lock = git.as_ref().map(|git| git.tracker.tree_lock());
     let poller = git.map(|git| {
         tokio::spawn(super::git_source::poll_loop(
             git.tracker,
             git.requests,
             applied_tx,
             git.first_poll,
+            git.first,
             super::git_source::Listeners {
                 health: ctx.health.clone(),
                 notifier: ctx.notifier.clone(),
@@ -225,6 +232,7 @@ pub async fn run<D: Drivers>(
         source,
         rejected: None,
         is_source: poller.is_none(),
+        tree_lock,
     };
 
     let Signals {
@@ -361,6 +369,9 @@ struct Reloader {
     /// The diagnostics of the last load that was not applied, if the last
     /// load was not applied.
     rejected: Option<Vec<String>>,
+    /// A Git source's: held for reading while the checkout is loaded, so
+    /// `current` cannot move to another commit halfway through.
+    tree_lock: Option<super::git_source::TreeLock>,
     /// Whether reading the directory is reading the source, for
     /// `/healthz`: not with a Git source, whose fetches are (the checkout
     /// is converge's own and always readable).
@@ -375,7 +386,13 @@ impl Reloader {
         requests: &mpsc::UnboundedSender<Request<ObjectKey>>,
         cause: Cause,
     ) {
-        let loaded = tokio::task::block_in_place(|| lifecycle::load(&mut self.source));
+        let loaded = tokio::task::block_in_place(|| {
+            let _reading = self.tree_lock.as_ref().map(|lock| {
+                lock.read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            });
+            lifecycle::load(&mut self.source)
+        });
         let (assembled, stats, snapshot) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {

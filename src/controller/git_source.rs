@@ -198,7 +198,14 @@ pub struct Tracker {
     /// The fetch error last logged, so a remote that stays down is not
     /// logged at ERROR on every retry.
     logged_error: Option<String>,
+    /// Held for writing while `current` is switched, and by the daemon for
+    /// reading while it loads the directory: a load never reads one
+    /// commit's file list with another's contents.
+    tree_lock: TreeLock,
 }
+
+/// See [`Tracker::tree_lock`].
+pub type TreeLock = Arc<std::sync::RwLock<()>>;
 
 impl Tracker {
     /// Checks the configuration, opens (or creates) the clone, and reads
@@ -256,6 +263,7 @@ impl Tracker {
             logged_refusal: None,
             refused_cause: None,
             logged_error: None,
+            tree_lock: TreeLock::default(),
         };
         tracker.restore_applied_tree().await;
         Ok(tracker)
@@ -267,6 +275,11 @@ impl Tracker {
     }
 
     /// Whether the tree of the applied commit is checked out and current.
+    /// The lock a load of the checkout holds for reading (see the field).
+    pub fn tree_lock(&self) -> TreeLock {
+        self.tree_lock.clone()
+    }
+
     pub fn has_applied_tree(&self) -> bool {
         self.applied()
             .is_some_and(|c| self.current_target().as_deref() == Some(c))
@@ -281,29 +294,36 @@ impl Tracker {
 
     /// After a restart (or a lost tree), checks the applied commit out again
     /// if the clone has it.
-    async fn restore_applied_tree(&mut self) {
+    /// Checks the applied commit out again when its tree is missing; true
+    /// when `current` was switched to it.
+    async fn restore_applied_tree(&mut self) -> bool {
         let Some(applied) = self.record.applied.clone() else {
-            return;
+            return false;
         };
         if self.current_target().as_deref() == Some(applied.as_str()) {
-            return;
+            return false;
         }
         if !self.clone.has_commit(&applied).await {
-            return;
+            return false;
         }
         let tree = trees_dir(&self.state).join(&applied);
         let _ = self.clone.remove_checkout(&tree).await;
         match self.clone.check_out(&applied, &tree).await {
-            Ok(()) => {
-                if let Err(e) = self.point_current_at(&applied) {
+            Ok(()) => match self.point_current_at(&applied) {
+                Ok(()) => true,
+                Err(e) => {
                     tracing::error!(error = %e, "failed to restore the applied commit's tree");
+                    false
                 }
+            },
+            Err(e) => {
+                tracing::error!(
+                    commit = short(&applied),
+                    error = %crate::telemetry::error_chain(&e),
+                    "failed to check out the applied commit again"
+                );
+                false
             }
-            Err(e) => tracing::error!(
-                commit = short(&applied),
-                error = %crate::telemetry::error_chain(&e),
-                "failed to check out the applied commit again"
-            ),
         }
     }
 
@@ -342,13 +362,20 @@ impl Tracker {
         self.record.succeeded_ms = Some(now);
         self.record.error = None;
         self.record.failures = 0;
-        if !self.has_applied_tree() {
-            self.restore_applied_tree().await;
-        }
+        let restored = !self.has_applied_tree() && self.restore_applied_tree().await;
         if self.record.applied.as_deref() == Some(tip.as_str()) {
             self.record.refused = None;
             self.save();
-            return Outcome::Unchanged { commit: tip };
+            // A tree checked out again is new to a daemon that started
+            // without one: it must load it.
+            return if restored {
+                Outcome::Applied {
+                    commit: tip,
+                    previous: None,
+                }
+            } else {
+                Outcome::Unchanged { commit: tip }
+            };
         }
         // A refused tip is checked again at each poll (the allowed-signers
         // file may have gained its key), but for invalid desired state,
@@ -560,6 +587,10 @@ impl Tracker {
     /// Points `STATE/git/current` at the tree of `commit` (a new link
     /// renamed over the old one: atomic).
     fn point_current_at(&self, commit: &str) -> std::io::Result<()> {
+        let _switching = self
+            .tree_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let git = git_dir(&self.state);
         let staged = git.join("current.new");
         let _ = std::fs::remove_file(&staged);
@@ -630,17 +661,48 @@ pub struct Listeners {
     pub notifier: super::notify::Notifier,
 }
 
+impl Listeners {
+    /// Tells health what a fetch found, and the notifier a newly refused
+    /// tip (`told_refused`: the one told last, so a tip that stays refused
+    /// is told once).
+    fn tell(&self, outcome: &Outcome, told_refused: &mut Option<String>) {
+        match outcome {
+            Outcome::Failed { error, .. } => self.health.source_failed(error),
+            Outcome::Refused { commit, reason } => {
+                self.health.source_read();
+                if told_refused.as_deref() != Some(commit.as_str()) {
+                    self.notifier.source_refused(
+                        short(commit),
+                        Reason::SourceRefused,
+                        &format!("commit {} refused: {reason}", short(commit)),
+                    );
+                    *told_refused = Some(commit.clone());
+                }
+            }
+            Outcome::Unchanged { .. } | Outcome::Applied { .. } => {
+                self.health.source_read();
+                *told_refused = None;
+            }
+        }
+    }
+}
+
 pub async fn poll_loop(
     mut tracker: Tracker,
     mut requests: mpsc::UnboundedReceiver<FetchRequest>,
     applied: mpsc::UnboundedSender<String>,
     first_delay: Duration,
+    first: Option<Outcome>,
     listeners: Listeners,
 ) {
     let poll = tracker.config.poll;
     // A source read may be three polls old before /healthz says so.
     listeners.health.set_source_interval(Some(poll));
     let mut told_refused: Option<String> = None;
+    // The daemon's start polled once already (`None`: it did not end).
+    if let Some(first) = &first {
+        listeners.tell(first, &mut told_refused);
+    }
     let mut backoff = ErrorBackoff::new(BackoffConfig {
         min_delay: poll.min(Duration::from_secs(5)),
         max_delay: poll.max(Duration::from_secs(300)),
@@ -668,24 +730,7 @@ pub async fn poll_loop(
                 poll
             }
         };
-        match &outcome {
-            Outcome::Failed { error, .. } => listeners.health.source_failed(error),
-            Outcome::Refused { commit, reason } => {
-                listeners.health.source_read();
-                if told_refused.as_deref() != Some(commit.as_str()) {
-                    listeners.notifier.source_refused(
-                        short(commit),
-                        Reason::SourceRefused,
-                        &format!("commit {} refused: {reason}", short(commit)),
-                    );
-                    told_refused = Some(commit.clone());
-                }
-            }
-            Outcome::Unchanged { .. } | Outcome::Applied { .. } => {
-                listeners.health.source_read();
-                told_refused = None;
-            }
-        }
+        listeners.tell(&outcome, &mut told_refused);
         if let Outcome::Applied { commit, .. } = &outcome {
             if applied.send(commit.clone()).is_err() {
                 return;

@@ -336,7 +336,7 @@ fn resume_or_restart(
             });
         }
         let message = format!(
-            "vm/{name}: restart asked; the daemon restarts it now (`converge history vm/{name}`)"
+            "vm/{name}: restart asked: the daemon's next reconcile of it, queued now, plans and records it (`converge history vm/{name}`); a daemon stopped before then forgets the request"
         );
         record_event(store, &key, &message);
         message

@@ -72,7 +72,8 @@ pub enum Signature {
     Other,
 }
 
-/// `user:password@` in a URL becomes `user:***@`, so a token never reaches a
+/// `user:password@` in a URL becomes `user:***@`, and any user of an
+/// http(s) URL `***@` (a token may stand there), so a token never reaches a
 /// log line or `status`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -85,6 +86,10 @@ pub fn redact_url(url: &str) -> String {
             let user = userinfo.split(':').next().unwrap_or("");
             if userinfo.contains(':') {
                 format!("{scheme}://{user}:***@{host}{path}")
+            } else if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
+                // `https://TOKEN@host/`: a token as the user name (GitHub's
+                // personal access tokens). An ssh user name is no secret.
+                format!("{scheme}://***@{host}{path}")
             } else {
                 url.to_owned()
             }
@@ -385,6 +390,11 @@ mod tests {
         assert_eq!(
             redact_url("https://bot:s3cret@example.com/fleet.git"),
             "https://bot:***@example.com/fleet.git"
+        );
+        assert_eq!(
+            redact_url("https://ghp_T0KEN@github.com/me/fleet.git"),
+            "https://***@github.com/me/fleet.git",
+            "a token as the user name"
         );
         for kept in [
             "https://example.com/fleet.git",

@@ -67,7 +67,7 @@ impl WebhookUrl {
         else {
             return Err(if lower.starts_with("https://") {
                 UrlError::Https {
-                    url: url.to_owned(),
+                    url: shown_prefix(url),
                 }
             } else {
                 UrlError::Scheme {
@@ -294,6 +294,12 @@ mod tests {
         assert!(matches!(https, UrlError::Https { .. }));
         assert!(https.to_string().contains("--notify-exec"), "{https}");
         assert!(https.to_string().contains("curl"), "{https}");
+        let hooked =
+            WebhookUrl::parse("https://hooks.example.com/services/T0KEN?k=s3cret").unwrap_err();
+        assert!(
+            !hooked.to_string().contains("T0KEN") && !hooked.to_string().contains("s3cret"),
+            "the path and query may hold a token: {hooked}"
+        );
         let creds = WebhookUrl::parse("http://user:hunter2@host/").unwrap_err();
         assert_eq!(creds, UrlError::Credentials);
         assert!(!creds.to_string().contains("hunter2"));

@@ -413,6 +413,24 @@ spec:
             &["m.yaml:6:", "`buildOn: target` are not supported"],
         ),
         case(
+            "nix_with_sudo_is_not_supported_yet",
+            Invalid,
+            &[(
+                "m.yaml",
+                &WEB1
+                    .replace("{command: [\"./build.sh\"]}", "{nix: {flake: \".#web1\"}}")
+                    .replace(
+                        "{host: 10.0.0.5}",
+                        "{host: 10.0.0.5, user: deploy, sudo: true}",
+                    ),
+            )],
+            &[
+                "m.yaml:5:",
+                "`sudo: true` is not supported",
+                "trusted-users",
+            ],
+        ),
+        case(
             "nix_flake_outside_the_directory_is_not_supported_yet",
             Invalid,
             &[(

@@ -148,8 +148,9 @@ pub async fn reconcile<D: Drivers>(
         .driver
         .vm_launch_identity(key.name.as_str(), spec, &dir, &snapshot.root);
     let record = ctx.store.spec(key)?;
-    // Asked by `converge vm restart`; a suspended VM was refused before.
-    let restart = ctx.take_restart(key);
+    // Asked by `converge vm restart`, and kept while the VM is suspended.
+    let suspension = ctx.store.suspension(key)?;
+    let restart = suspension.is_none() && ctx.take_restart(key);
     let (change, drift) = plan::diff(
         key,
         Some(&desired(object, &launch, restart)),
@@ -168,7 +169,7 @@ pub async fn reconcile<D: Drivers>(
         }
         return Ok(Action::Requeue(jittered(ctx.config.vm_resync)));
     };
-    if let Some(suspension) = ctx.store.suspension(key)? {
+    if let Some(suspension) = suspension {
         super::record::suspended(key, &mut status, &suspension, &change);
         ctx.store.put_status(key, &status)?;
         if host.is_local() {

@@ -171,6 +171,12 @@ pub(super) fn check_machine(
                 "nix builds with `buildOn: target` are not supported by this converge yet: use `buildOn: controller` (the default), which builds here and copies the closure",
             ));
         }
+        if let Some(sudo) = spec.target.sudo.as_ref().filter(|s| s.value) {
+            diags.push(origin.error(
+                sudo.loc,
+                "a NixOS machine with `sudo: true` is not supported by this converge yet: its closure is copied with `nix copy` as the login, which a target's Nix accepts only from root or a trusted user; log in as root, or without sudo as a user in the target's `trusted-users`",
+            ));
+        }
     }
     let day = HumanDuration::from_secs(86_400);
     check_range(
