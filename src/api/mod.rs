@@ -357,12 +357,16 @@ struct EventsQuery {
     limit: Option<usize>,
     /// Only events with a higher sequence number.
     after: Option<u64>,
-    /// Only events about this object.
+    /// Only events about this object, or `source`.
     key: Option<String>,
 }
 
 async fn events(State(s): State<ApiState>, Query(q): Query<EventsQuery>) -> Response {
-    let key = match q.key.map(|k| k.parse::<ObjectKey>()).transpose() {
+    let key = match q
+        .key
+        .map(|k| k.parse::<crate::store::EventSubject>())
+        .transpose()
+    {
         Ok(key) => key,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };

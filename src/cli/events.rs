@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use super::args::{EXIT_OK, Output, StateArg};
-use crate::spec::{HumanDuration, ObjectKey};
+use crate::spec::HumanDuration;
 use crate::store::StoreError;
 
 /// List events, newest first: failures, rollbacks, recoveries, drift,
@@ -26,11 +26,12 @@ use crate::store::StoreError;
 /// json: a JSON array, or with --follow one JSON object per line.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  converge events\n  converge events machine/web1 --limit 5\n  converge events --follow\n  converge events --output json | jq '.[] | select(.severity == \"Error\")'\n  converge events --follow --output json   # one JSON object per line"
+    after_help = "Examples:\n  converge events\n  converge events machine/web1 --limit 5\n  converge events source      # refused Git revisions\n  converge events --follow\n  converge events --output json | jq '.[] | select(.severity == \"Error\")'\n  converge events --follow --output json   # one JSON object per line"
 )]
 pub struct Args {
-    /// Only events about this object.
-    pub key: Option<ObjectKey>,
+    /// Only events about this object (machine/NAME, vm/NAME, service/NAME),
+    /// or `source` for the Git source's.
+    pub key: Option<crate::store::EventSubject>,
     #[command(flatten)]
     pub state: StateArg,
     /// How many of the newest events.

@@ -626,7 +626,7 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-        key: Option<&ObjectKey>,
+        key: Option<&EventSubject>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         self.scan_events_until(limit, after, |e| key.is_none_or(|k| &e.key == k))
     }

@@ -543,13 +543,21 @@ impl Serialize for EventSubject {
 
 impl<'de> Deserialize<'de> for EventSubject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `source`, or an object key (`machine/web`).
+impl std::str::FromStr for EventSubject {
+    type Err = crate::spec::KeyError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
         if text == EventSubject::SOURCE {
             return Ok(EventSubject::Source);
         }
-        text.parse()
-            .map(EventSubject::Object)
-            .map_err(serde::de::Error::custom)
+        text.parse().map(EventSubject::Object)
     }
 }
 

@@ -344,7 +344,7 @@ fn events_keep_the_newest_ten_thousand_in_sequence_order() {
     assert_eq!(store.events_after(0, 2, None).unwrap().len(), 2);
     assert_eq!(
         store
-            .events_after(total - 3, 100, Some(&b))
+            .events_after(total - 3, 100, Some(&EventSubject::from(&b)))
             .unwrap()
             .iter()
             .map(|e| e.seq)

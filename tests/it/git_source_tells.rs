@@ -104,6 +104,14 @@ fn a_refused_tip_is_notified_once_and_healthz_follows_the_remote() {
     assert!(line.contains("SourceRefused"), "{line}");
     let (code, body) = get(&fleet, "/healthz");
     assert_eq!(code, 200, "a refused tip is still a source read: {body}");
+    // `converge events source` lists the Git source's events alone.
+    let events = fleet.read_json(&["events", "source"]);
+    let events = events.as_array().expect("an array");
+    assert!(!events.is_empty(), "the refusal is an event");
+    assert!(
+        events.iter().all(|e| e["key"] == "source"),
+        "only the source's: {events:?}"
+    );
 
     // The remote gone: fetches fail; /healthz says why once three polls passed.
     std::fs::rename(fleet.path("remote.git"), fleet.path("remote.gone"))

@@ -132,7 +132,7 @@ mod tests {
 
     fn machine(name: &str, target: &str) -> String {
         format!(
-            "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: {name}}}\nspec:\n  target: {target}\n  build: {{nix: {{flake: .#x}}}}\n"
+            "apiVersion: converge/v1\nkind: Machine\nmetadata: {{name: {name}}}\nspec:\n  target: {target}\n  build: {{command: [./build.sh]}}\n"
         )
     }
 
