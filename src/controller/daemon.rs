@@ -63,6 +63,8 @@ enum Cause {
     Periodic,
     /// The Git source applied a new tip.
     Source,
+    /// The file watch was just set up: a change made before it was missed.
+    WatchStarted,
 }
 
 impl Cause {
@@ -72,6 +74,7 @@ impl Cause {
             Cause::Signal => "SIGHUP",
             Cause::Periodic => "periodic re-read",
             Cause::Source => "git source",
+            Cause::WatchStarted => "changed while the file watch was being set up",
         }
     }
 }
@@ -228,12 +231,19 @@ pub async fn run<D: Drivers>(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker
     });
+    let watching = _watch.is_some();
     let mut reloader = Reloader {
         source,
         rejected: None,
         is_source: poller.is_none(),
         tree_lock,
     };
+    // A change between the start's load and the watch being in place was
+    // seen by neither: look once more now (files unchanged since are not
+    // parsed again, and nothing is queued when nothing changed).
+    if watching {
+        reloader.reload(&ctx, &requests, Cause::WatchStarted).await;
+    }
 
     let Signals {
         term: mut sigterm,
@@ -410,7 +420,7 @@ impl Reloader {
         let Some(snapshot) = snapshot else {
             let diagnostics: Vec<String> = assembled.errors().map(ToString::to_string).collect();
             let repeated = self.rejected.as_ref() == Some(&diagnostics);
-            if repeated && cause == Cause::Periodic {
+            if repeated && matches!(cause, Cause::Periodic | Cause::WatchStarted) {
                 tracing::debug!(
                     errors = diagnostics.len(),
                     "the desired state is still invalid in the same way; keeping the last valid one"
@@ -451,12 +461,13 @@ impl Reloader {
                 .cloned(),
         );
         let nothing_new = changed.is_empty() && forgotten.is_empty();
-        if cause == Cause::Periodic && nothing_new {
+        if matches!(cause, Cause::Periodic | Cause::WatchStarted) && nothing_new {
             tracing::debug!(
                 %revision,
+                cause = cause.as_str(),
                 parsed_files = stats.parsed,
                 load_ms = stats.micros / 1000,
-                "periodic re-read: nothing changed"
+                "re-read: nothing changed"
             );
         } else {
             if cause == Cause::Periodic {
