@@ -235,7 +235,6 @@ pub async fn run<D: Drivers>(
     let mut reloader = Reloader {
         source,
         rejected: None,
-        is_source: poller.is_none(),
         tree_lock,
     };
     // A change between the start's load and the watch being in place was
@@ -380,12 +379,10 @@ struct Reloader {
     /// load was not applied.
     rejected: Option<Vec<String>>,
     /// A Git source's: held for reading while the checkout is loaded, so
-    /// `current` cannot move to another commit halfway through.
+    /// `current` cannot move to another commit halfway through. Without
+    /// one, reading the directory is reading the source, for `/healthz`
+    /// (with one, the source's fetches are; the checkout is converge's own).
     tree_lock: Option<super::git_source::TreeLock>,
-    /// Whether reading the directory is reading the source, for
-    /// `/healthz`: not with a Git source, whose fetches are (the checkout
-    /// is converge's own and always readable).
-    is_source: bool,
 }
 
 impl Reloader {
@@ -407,14 +404,14 @@ impl Reloader {
             Ok(loaded) => loaded,
             Err(e) => {
                 let error = crate::telemetry::error_chain(&e);
-                if self.is_source {
+                if self.tree_lock.is_none() {
                     ctx.health.source_failed(&error);
                 }
                 tracing::error!(%error, cause = cause.as_str(), "cannot read the desired-state directory; keeping the last valid desired state");
                 return;
             }
         };
-        if self.is_source {
+        if self.tree_lock.is_none() {
             ctx.health.source_read();
         }
         let Some(snapshot) = snapshot else {

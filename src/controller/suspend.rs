@@ -64,13 +64,12 @@ fn check(store: &Store, key: &ObjectKey) -> Result<(), SuspendError> {
     if key.kind == crate::spec::Kind::Service {
         return Err(SuspendError::NotSuspendable { key: key.clone() });
     }
-    let known = store
-        .keys()
-        .map_err(|source| SuspendError::Store {
-            key: key.clone(),
-            source,
-        })?
-        .contains(key);
+    let store_error = |source| SuspendError::Store {
+        key: key.clone(),
+        source,
+    };
+    let known = store.status(key).map_err(store_error)?.is_some()
+        || store.spec(key).map_err(store_error)?.is_some();
     if known {
         Ok(())
     } else {

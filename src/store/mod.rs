@@ -405,28 +405,10 @@ impl Store {
         attempt_id: u64,
         step: &StepRecord,
     ) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let status_key = layout::object(key);
-        let result = inner.status.tree.transaction(|status| {
-            let abort = ConflictableTransactionError::Abort;
-            let Some(bytes) = status.get(&status_key)? else {
-                return Ok(());
-            };
-            let mut record =
-                decode::<StatusRecord>(inner.status.name, key, &bytes).map_err(abort)?;
-            match &mut record.in_progress {
-                Some(in_progress) if in_progress.attempt_id == attempt_id => {
-                    in_progress.pending.retain(|p| p.name != step.name);
-                    in_progress.steps.push(step.clone());
-                }
-                _ => return Ok(()),
-            }
-            let bytes = encode(inner.status.name, key, &record).map_err(abort)?;
-            status.insert(status_key.as_slice(), bytes)?;
-            Ok(())
-        });
-        result.map_err(|e| transaction_error("status", key, e))?;
-        self.flush()
+        self.update_in_progress(key, attempt_id, |in_progress| {
+            in_progress.pending.retain(|p| p.name != step.name);
+            in_progress.steps.push(step.clone());
+        })
     }
 
     /// Records steps of attempt `attempt_id` that were sent to the target
@@ -437,6 +419,20 @@ impl Store {
         key: &ObjectKey,
         attempt_id: u64,
         steps: &[StepRecord],
+    ) -> Result<(), StoreError> {
+        self.update_in_progress(key, attempt_id, |in_progress| {
+            in_progress.pending = steps.to_vec();
+        })
+    }
+
+    /// Changes the in-progress record of attempt `attempt_id` of `key` in
+    /// one transaction, then flushes; nothing when that attempt is no
+    /// longer in progress.
+    fn update_in_progress(
+        &self,
+        key: &ObjectKey,
+        attempt_id: u64,
+        change: impl Fn(&mut InProgress),
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let status_key = layout::object(key);
@@ -449,7 +445,7 @@ impl Store {
                 decode::<StatusRecord>(inner.status.name, key, &bytes).map_err(abort)?;
             match &mut record.in_progress {
                 Some(in_progress) if in_progress.attempt_id == attempt_id => {
-                    in_progress.pending = steps.to_vec();
+                    change(in_progress);
                 }
                 _ => return Ok(()),
             }

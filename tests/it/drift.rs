@@ -2,11 +2,9 @@
 //! structured WARN line per change, then corrected or left alone per policy,
 //! and silence follows when nothing changes.
 
-use std::path::Path;
-
 use serde_json::Value;
 
-use super::support::{Converge as _, Fleet, Run, condition, is_ready};
+use super::support::{Converge as _, Fleet, Run, condition, is_ready, repoint};
 
 const DRIFT_TARGET: &str = "converge::drift";
 
@@ -28,13 +26,6 @@ fn two_generations(fleet: &Fleet, policy: &str) -> (String, String) {
     let v2 = fleet.assert_current_complete("web");
     assert_ne!(v1, v2);
     (v1, v2)
-}
-
-/// Points `current` at `generation` the way an operator would: a new link, renamed over.
-fn repoint(state_dir: &Path, generation: &str) {
-    let tmp = state_dir.join("current.by-hand");
-    std::os::unix::fs::symlink(format!("generations/{generation}"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, state_dir.join("current")).expect("rename over current");
 }
 
 fn assert_drift_line(line: &Value, applied: &str, observed: &str, action: &str) {

@@ -11,10 +11,6 @@
 //! and SIGHUP apply at once; a tip refused for its signer is accepted once the
 //! allowed-signers file names the signer.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
-
 use serde_json::Value;
 use testbed::git::{GitRemote, Signer, allowed_signers};
 
@@ -35,28 +31,6 @@ fn repository(fleet: &Fleet) -> GitRemote {
 
 fn web(fleet: &Fleet, variant: &str) {
     fleet.write("fleet/web.yaml", &fleet.machine("web", &[], &[variant], ""));
-}
-
-/// GET `path` on the daemon's socket; the body.
-fn get(fleet: &Fleet, path: &str) -> String {
-    let mut stream =
-        UnixStream::connect(fleet.state().join("converge.sock")).expect("connect to the daemon");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the answer");
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
 }
 
 fn source(fleet: &Fleet) -> Value {
@@ -191,7 +165,7 @@ fn signed_fast_forwards_converge_and_everything_else_is_refused_with_nothing_app
         "the last applied revision stays in force"
     );
     let events: Value =
-        serde_json::from_str(&get(&fleet, "/v1/events?limit=100")).expect("events as JSON");
+        serde_json::from_str(&fleet.api_get("/v1/events?limit=100").body).expect("events as JSON");
     for commit in [&c3, &c4, &c5] {
         assert!(
             events
@@ -206,7 +180,7 @@ fn signed_fast_forwards_converge_and_everything_else_is_refused_with_nothing_app
             "an event for {commit}: {events}"
         );
     }
-    let metrics = get(&fleet, "/metrics");
+    let metrics = fleet.api_get("/metrics").body;
     for cause in ["unsigned", "unknown-signer", "not-fast-forward"] {
         assert!(
             metrics.contains(&format!(

@@ -3,42 +3,12 @@
 //! `sourceRefused`), and `/healthz` counts a fetch that reached the remote
 //! as a source read and says why when the remote cannot be read.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use testbed::git::{GitRemote, Signer, allowed_signers};
 
 use super::support::{Fleet, WAIT_LIMIT, wait_for};
 use crate::support::Converge as _;
-
-/// `GET path` on the daemon's socket: status code and body.
-fn get(fleet: &Fleet, path: &str) -> (u16, String) {
-    let mut stream =
-        UnixStream::connect(fleet.state().join("converge.sock")).expect("connect to the daemon");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the answer");
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
 
 #[test]
 fn a_refused_tip_is_notified_once_and_healthz_follows_the_remote() {
@@ -76,7 +46,8 @@ fn a_refused_tip_is_notified_once_and_healthz_follows_the_remote() {
     let mut daemon = fleet.start_daemon_without_dir(&args);
     fleet.wait_api(&mut daemon);
     fleet.wait_ready("machine/web", WAIT_LIMIT);
-    let (code, body) = get(&fleet, "/healthz");
+    let answer = fleet.api_get("/healthz");
+    let (code, body) = (answer.status, answer.body);
     assert_eq!(code, 200, "{body}");
 
     // An unsigned tip: refused, and told once although every poll sees it.
@@ -102,7 +73,8 @@ fn a_refused_tip_is_notified_once_and_healthz_follows_the_remote() {
         .expect("the refusal");
     assert!(line.contains(&unsigned[..8]), "names the commit: {line}");
     assert!(line.contains("SourceRefused"), "{line}");
-    let (code, body) = get(&fleet, "/healthz");
+    let answer = fleet.api_get("/healthz");
+    let (code, body) = (answer.status, answer.body);
     assert_eq!(code, 200, "a refused tip is still a source read: {body}");
     // `converge events source` lists the Git source's events alone.
     let events = fleet.read_json(&["events", "source"]);
@@ -118,7 +90,8 @@ fn a_refused_tip_is_notified_once_and_healthz_follows_the_remote() {
         .expect("move the remote away");
     let body = wait_for("/healthz to turn 503", WAIT_LIMIT, || {
         daemon.assert_running();
-        let (code, body) = get(&fleet, "/healthz");
+        let answer = fleet.api_get("/healthz");
+        let (code, body) = (answer.status, answer.body);
         (code == 503).then_some(body)
     });
     assert!(body.contains("the last read failed"), "{body}");

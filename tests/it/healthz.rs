@@ -3,36 +3,15 @@
 //! with the reason once it cannot be read (moved away) for longer; 200
 //! again when it is back.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
-use super::support::{Fleet, WAIT_LIMIT, wait_for};
+use super::support::{Fleet, WAIT_LIMIT, api_get, wait_for};
 use crate::support::Converge as _;
 
 /// `(status, body)` of `GET /healthz` on `socket`.
 fn healthz(socket: &Path) -> (u16, String) {
-    let mut stream = UnixStream::connect(socket).expect("connect to the daemon");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set a read timeout");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: converge\r\nConnection: close\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the answer");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head: {response}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status: {head}"));
-    (status, body.to_owned())
+    let answer = api_get(socket, "/healthz");
+    (answer.status, answer.body)
 }
 
 #[test]

@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,7 +17,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::support::{Fleet, WAIT_LIMIT, ready_of, wait_for};
+use super::support::{Fleet, WAIT_LIMIT, api_get, ready_of, repoint, wait_for};
 use crate::support::Converge as _;
 
 /// One request the receiver got: its headers (lowercased names) and body.
@@ -185,29 +184,6 @@ fn assert_fields(v: &Value, event: &str, reason: &str) {
     );
 }
 
-/// The body of `GET /metrics` on the daemon's socket.
-fn get_metrics(socket: &Path) -> String {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set a read timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: converge\r\nConnection: close\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the answer");
-    response
-}
-
-/// Points `current` at `generation` by hand.
-fn repoint(state_dir: &Path, generation: &str) {
-    let tmp = state_dir.join("current.by-hand");
-    std::os::unix::fs::symlink(format!("generations/{generation}"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, state_dir.join("current")).expect("rename over current");
-}
-
 #[test]
 fn transitions_are_posted_signed_run_through_the_hook_and_listed_as_events() {
     let fleet = Fleet::new();
@@ -328,7 +304,7 @@ fn transitions_are_posted_signed_run_through_the_hook_and_listed_as_events() {
     assert!(table.stdout.contains("RolledBack"), "{}", table.stdout);
 
     // Nothing was dropped or given up on, and the metrics say so.
-    let metrics = get_metrics(&state.join("converge.sock"));
+    let metrics = api_get(&state.join("converge.sock"), "/metrics").body;
     assert!(
         metrics.contains("converge_notifications_dropped_total 0"),
         "{metrics}"

@@ -16,9 +16,9 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use testbed::run::converge_command;
+use testbed::run::{converge_command, run_within_env};
 
 use crate::support::ssh::{COMMAND_LIMIT, Run, SshFleet, wait_for};
 use crate::support::{BIN, Converge, processes_mentioning, read_text};
@@ -40,40 +40,15 @@ fn private_tmpdir(fleet: &SshFleet) -> PathBuf {
 /// [`COMMAND_LIMIT`]; `label` names its log files.
 fn converge_in(fleet: &SshFleet, tmpdir: &Path, label: &str, args: &[&str]) -> Run {
     let logs = fleet.root().join("logs");
-    let (out, err) = (
-        logs.join(format!("{label}.out")),
-        logs.join(format!("{label}.err")),
-    );
-    let mut child = converge_command(Path::new(BIN), args)
-        .env("TMPDIR", tmpdir)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).expect("create a log file"))
-        .stderr(fs::File::create(&err).expect("create a log file"))
-        .spawn()
-        .expect("start converge");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for converge") {
-            break status;
-        }
-        if started.elapsed() > COMMAND_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`converge {}` did not end within {COMMAND_LIMIT:?}:\n{}",
-                args.join(" "),
-                read_text(&err)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        args: args.iter().map(|a| (*a).to_owned()).collect(),
-        code: status.code(),
-        stdout: read_text(&out),
-        stderr: read_text(&err),
-        elapsed: started.elapsed(),
-    }
+    let tmpdir = tmpdir.to_str().expect("utf-8 TMPDIR").to_owned();
+    run_within_env(
+        Path::new(BIN),
+        args,
+        &[("TMPDIR".to_owned(), tmpdir)],
+        &logs.join(format!("{label}.out")),
+        &logs.join(format!("{label}.err")),
+        COMMAND_LIMIT,
+    )
 }
 
 /// `reconcile --once` of the fleet, one attempt, with TMPDIR=`tmpdir`.

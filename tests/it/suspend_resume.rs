@@ -3,17 +3,9 @@
 //! is activated or corrected on it, across runs and through a daemon, until
 //! it is resumed. Each changes nothing but the store; bad keys are refused.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::support::{Converge as _, Fleet};
-
-/// Points `current` at `generation` by hand, as drift.
-fn repoint(state_dir: &Path, generation: &str) {
-    let tmp = state_dir.join("current.by-hand");
-    std::os::unix::fs::symlink(format!("generations/{generation}"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, state_dir.join("current")).expect("rename over current");
-}
+use super::support::{Converge as _, Fleet, repoint, wait_for};
 
 fn starts_of(fleet: &Fleet, variant: &str) -> usize {
     fleet
@@ -103,14 +95,11 @@ fn a_suspended_machine_is_observed_but_never_changed_until_resumed() {
     let resumed = fleet.converge(&["resume", "machine/web", "--state", state]);
     resumed.assert_code(0);
     assert!(resumed.stdout.contains("resumed"), "{}", resumed.stdout);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while starts_of(&fleet, "v3") == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "v3 was never activated after resume"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "v3 to be activated after resume",
+        Duration::from_secs(60),
+        || (starts_of(&fleet, "v3") > 0).then_some(()),
+    );
     let status = fleet.wait_ready("machine/web", Duration::from_secs(60));
     assert!(status["suspended"].is_null(), "{status}");
     daemon.signal("TERM");

@@ -5,9 +5,9 @@
 //! removes it as removing its YAML would and keeps it gone; each verb is an
 //! event. Without a daemon, `restart` is refused with what to do instead.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::support::Fleet;
+use super::support::{Fleet, wait_for};
 use super::vm_quickstart::{QemuGuard, require};
 use crate::support::Converge as _;
 
@@ -26,15 +26,6 @@ spec:
   stopTimeout: 1s
 "
     .to_owned()
-}
-
-/// Polls `check` every 100 ms until it holds or `limit` passes.
-fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -96,22 +87,23 @@ fn stop_start_restart_and_delete_hold_against_the_loop() {
     );
 
     vm(&["start", "box"]).assert_code(0);
-    until("the daemon starts the VM", Duration::from_secs(60), || {
-        guard.pid().is_some()
+    wait_for("the daemon starts the VM", Duration::from_secs(60), || {
+        guard.pid().is_some().then_some(())
     });
     let second = guard.pid().expect("runs");
     assert_ne!(second, first);
 
     let restart = vm(&["restart", "box"]);
     restart.assert_code(0);
-    until("the VM restarts", Duration::from_secs(60), || {
-        guard.pid().is_some_and(|p| p != second)
+    wait_for("the VM restarts", Duration::from_secs(60), || {
+        guard.pid().is_some_and(|p| p != second).then_some(())
     });
-    until("the restart is recorded", Duration::from_secs(30), || {
+    wait_for("the restart is recorded", Duration::from_secs(30), || {
         let history = vm(&["history", "box", "--output", "json"]);
         history.json()[0]["steps"]
             .as_array()
             .is_some_and(|steps| steps.iter().any(|s| s["name"] == "restart-vm"))
+            .then_some(())
     });
 
     let deleted = vm(&["delete", "box"]);

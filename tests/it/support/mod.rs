@@ -382,6 +382,11 @@ impl Fleet {
         });
     }
 
+    /// `GET path` on the daemon's socket, as curl would send it.
+    pub fn api_get(&self, path: &str) -> ApiAnswer {
+        api_get(&self.state().join("converge.sock"), path)
+    }
+
     /// Waits until `key` reports Ready=True; returns its status view.
     pub fn wait_ready(&self, key: &str, limit: Duration) -> Value {
         wait_for(&format!("{key} to be Ready"), limit, || {
@@ -661,4 +666,52 @@ pub fn recorded_steps(attempt: &Value) -> Vec<String> {
         .flatten()
         .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
         .collect()
+}
+
+/// What the daemon's API answered: status code, head (status line and
+/// headers) and body.
+pub struct ApiAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// `GET path` on the API socket `socket` (HTTP/1.1, connection closed).
+pub fn api_get(socket: &Path, path: &str) -> ApiAnswer {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).expect("connect to the daemon");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set a read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: converge\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the answer");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head: {response}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {head}"));
+    ApiAnswer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// Points machine state directory `state_dir`'s `current` at `generation`
+/// the way an operator would by hand (a new link renamed over it): drift.
+pub fn repoint(state_dir: &Path, generation: &str) {
+    let tmp = state_dir.join("current.by-hand");
+    std::os::unix::fs::symlink(format!("generations/{generation}"), &tmp).expect("symlink");
+    fs::rename(&tmp, state_dir.join("current")).expect("rename over current");
 }
